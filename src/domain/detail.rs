@@ -1,0 +1,141 @@
+//! Teacher-detail assembly (contract §4): the teacher, its live
+//! assignments, and each assignment's class, in a stable order.
+
+use super::entity::{Assignment, Class, Record, Teacher};
+
+/// What the store knows of an assignment's class.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClassLookup {
+    Live(Record<Class>),
+    /// Deleted (a tombstone exists): the assignment is left out.
+    Deleted,
+    /// Not replicated (yet): the assignment shows with class fields `null`.
+    Unknown,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AssignmentView {
+    pub assignment: Record<Assignment>,
+    pub class: Option<Record<Class>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TeacherDetail {
+    pub teacher: Record<Teacher>,
+    pub assignments: Vec<AssignmentView>,
+}
+
+/// Builds the detail from the teacher's live assignments and what the store
+/// holds of their classes. Sorted by `className`, then `classId` (and, for
+/// two assignments in one class, `assignmentId`); assignments whose class is
+/// not replicated have no `className` and come last.
+pub fn assemble_teacher_detail(
+    teacher: Record<Teacher>,
+    assignments: impl IntoIterator<Item = (Record<Assignment>, ClassLookup)>,
+) -> TeacherDetail {
+    let mut assignments: Vec<AssignmentView> = assignments
+        .into_iter()
+        .filter_map(|(assignment, class)| match class {
+            ClassLookup::Live(c) => Some(AssignmentView {
+                assignment,
+                class: Some(c),
+            }),
+            ClassLookup::Unknown => Some(AssignmentView {
+                assignment,
+                class: None,
+            }),
+            ClassLookup::Deleted => None,
+        })
+        .collect();
+    assignments.sort_by(|a, b| {
+        let key = |v: &AssignmentView| {
+            (
+                v.class.is_none(),
+                v.class.as_ref().map(|c| c.data.class_name.clone()),
+                v.assignment.data.class_id,
+                v.assignment.data.assignment_id,
+            )
+        };
+        key(a).cmp(&key(b))
+    });
+    TeacherDetail {
+        teacher,
+        assignments,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{OrderKey, Role, SyncSource, TeacherStatus};
+    use uuid::Uuid;
+
+    fn rec<T>(data: T) -> Record<T> {
+        Record {
+            data,
+            key: OrderKey {
+                version: None,
+                timestamp: 0,
+                delete: false,
+                event_id: Uuid::nil(),
+            },
+            last_synced_at: 0,
+            source: SyncSource::Kafka,
+        }
+    }
+
+    fn assignment(id: u128, class: u128) -> Record<Assignment> {
+        rec(Assignment {
+            assignment_id: Uuid::from_u128(id),
+            teacher_id: Uuid::from_u128(100),
+            class_id: Uuid::from_u128(class),
+            school_id: Uuid::nil(),
+            subject: Some("Toán".into()),
+            role: Role::Subject,
+            academic_year: None,
+        })
+    }
+
+    fn class(id: u128, name: &str) -> ClassLookup {
+        ClassLookup::Live(rec(Class {
+            class_id: Uuid::from_u128(id),
+            school_id: Uuid::nil(),
+            class_name: name.into(),
+            grade: None,
+            academic_year: None,
+            total_students: None,
+            homeroom_teacher_id: None,
+        }))
+    }
+
+    #[test]
+    fn sorts_by_class_name_then_class_id_and_handles_missing_classes() {
+        let teacher = rec(Teacher {
+            teacher_id: Uuid::from_u128(100),
+            school_id: Uuid::nil(),
+            full_name: "Nguyễn Thị Hương".into(),
+            employee_code: None,
+            email: None,
+            phone: None,
+            subjects: vec![],
+            status: TeacherStatus::Active,
+        });
+        let detail = assemble_teacher_detail(
+            teacher,
+            [
+                (assignment(1, 13), ClassLookup::Unknown),
+                (assignment(2, 12), class(12, "Lớp 10A2")),
+                (assignment(3, 11), class(11, "Lớp 10A2")),
+                (assignment(4, 10), class(10, "Lớp 10A1")),
+                (assignment(5, 14), ClassLookup::Deleted),
+            ],
+        );
+        let order: Vec<u128> = detail
+            .assignments
+            .iter()
+            .map(|v| v.assignment.data.assignment_id.as_u128())
+            .collect();
+        assert_eq!(order, [4, 3, 2, 1]);
+        assert!(detail.assignments[3].class.is_none());
+    }
+}

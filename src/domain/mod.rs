@@ -1,0 +1,21 @@
+//! The domain core: what an EMIS replica *is*, with no I/O and no clock.
+//!
+//! Everything here is pure: events are parsed from bytes handed in, the
+//! convergence rule compares order keys, and teacher details are assembled
+//! from records the caller looked up. Kafka, redb, HTTP and the wall clock
+//! live in the adapters around this module (`ingest`, `store`, `api`), which
+//! pass the current time in where a rule needs it.
+
+pub mod detail;
+pub mod entity;
+pub mod event;
+pub mod snapshot;
+
+pub use detail::{assemble_teacher_detail, AssignmentView, ClassLookup, TeacherDetail};
+pub use entity::{
+    Assignment, Change, Class, Entity, EntityKind, OrderKey, Record, Role, SyncSource, Teacher,
+    TeacherStatus, Timestamp, Tombstone,
+    format_timestamp,
+};
+pub use event::{Event, EventError, EventType};
+pub use snapshot::SnapshotLine;

@@ -1,0 +1,147 @@
+//! The snapshot wire format (contract §3): NDJSON record lines closed by an
+//! `end` line. Used by the snapshot route, resync, export and import.
+
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::entity::{format_timestamp, Entity, EntityKind, OrderKey, Record, Timestamp};
+use super::event::{parse_object, EventError, Fields};
+
+/// One parsed line of a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SnapshotLine {
+    /// A live entity with its order key. Snapshots carry no `eventId`
+    /// unless the producing node knew it (emis-edge writes it as an extra
+    /// field); without one the nil UUID takes its place in the key, so an
+    /// equal-version event already applied locally is not overwritten.
+    Record { key: OrderKey, entity: Entity },
+    End {
+        school_id: Uuid,
+        count: u64,
+        as_of: Timestamp,
+    },
+}
+
+impl SnapshotLine {
+    pub fn parse(raw: &[u8]) -> Result<SnapshotLine, EventError> {
+        let map = parse_object(raw)?;
+        let f = Fields(&map);
+        let kind = f.string("kind", 1, 20)?;
+        let school_id = f.uuid("schoolId")?;
+        if kind == "end" {
+            return Ok(SnapshotLine::End {
+                school_id,
+                count: f.u64("count")?,
+                as_of: f.timestamp("asOf")?,
+            });
+        }
+        let kind = EntityKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == kind)
+            .ok_or_else(|| EventError::Invalid {
+                field: "kind",
+                reason: format!("{kind:?} is not one of \"class\", \"teacher\", \"assignment\", \"end\""),
+            })?;
+        let key = OrderKey {
+            version: f.opt_u64("version")?,
+            timestamp: f.timestamp("timestamp")?,
+            delete: false,
+            event_id: f.opt_uuid("eventId")?.unwrap_or(Uuid::nil()),
+        };
+        Ok(SnapshotLine::Record {
+            key,
+            entity: f.entity(kind, school_id)?,
+        })
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RecordLine<'a, T> {
+    kind: &'static str,
+    #[serde(flatten)]
+    data: &'a T,
+    version: Option<u64>,
+    timestamp: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event_id: Option<Uuid>,
+}
+
+/// One record line, newline included.
+pub fn record_line<T: Serialize>(kind: EntityKind, record: &Record<T>) -> Vec<u8> {
+    let line = RecordLine {
+        kind: kind.as_str(),
+        data: &record.data,
+        version: record.key.version,
+        timestamp: format_timestamp(record.key.timestamp),
+        event_id: Some(record.key.event_id).filter(|id| !id.is_nil()),
+    };
+    let mut out = serde_json::to_vec(&line).expect("entities always serialize");
+    out.push(b'\n');
+    out
+}
+
+/// The closing line, newline included.
+pub fn end_line(school_id: Uuid, count: u64, as_of: Timestamp) -> Vec<u8> {
+    let mut out = serde_json::to_vec(&serde_json::json!({
+        "kind": "end",
+        "schoolId": school_id,
+        "count": count,
+        "asOf": format_timestamp(as_of),
+    }))
+    .expect("end line always serializes");
+    out.push(b'\n');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Class, SyncSource};
+
+    #[test]
+    fn a_record_line_parses_back_to_the_same_entity_and_key() {
+        let record = Record {
+            data: Class {
+                class_id: Uuid::from_u128(1),
+                school_id: Uuid::from_u128(2),
+                class_name: "Lớp 10A1".into(),
+                grade: Some("Khối 10".into()),
+                academic_year: None,
+                total_students: Some(45),
+                homeroom_teacher_id: None,
+            },
+            key: OrderKey {
+                version: Some(7),
+                timestamp: 1_761_472_800_123_000_000,
+                delete: false,
+                event_id: Uuid::from_u128(9),
+            },
+            last_synced_at: 0,
+            source: SyncSource::Kafka,
+        };
+        let line = record_line(EntityKind::Class, &record);
+        assert_eq!(line.last(), Some(&b'\n'));
+        let parsed = SnapshotLine::parse(&line[..line.len() - 1]).unwrap();
+        assert_eq!(
+            parsed,
+            SnapshotLine::Record {
+                key: record.key,
+                entity: Entity::Class(record.data)
+            }
+        );
+    }
+
+    #[test]
+    fn the_end_line_round_trips() {
+        let line = end_line(Uuid::from_u128(2), 3, 1_761_472_800_000_000_000);
+        assert_eq!(
+            SnapshotLine::parse(line.trim_ascii_end()).unwrap(),
+            SnapshotLine::End {
+                school_id: Uuid::from_u128(2),
+                count: 3,
+                as_of: 1_761_472_800_000_000_000
+            }
+        );
+    }
+}

@@ -1,0 +1,8 @@
+//! emis-edge: an EMIS edge node.
+//!
+//! It replicates the classes, teachers and teacher-class assignments of its
+//! schools from Kafka into an embedded redb file and answers teacher-detail
+//! lookups over HTTP from that file alone. See `docs/ARCHITECTURE.md` for the
+//! map of the modules and the invariants they keep.
+
+pub mod domain;
