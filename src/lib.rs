@@ -6,3 +6,11 @@
 //! map of the modules and the invariants they keep.
 
 pub mod domain;
+pub mod store;
+pub mod config;
+pub mod api;
+pub mod clock;
+pub mod metrics;
+pub mod status;
+pub mod cli;
+pub mod node;

@@ -1,1 +1,5 @@
-fn main(){}
+//! The `emis-edge` binary: everything lives in the library; see `cli`.
+
+fn main() -> std::process::ExitCode {
+    emis_edge::cli::run()
+}

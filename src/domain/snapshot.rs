@@ -68,10 +68,18 @@ struct RecordLine<'a, T> {
 }
 
 /// One record line, newline included.
-pub fn record_line<T: Serialize>(kind: EntityKind, record: &Record<T>) -> Vec<u8> {
+pub fn record_line(record: &Record<Entity>) -> Vec<u8> {
+    match &record.data {
+        Entity::Class(c) => line_of(EntityKind::Class, c, record),
+        Entity::Teacher(t) => line_of(EntityKind::Teacher, t, record),
+        Entity::Assignment(a) => line_of(EntityKind::Assignment, a, record),
+    }
+}
+
+fn line_of<T: Serialize>(kind: EntityKind, data: &T, record: &Record<Entity>) -> Vec<u8> {
     let line = RecordLine {
         kind: kind.as_str(),
-        data: &record.data,
+        data,
         version: record.key.version,
         timestamp: format_timestamp(record.key.timestamp),
         event_id: Some(record.key.event_id).filter(|id| !id.is_nil()),
@@ -102,7 +110,7 @@ mod tests {
     #[test]
     fn a_record_line_parses_back_to_the_same_entity_and_key() {
         let record = Record {
-            data: Class {
+            data: Entity::Class(Class {
                 class_id: Uuid::from_u128(1),
                 school_id: Uuid::from_u128(2),
                 class_name: "Lớp 10A1".into(),
@@ -110,7 +118,7 @@ mod tests {
                 academic_year: None,
                 total_students: Some(45),
                 homeroom_teacher_id: None,
-            },
+            }),
             key: OrderKey {
                 version: Some(7),
                 timestamp: 1_761_472_800_123_000_000,
@@ -120,14 +128,14 @@ mod tests {
             last_synced_at: 0,
             source: SyncSource::Kafka,
         };
-        let line = record_line(EntityKind::Class, &record);
+        let line = record_line(&record);
         assert_eq!(line.last(), Some(&b'\n'));
         let parsed = SnapshotLine::parse(&line[..line.len() - 1]).unwrap();
         assert_eq!(
             parsed,
             SnapshotLine::Record {
                 key: record.key,
-                entity: Entity::Class(record.data)
+                entity: record.data
             }
         );
     }

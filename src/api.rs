@@ -1,0 +1,485 @@
+//! The HTTP API (contract §4): routes, JSON response shapes and
+//! problem+json errors. The only module that knows HTTP.
+//!
+//! Every handler answers from one store read transaction; none makes a
+//! network call.
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::clock::Clock;
+use crate::config::{Config, SchoolFilter};
+use crate::domain::snapshot::{end_line, record_line};
+use crate::domain::{
+    format_timestamp, Assignment, AssignmentView, Class, Entity, EntityKind, Record, Role,
+    Teacher, TeacherDetail,
+};
+use crate::status::SyncState;
+use crate::store::{Store, StoreError};
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<Store>,
+    pub sync: Arc<SyncState>,
+    pub config: Arc<Config>,
+    pub clock: Arc<dyn Clock>,
+}
+
+/// Page size when `limit` is absent, and its upper bound.
+pub const DEFAULT_LIMIT: usize = 100;
+pub const MAX_LIMIT: usize = 1000;
+
+pub fn router(state: AppState) -> Router {
+    let registry = Arc::new(crate::metrics::registry(state.clone()));
+    Router::new()
+        .route("/api/teachers/{teacher_id}", get(teacher_detail))
+        .route("/api/classes/{class_id}", get(class))
+        .route("/api/schools/{school_id}/classes", get(school_classes))
+        .route("/api/schools/{school_id}/teachers", get(school_teachers))
+        .route("/api/schools/{school_id}/snapshot", get(snapshot))
+        .route("/api/sync/status", get(sync_status))
+        .route("/api/sync/dead-letters", get(dead_letters))
+        .route("/health/live", get(|| async { "ok\n" }))
+        .route("/health/ready", get(ready))
+        .route(
+            "/metrics",
+            get(move || async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    crate::metrics::render(&registry),
+                )
+            }),
+        )
+        .fallback(|| async { Problem::not_found("no such route") })
+        .method_not_allowed_fallback(|| async {
+            Problem::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "Method not allowed",
+                "this route answers GET only".into(),
+            )
+        })
+        .with_state(state)
+}
+
+/// An RFC 9457 problem document.
+#[derive(Debug)]
+pub struct Problem {
+    status: StatusCode,
+    kind: &'static str,
+    title: &'static str,
+    detail: String,
+}
+
+impl Problem {
+    fn new(status: StatusCode, kind: &'static str, title: &'static str, detail: String) -> Self {
+        Problem {
+            status,
+            kind,
+            title,
+            detail,
+        }
+    }
+
+    fn bad_request(detail: String) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad-request", "Bad request", detail)
+    }
+
+    fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not-found", "Not found", detail.into())
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "type": format!("urn:emis-edge:problem:{}", self.kind),
+            "title": self.title,
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+        });
+        (
+            self.status,
+            [(header::CONTENT_TYPE, "application/problem+json")],
+            body.to_string(),
+        )
+            .into_response()
+    }
+}
+
+impl From<StoreError> for Problem {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = %e, "store read failed");
+        Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "store-error",
+            "Store error",
+            "the local store could not be read; see the node's log".into(),
+        )
+    }
+}
+
+impl From<PathRejection> for Problem {
+    fn from(e: PathRejection) -> Self {
+        Problem::bad_request(e.body_text())
+    }
+}
+
+impl From<QueryRejection> for Problem {
+    fn from(e: QueryRejection) -> Self {
+        Problem::bad_request(e.body_text())
+    }
+}
+
+fn parse_id(name: &str, raw: &str) -> Result<Uuid, Problem> {
+    Uuid::try_parse(raw)
+        .map_err(|_| Problem::bad_request(format!("{name} {raw:?} is not a UUID")))
+}
+
+fn path_id(name: &str, path: Result<Path<String>, PathRejection>) -> Result<Uuid, Problem> {
+    let Path(raw) = path?;
+    parse_id(name, &raw)
+}
+
+fn limit_param(params: &HashMap<String, String>) -> Result<usize, Problem> {
+    match params.get("limit") {
+        None => Ok(DEFAULT_LIMIT),
+        Some(raw) => raw
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_LIMIT).contains(n))
+            .ok_or_else(|| {
+                Problem::bad_request(format!(
+                    "limit {raw:?} must be an integer from 1 to {MAX_LIMIT}"
+                ))
+            }),
+    }
+}
+
+// ---- response shapes -------------------------------------------------------
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EntityDto<'a, T> {
+    #[serde(flatten)]
+    data: &'a T,
+    last_synced_at: String,
+    sync_source: &'static str,
+}
+
+fn entity_dto<'a, T>(record: &Record<Entity>, data: &'a T) -> EntityDto<'a, T> {
+    EntityDto {
+        data,
+        last_synced_at: format_timestamp(record.last_synced_at),
+        sync_source: record.source.as_str(),
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TeacherDetailDto<'a> {
+    #[serde(flatten)]
+    teacher: &'a Teacher,
+    last_synced_at: String,
+    class_assignments: Vec<AssignmentDto<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct AssignmentDto<'a> {
+    assignment_id: Uuid,
+    class_id: Uuid,
+    class_name: Option<&'a str>,
+    grade: Option<&'a str>,
+    academic_year: Option<&'a str>,
+    total_students: Option<u32>,
+    school_id: Uuid,
+    subject: Option<&'a str>,
+    role: Role,
+    last_synced_at: String,
+}
+
+fn assignment_dto(view: &AssignmentView) -> AssignmentDto<'_> {
+    let a: &Assignment = &view.assignment.data;
+    let c: Option<&Class> = view.class.as_ref().map(|c| &c.data);
+    AssignmentDto {
+        assignment_id: a.assignment_id,
+        class_id: a.class_id,
+        class_name: c.map(|c| c.class_name.as_str()),
+        grade: c.and_then(|c| c.grade.as_deref()),
+        // The assignment's own year, else its class's.
+        academic_year: a
+            .academic_year
+            .as_deref()
+            .or(c.and_then(|c| c.academic_year.as_deref())),
+        total_students: c.and_then(|c| c.total_students),
+        school_id: a.school_id,
+        subject: a.subject.as_deref(),
+        role: a.role,
+        last_synced_at: format_timestamp(view.assignment.last_synced_at),
+    }
+}
+
+/// The teacher-detail answer as JSON (also used by tests to compare
+/// answers without going through a socket).
+pub fn teacher_detail_json(detail: &TeacherDetail) -> serde_json::Value {
+    serde_json::to_value(TeacherDetailDto {
+        teacher: &detail.teacher.data,
+        last_synced_at: format_timestamp(detail.teacher.last_synced_at),
+        class_assignments: detail.assignments.iter().map(assignment_dto).collect(),
+    })
+    .expect("teacher detail always serializes")
+}
+
+/// A class or teacher as listed and served by id.
+pub fn entity_json(record: &Record<Entity>) -> serde_json::Value {
+    let value = match &record.data {
+        Entity::Class(c) => serde_json::to_value(entity_dto(record, c)),
+        Entity::Teacher(t) => serde_json::to_value(entity_dto(record, t)),
+        Entity::Assignment(a) => serde_json::to_value(entity_dto(record, a)),
+    };
+    value.expect("entities always serialize")
+}
+
+// ---- handlers -------------------------------------------------------------
+
+async fn teacher_detail(
+    State(s): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, Problem> {
+    let id = path_id("teacherId", path)?;
+    let detail = s.store.read()?.teacher_detail(id)?;
+    let detail = detail.ok_or_else(|| Problem::not_found(format!("teacher {id} is not known here")))?;
+    Ok(Json(teacher_detail_json(&detail)).into_response())
+}
+
+async fn class(
+    State(s): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, Problem> {
+    let id = path_id("classId", path)?;
+    let record = s.store.read()?.entity(EntityKind::Class, id)?;
+    let record = record.ok_or_else(|| Problem::not_found(format!("class {id} is not known here")))?;
+    Ok(Json(entity_json(&record)).into_response())
+}
+
+async fn list(
+    s: AppState,
+    kind: EntityKind,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Response, Problem> {
+    let school = path_id("schoolId", path)?;
+    let Query(params) = query?;
+    let limit = limit_param(&params)?;
+    let after = params
+        .get("after")
+        .map(|raw| parse_id("after", raw))
+        .transpose()?;
+    let page = s.store.read()?.page(kind, school, after, limit)?;
+    Ok(Json(json!({
+        "items": page.items.iter().map(entity_json).collect::<Vec<_>>(),
+        "next": page.next,
+    }))
+    .into_response())
+}
+
+async fn school_classes(
+    State(s): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Response, Problem> {
+    list(s, EntityKind::Class, path, query).await
+}
+
+async fn school_teachers(
+    State(s): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Response, Problem> {
+    list(s, EntityKind::Teacher, path, query).await
+}
+
+/// Streams a school's snapshot from one read transaction; memory stays flat.
+/// If the store fails midway the body is cut short, so the reader sees no
+/// `end` line and rejects the snapshot whole (contract §3).
+async fn snapshot(
+    State(s): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, Problem> {
+    let school = path_id("schoolId", path)?;
+    if !s.config.school_filter().serves(school) {
+        return Err(Problem::not_found(format!("school {school} is not served by this node")));
+    }
+    let reader = s.store.read()?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
+    tokio::task::spawn_blocking(move || {
+        const CHUNK: usize = 64 * 1024;
+        let mut buf = Vec::with_capacity(CHUNK * 2);
+        let mut count = 0u64;
+        let mut gone = false;
+        let walked = reader.for_each_in_school(school, |_, record| {
+            buf.extend_from_slice(&record_line(record));
+            count += 1;
+            if buf.len() >= CHUNK {
+                let chunk = Bytes::from(std::mem::replace(&mut buf, Vec::with_capacity(CHUNK * 2)));
+                if tx.blocking_send(Ok(chunk)).is_err() {
+                    gone = true; // the client hung up
+                    return ControlFlow::Break(());
+                }
+            }
+            ControlFlow::Continue(())
+        });
+        if gone {
+            return;
+        }
+        match walked.and_then(|()| reader.watermark()) {
+            Ok(watermark) => {
+                buf.extend_from_slice(&end_line(school, count, watermark.unwrap_or(0)));
+                let _ = tx.blocking_send(Ok(Bytes::from(buf)));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, %school, "snapshot aborted");
+                let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+            }
+        }
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+        .into_response())
+}
+
+/// The sync status document of `GET /api/sync/status`; `emis-edge status`
+/// builds the same document from the store when no node runs.
+pub fn status_json(
+    store: &Store,
+    sync: &SyncState,
+    config: &Config,
+    now: i64,
+) -> Result<serde_json::Value, StoreError> {
+    let reader = store.read()?;
+    let stats = reader.stats()?;
+    let state = sync.get();
+    let partitions: Vec<_> = reader
+        .offsets()?
+        .into_iter()
+        .map(|o| {
+            let hw = state
+                .high_watermarks
+                .get(&(o.topic.clone(), o.partition))
+                .copied();
+            json!({
+                "topic": o.topic,
+                "partition": o.partition,
+                "offset": o.next_offset,
+                "highWatermark": hw,
+                "lag": hw.map(|hw| (hw - o.next_offset).max(0)),
+            })
+        })
+        .collect();
+    let served = match config.school_filter() {
+        SchoolFilter::All => json!("all"),
+        SchoolFilter::Only(ids) => json!(ids),
+    };
+    let secs = |s: u64| i64::try_from(s).unwrap_or(i64::MAX).saturating_mul(1_000_000_000);
+    let stale = state.is_stale(
+        now,
+        secs(config.kafka.stale_after_secs),
+        secs(config.resync.interval_secs.saturating_mul(2)),
+    );
+    Ok(json!({
+        "nodeId": config.node.id,
+        "servedSchools": served,
+        "kafka": {
+            "configured": state.kafka_configured,
+            "connected": state.kafka_connected,
+            "lastError": state.kafka_error,
+            "groupId": config.group_id(),
+        },
+        "partitions": partitions,
+        "lastEventTime": reader.watermark()?.map(format_timestamp),
+        "lastEventReceivedAt": state.last_event_received_at.map(format_timestamp),
+        "lastResync": state.last_resync.as_ref().map(|r| json!({
+            "at": format_timestamp(r.at),
+            "result": if r.ok { "ok" } else { "failed" },
+            "detail": r.detail,
+        })),
+        "deadLetterCount": stats.dead_letters,
+        "stale": stale,
+        "entities": {
+            "classes": stats.classes,
+            "teachers": stats.teachers,
+            "assignments": stats.assignments,
+            "tombstones": stats.tombstones,
+        },
+        "counters": stats.counters,
+    }))
+}
+
+async fn sync_status(State(s): State<AppState>) -> Result<Response, Problem> {
+    let doc = status_json(&s.store, &s.sync, &s.config, s.clock.now())?;
+    Ok(Json(doc).into_response())
+}
+
+async fn dead_letters(
+    State(s): State<AppState>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Response, Problem> {
+    let Query(params) = query?;
+    let limit = limit_param(&params)?;
+    let letters = s.store.read()?.dead_letters(limit)?;
+    let items: Vec<_> = letters
+        .iter()
+        .map(|d| {
+            json!({
+                "topic": d.topic,
+                "partition": d.partition,
+                "offset": d.offset,
+                "reason": d.reason,
+                "at": format_timestamp(d.at),
+                "raw": String::from_utf8_lossy(&d.raw),
+                "rawLength": d.raw_len,
+                "rawTruncated": d.raw.len() < d.raw_len,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "items": items })).into_response())
+}
+
+/// Whether the node should receive traffic: the store is open (it is, or
+/// we would not be serving) and it holds data or finished its first sync.
+pub fn is_ready(s: &AppState) -> Result<bool, StoreError> {
+    Ok(s.sync.get().first_sync_done || s.store.read()?.has_data()?)
+}
+
+async fn ready(State(s): State<AppState>) -> Result<Response, Problem> {
+    if is_ready(&s)? {
+        Ok("ready\n".into_response())
+    } else {
+        Err(Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not-ready",
+            "Not ready",
+            "the store is empty and the first sync has not finished".into(),
+        ))
+    }
+}

@@ -1,0 +1,450 @@
+//! Configuration: built-in defaults, then a TOML file, then environment
+//! variables `EMIS_EDGE__SECTION__KEY` (contract §5).
+//!
+//! Loading fails fast with a [`ConfigError`] that names the offending key,
+//! so that `check-config` and `serve` can say exactly what to fix.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::domain::EventType;
+
+/// Where `serve` looks when no `--config` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/emis-edge/edge.toml";
+/// Prefix of environment overrides; sections and keys are split by `__`.
+pub const ENV_PREFIX: &str = "EMIS_EDGE__";
+/// The store's file name inside `node.data_dir`.
+pub const STORE_FILE: &str = "emis-edge.redb";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub http: HttpConfig,
+    pub kafka: KafkaConfig,
+    pub schools: SchoolsConfig,
+    pub resync: ResyncConfig,
+    pub store: StoreConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Names this node in status, logs and the default Kafka group id.
+    pub id: String,
+    /// Holds the redb file.
+    pub data_dir: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Comma-separated `host:port` list; empty means no Kafka (the node
+    /// serves what its store holds and relies on resync/import).
+    pub brokers: String,
+    /// Defaults to `emis-edge-<node.id>`.
+    pub group_id: Option<String>,
+    pub topics: TopicsConfig,
+    /// Passed to librdkafka as is (SASL, TLS, timeouts, …).
+    pub properties: BTreeMap<String, String>,
+    /// A batch closes after this many messages …
+    pub batch_max_messages: usize,
+    /// … or after this long, whichever comes first.
+    pub batch_max_wait_ms: u64,
+    /// `stale` in the sync status once no event arrived for this long while
+    /// the broker was unreachable.
+    pub stale_after_secs: u64,
+}
+
+/// The topic of each event type; defaults are the event type names.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicsConfig {
+    pub class_created: String,
+    pub class_updated: String,
+    pub class_deleted: String,
+    pub teacher_created: String,
+    pub teacher_updated: String,
+    pub teacher_deleted: String,
+    pub assignment_created: String,
+    pub assignment_updated: String,
+    pub assignment_deleted: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchoolsConfig {
+    /// The schools this node serves.
+    pub ids: Vec<Uuid>,
+    /// Serve every school (a provincial or national node).
+    pub all: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResyncConfig {
+    /// Base URL that serves `GET /api/schools/{id}/snapshot`; unset means
+    /// no scheduled resync.
+    pub central_url: Option<String>,
+    pub interval_secs: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// How long a delete's tombstone is kept (e.g. "30d", "720h").
+    #[serde(with = "humantime_serde")]
+    pub tombstone_retention: Duration,
+    /// redb page cache, MiB.
+    pub cache_mb: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter: "info", "emis_edge=debug,info", …; `RUST_LOG`
+    /// overrides it.
+    pub level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node: NodeConfig::default(),
+            http: HttpConfig::default(),
+            kafka: KafkaConfig::default(),
+            schools: SchoolsConfig::default(),
+            resync: ResyncConfig::default(),
+            store: StoreConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            id: "edge-01".into(),
+            data_dir: "/var/lib/emis-edge".into(),
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        }
+    }
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: String::new(),
+            group_id: None,
+            topics: TopicsConfig::default(),
+            properties: BTreeMap::new(),
+            batch_max_messages: 5000,
+            batch_max_wait_ms: 20,
+            stale_after_secs: 300,
+        }
+    }
+}
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        let n = |t: EventType| t.name().to_owned();
+        TopicsConfig {
+            class_created: n(EventType::ClassCreated),
+            class_updated: n(EventType::ClassUpdated),
+            class_deleted: n(EventType::ClassDeleted),
+            teacher_created: n(EventType::TeacherCreated),
+            teacher_updated: n(EventType::TeacherUpdated),
+            teacher_deleted: n(EventType::TeacherDeleted),
+            assignment_created: n(EventType::AssignmentCreated),
+            assignment_updated: n(EventType::AssignmentUpdated),
+            assignment_deleted: n(EventType::AssignmentDeleted),
+        }
+    }
+}
+
+impl TopicsConfig {
+    /// Each configured topic with the event type it carries.
+    pub fn all(&self) -> [(EventType, &str); 9] {
+        use EventType::*;
+        [
+            (ClassCreated, &self.class_created),
+            (ClassUpdated, &self.class_updated),
+            (ClassDeleted, &self.class_deleted),
+            (TeacherCreated, &self.teacher_created),
+            (TeacherUpdated, &self.teacher_updated),
+            (TeacherDeleted, &self.teacher_deleted),
+            (AssignmentCreated, &self.assignment_created),
+            (AssignmentUpdated, &self.assignment_updated),
+            (AssignmentDeleted, &self.assignment_deleted),
+        ]
+        .map(|(t, s)| (t, s.as_str()))
+    }
+}
+
+impl Default for ResyncConfig {
+    fn default() -> Self {
+        ResyncConfig {
+            central_url: None,
+            interval_secs: 86_400,
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            tombstone_retention: Duration::from_secs(30 * 86_400),
+            cache_mb: 64,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+        }
+    }
+}
+
+/// A configuration problem, with the key an operator must fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("config key `{key}`: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+fn bad(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// Which schools a node serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SchoolFilter {
+    All,
+    Only(BTreeSet<Uuid>),
+}
+
+impl SchoolFilter {
+    pub fn serves(&self, school: Uuid) -> bool {
+        match self {
+            SchoolFilter::All => true,
+            SchoolFilter::Only(ids) => ids.contains(&school),
+        }
+    }
+}
+
+impl Config {
+    /// Loads defaults, then `file` (which must exist when given), then the
+    /// environment `env` (pass `std::env::vars()`), and validates the result.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+                key: "--config".into(),
+                message: format!("cannot read {}: {e}", path.display()),
+            })?;
+            figment = figment.merge(Toml::string(&text));
+        }
+        // The overrides become one TOML document merged last, so that tests
+        // can pass an explicit environment instead of the process's.
+        let mut overrides = toml::Table::new();
+        for (name, raw) in env {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            let key = path.join(".");
+            if path.iter().any(String::is_empty) {
+                return Err(bad(&key, format!("environment variable {name} has an empty part")));
+            }
+            let (last, parents) = path.split_last().expect("split yields one part at least");
+            let mut table = &mut overrides;
+            for part in parents {
+                let entry = table
+                    .entry(part.clone())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                table = match entry {
+                    toml::Value::Table(t) => t,
+                    _ => return Err(bad(&key, format!("{name} conflicts with another variable"))),
+                };
+            }
+            table.insert(last.clone(), parse_env_value(&raw));
+        }
+        figment = figment.merge(Toml::string(&overrides.to_string()));
+        let config: Config = figment.extract().map_err(|e| {
+            let key = if e.path.is_empty() {
+                "(top level)".to_owned()
+            } else {
+                e.path.join(".")
+            };
+            ConfigError {
+                key,
+                message: e.kind.to_string(),
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let id = &self.node.id;
+        if id.is_empty()
+            || id.len() > 64
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(bad(
+                "node.id",
+                format!("{id:?} must be 1–64 characters of A–Z, a–z, 0–9, '-', '_', '.'"),
+            ));
+        }
+        if self.node.data_dir.as_os_str().is_empty() {
+            return Err(bad("node.data_dir", "must not be empty"));
+        }
+        if self.schools.all && !self.schools.ids.is_empty() {
+            return Err(bad(
+                "schools.all",
+                "set either `all = true` or a list of `ids`, not both",
+            ));
+        }
+        let k = &self.kafka;
+        if !(1..=100_000).contains(&k.batch_max_messages) {
+            return Err(bad("kafka.batch_max_messages", "must be between 1 and 100000"));
+        }
+        if !(1..=10_000).contains(&k.batch_max_wait_ms) {
+            return Err(bad("kafka.batch_max_wait_ms", "must be between 1 and 10000"));
+        }
+        if k.stale_after_secs == 0 {
+            return Err(bad("kafka.stale_after_secs", "must be at least 1"));
+        }
+        if let Some(g) = &k.group_id {
+            if g.trim().is_empty() {
+                return Err(bad("kafka.group_id", "must not be empty when set"));
+            }
+        }
+        for broker in k.brokers.split(',').map(str::trim).filter(|b| !b.is_empty()) {
+            let port_ok = broker
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !port_ok {
+                return Err(bad("kafka.brokers", format!("{broker:?} is not host:port")));
+            }
+        }
+        let mut seen = BTreeSet::new();
+        for (event_type, topic) in k.topics.all() {
+            let key = format!("kafka.topics.{}", topic_key(event_type));
+            if topic.is_empty() {
+                return Err(bad(&key, "must not be empty"));
+            }
+            if !seen.insert(topic) {
+                return Err(bad(&key, format!("topic {topic:?} is configured twice")));
+            }
+        }
+        if let Some(url) = &self.resync.central_url {
+            match reqwest::Url::parse(url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                Ok(u) => {
+                    return Err(bad(
+                        "resync.central_url",
+                        format!("scheme {:?} is not http or https", u.scheme()),
+                    ))
+                }
+                Err(e) => return Err(bad("resync.central_url", format!("{url:?}: {e}"))),
+            }
+        }
+        if self.resync.interval_secs < 60 {
+            return Err(bad("resync.interval_secs", "must be at least 60"));
+        }
+        if self.store.tombstone_retention < Duration::from_secs(3600) {
+            return Err(bad("store.tombstone_retention", "must be at least 1h"));
+        }
+        if !(1..=65_536).contains(&self.store.cache_mb) {
+            return Err(bad("store.cache_mb", "must be between 1 and 65536"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(bad("log.level", format!("{:?} is not a tracing filter", self.log.level)));
+        }
+        Ok(())
+    }
+
+    pub fn store_path(&self) -> PathBuf {
+        self.node.data_dir.join(STORE_FILE)
+    }
+
+    pub fn group_id(&self) -> String {
+        self.kafka
+            .group_id
+            .clone()
+            .unwrap_or_else(|| format!("emis-edge-{}", self.node.id))
+    }
+
+    pub fn school_filter(&self) -> SchoolFilter {
+        if self.schools.all || self.schools.ids.is_empty() {
+            SchoolFilter::All
+        } else {
+            SchoolFilter::Only(self.schools.ids.iter().copied().collect())
+        }
+    }
+
+    /// The effective configuration as TOML, secrets replaced by `"<redacted>"`.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        for (key, value) in shown.kafka.properties.iter_mut() {
+            if is_secret(key) {
+                *value = "<redacted>".into();
+            }
+        }
+        toml::to_string_pretty(&shown).expect("config always serializes")
+    }
+}
+
+/// Whether a librdkafka property holds a secret.
+pub fn is_secret(property: &str) -> bool {
+    let p = property.to_ascii_lowercase();
+    p.contains("password") || p.contains("secret")
+}
+
+fn topic_key(t: EventType) -> String {
+    t.name().trim_start_matches("emis.").replace('.', "_")
+}
+
+/// Environment values are TOML values when they parse as one (`true`,
+/// `86400`, `["a", "b"]`), else plain strings.
+fn parse_env_value(raw: &str) -> toml::Value {
+    let doc = format!("v = {raw}");
+    match toml::from_str::<toml::Table>(&doc) {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.to_owned()),
+    }
+}

@@ -1,0 +1,161 @@
+//! Startup and teardown of a running node, in a fixed order with a deadline.
+//!
+//! Start: data directory → store (format check) → HTTP listener → workers.
+//! Stop (the injected `shutdown` future resolves): workers first (each
+//! finishes its in-flight transaction), then HTTP drains, all within
+//! [`SHUTDOWN_DEADLINE`]; the store closes when the last handle drops.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, AppState};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::status::SyncState;
+use crate::store::{Store, StoreOptions};
+
+pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
+/// How often expired tombstones are purged.
+const PURGE_EVERY: Duration = Duration::from_secs(3600);
+
+/// A node that has started: its address, its state, and how to stop it.
+pub struct RunningNode {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    stop: CancellationToken,
+    tasks: JoinSet<()>,
+    http: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Opens the store and binds the listener; errors here are the operator's
+/// to fix (exit code 1).
+pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<RunningNode> {
+    let dir = &config.node.data_dir;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create node.data_dir {}", dir.display()))?;
+    let path = config.store_path();
+    let options = StoreOptions {
+        cache_bytes: config.store.cache_mb * 1024 * 1024,
+    };
+    let store = Arc::new(Store::open(&path, &options)?);
+    tracing::info!(path = %path.display(), "store open");
+
+    let state = AppState {
+        store,
+        sync: Arc::new(SyncState::new(!config.kafka.brokers.trim().is_empty())),
+        config: Arc::new(config),
+        clock,
+    };
+    let listener = tokio::net::TcpListener::bind(state.config.http.listen)
+        .await
+        .with_context(|| format!("cannot listen on http.listen {}", state.config.http.listen))?;
+    let addr = listener.local_addr()?;
+
+    let stop = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    tasks.spawn(purge_tombstones(state.clone(), stop.clone()));
+    if state.config.kafka.brokers.trim().is_empty() {
+        tracing::warn!(
+            "kafka.brokers is empty: no events will be consumed; serving the store as it is"
+        );
+    }
+
+    let app = api::router(state.clone());
+    let http_stop = stop.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { http_stop.cancelled().await })
+            .await
+    });
+    tracing::info!(%addr, node = %state.config.node.id, "listening");
+    Ok(RunningNode {
+        addr,
+        state,
+        stop,
+        tasks,
+        http,
+    })
+}
+
+impl RunningNode {
+    /// Stops workers, then HTTP, within [`SHUTDOWN_DEADLINE`].
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        let ordered = async {
+            while let Some(r) = self.tasks.join_next().await {
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "worker ended abnormally");
+                }
+            }
+            (&mut self.http).await
+        };
+        match tokio::time::timeout(SHUTDOWN_DEADLINE, ordered).await {
+            Ok(Ok(Ok(()))) => {
+                tracing::info!("stopped");
+                Ok(())
+            }
+            Ok(Ok(Err(e))) => Err(e).context("HTTP server failed"),
+            Ok(Err(e)) => Err(e).context("HTTP task failed"),
+            Err(_) => {
+                self.tasks.abort_all();
+                self.http.abort();
+                anyhow::bail!("shutdown exceeded {SHUTDOWN_DEADLINE:?}; remaining tasks aborted")
+            }
+        }
+    }
+}
+
+/// Runs a node until `shutdown` resolves.
+pub async fn serve(
+    config: Config,
+    clock: Arc<dyn Clock>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let node = start(config, clock).await?;
+    shutdown.await;
+    tracing::info!("shutting down");
+    node.stop().await
+}
+
+/// Resolves on SIGTERM (systemd stop) or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// Worker: purges tombstones past `store.tombstone_retention`, hourly.
+async fn purge_tombstones(state: AppState, stop: CancellationToken) {
+    let retention = i64::try_from(state.config.store.tombstone_retention.as_nanos())
+        .unwrap_or(i64::MAX);
+    let mut tick = tokio::time::interval(PURGE_EVERY);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let store = state.store.clone();
+        let now = state.clock.now();
+        match tokio::task::spawn_blocking(move || store.purge_tombstones(now, retention)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(purged = n, "expired tombstones purged"),
+            Ok(Err(e)) => tracing::error!(error = %e, "tombstone purge failed"),
+            Err(e) => tracing::error!(error = %e, "tombstone purge task failed"),
+        }
+    }
+}

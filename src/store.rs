@@ -1,0 +1,808 @@
+//! The replica on disk: one redb file, read and written only through here.
+//!
+//! The interface is narrow on purpose: [`Store::apply_batch`] is the only way
+//! changes get in (data, dead letters, counters and consumed offsets in ONE
+//! write transaction — the delivery guarantee of contract §2), and a
+//! [`Reader`] (one read transaction) is the only way data gets out, so every
+//! HTTP answer is a consistent view.
+//!
+//! Values are a one-byte value format followed by bincode (see
+//! `docs/ARCHITECTURE.md` for why), and the `meta` table records the store
+//! format version: a file written by a newer release is refused untouched.
+
+use std::collections::BTreeMap;
+use std::ops::{Bound, ControlFlow};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use redb::{
+    Database, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable,
+    ReadableTableMetadata, Table, TableDefinition, WriteTransaction,
+};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::domain::{
+    assemble_teacher_detail, Change, Class, ClassLookup, Entity, EntityKind, OrderKey,
+    Record, SyncSource, Teacher, TeacherDetail, Timestamp, Tombstone,
+};
+
+/// The layout of tables and keys. Bump it (and add a migration in
+/// [`Store::open`]) when a release changes them.
+pub const FORMAT_VERSION: u32 = 1;
+/// First byte of every encoded value: how the rest is encoded.
+const VALUE_FORMAT: u8 = 1;
+/// Dead letters keep at most this much of the raw payload.
+pub const DEAD_LETTER_MAX_RAW: usize = 64 * 1024;
+
+type Id = u128;
+const CLASSES: TableDefinition<Id, &[u8]> = TableDefinition::new("classes");
+const TEACHERS: TableDefinition<Id, &[u8]> = TableDefinition::new("teachers");
+const ASSIGNMENTS: TableDefinition<Id, &[u8]> = TableDefinition::new("assignments");
+/// (entity kind code, id) → tombstone.
+const TOMBSTONES: TableDefinition<(u8, Id), &[u8]> = TableDefinition::new("tombstones");
+/// Secondary indexes: (owner, entity id) → ().
+const CLASS_BY_SCHOOL: TableDefinition<(Id, Id), ()> = TableDefinition::new("class_by_school");
+const TEACHER_BY_SCHOOL: TableDefinition<(Id, Id), ()> = TableDefinition::new("teacher_by_school");
+const ASSIGNMENT_BY_SCHOOL: TableDefinition<(Id, Id), ()> =
+    TableDefinition::new("assignment_by_school");
+const ASSIGNMENT_BY_TEACHER: TableDefinition<(Id, Id), ()> =
+    TableDefinition::new("assignment_by_teacher");
+/// (topic, partition) → next offset to consume.
+const OFFSETS: TableDefinition<(&str, i32), i64> = TableDefinition::new("offsets");
+/// sequence number → dead letter.
+const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
+/// counter name → value; written in the same transaction as the data.
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+/// name → value: `format_version`, `watermark`, …
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+const META_FORMAT: &str = "format_version";
+/// The latest source timestamp this store has seen (event or snapshot):
+/// the `asOf` of snapshots it serves.
+const META_WATERMARK: &str = "watermark";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the store {path}: {source}. {hint}")]
+    Open {
+        path: PathBuf,
+        source: redb::DatabaseError,
+        hint: &'static str,
+    },
+    #[error(
+        "the store {path} has format version {found}, but this release understands only up to \
+         {supported}; it was written by a newer emis-edge. Run that release, or move the file \
+         aside and rebuild the replica with `emis-edge import` or a resync. The file was not \
+         changed."
+    )]
+    NewerFormat {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error(
+        "{path} is a redb file but not an emis-edge store (it has no format version). Move it \
+         aside; the file was not changed."
+    )]
+    Foreign { path: PathBuf },
+    #[error("store data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("store I/O failed: {0}")]
+    Db(#[from] redb::Error),
+    #[error("injected fault before commit (test hook)")]
+    InjectedFault,
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A consumed position: the next offset to read in one topic partition.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionOffset {
+    pub topic: String,
+    pub partition: i32,
+    pub next_offset: i64,
+}
+
+/// An event the node could not use, kept for the operator.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    /// The payload, cut to [`DEAD_LETTER_MAX_RAW`] bytes.
+    pub raw: Vec<u8>,
+    /// The payload's full length.
+    pub raw_len: usize,
+    pub reason: String,
+    pub at: Timestamp,
+}
+
+impl DeadLetter {
+    pub fn new(
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        raw: &[u8],
+        reason: String,
+        at: Timestamp,
+    ) -> DeadLetter {
+        DeadLetter {
+            topic: topic.to_owned(),
+            partition,
+            offset,
+            raw: raw[..raw.len().min(DEAD_LETTER_MAX_RAW)].to_vec(),
+            raw_len: raw.len(),
+            reason,
+            at,
+        }
+    }
+}
+
+/// Everything one write transaction commits.
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    /// Valid changes of served schools, each with its order key.
+    pub changes: Vec<(OrderKey, Change)>,
+    pub dead_letters: Vec<DeadLetter>,
+    /// Events skipped because their school is not served.
+    pub skipped: u64,
+    /// Positions consumed up to and including this batch.
+    pub offsets: Vec<PartitionOffset>,
+}
+
+/// What a batch did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub applied: u64,
+    pub stale: u64,
+    pub dead_lettered: u64,
+    pub skipped: u64,
+}
+
+/// Persistent counters, in the store so that they survive restarts and
+/// move exactly with the data.
+pub mod counter {
+    pub const APPLIED: &str = "events_applied";
+    pub const STALE: &str = "events_stale";
+    pub const SKIPPED: &str = "events_skipped";
+    pub const DEAD_LETTERED: &str = "events_dead_lettered";
+    pub const TOMBSTONES_PURGED: &str = "tombstones_purged";
+}
+
+/// Entity counts and counters, for status and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreStats {
+    pub classes: u64,
+    pub teachers: u64,
+    pub assignments: u64,
+    pub tombstones: u64,
+    pub dead_letters: u64,
+    pub counters: BTreeMap<String, u64>,
+}
+
+/// One page of a school's classes or teachers, ordered by id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Page {
+    pub items: Vec<Record<Entity>>,
+    /// The id to pass as `after` for the next page, if there is one.
+    pub next: Option<Uuid>,
+}
+
+/// Options for opening a store.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// redb page cache in bytes.
+    pub cache_bytes: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            cache_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+pub struct Store {
+    db: Database,
+    fail_next_commit: AtomicBool,
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = vec![VALUE_FORMAT];
+    bincode::serde::encode_into_std_write(value, &mut out, bincode::config::standard())
+        .expect("encoding into a Vec cannot fail");
+    out
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    match bytes.split_first() {
+        Some((&VALUE_FORMAT, rest)) => {
+            bincode::serde::decode_from_slice(rest, bincode::config::standard())
+                .map(|(v, _)| v)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))
+        }
+        Some((other, _)) => Err(StoreError::Corrupt(format!("unknown value format {other}"))),
+        None => Err(StoreError::Corrupt("empty value".into())),
+    }
+}
+
+fn entity_table(kind: EntityKind) -> TableDefinition<'static, Id, &'static [u8]> {
+    match kind {
+        EntityKind::Class => CLASSES,
+        EntityKind::Teacher => TEACHERS,
+        EntityKind::Assignment => ASSIGNMENTS,
+    }
+}
+
+/// Secondary indexes, by position in [`INDEXES`].
+const INDEXES: [TableDefinition<(Id, Id), ()>; 4] = [
+    CLASS_BY_SCHOOL,
+    TEACHER_BY_SCHOOL,
+    ASSIGNMENT_BY_SCHOOL,
+    ASSIGNMENT_BY_TEACHER,
+];
+
+/// The index entries an entity appears under: (index position, owner, id).
+fn index_entries(entity: &Entity) -> Vec<(usize, Id, Id)> {
+    let id = entity.id().as_u128();
+    let school = entity.school_id().as_u128();
+    match entity {
+        Entity::Class(_) => vec![(0, school, id)],
+        Entity::Teacher(_) => vec![(1, school, id)],
+        Entity::Assignment(a) => vec![(2, school, id), (3, a.teacher_id.as_u128(), id)],
+    }
+}
+
+/// The by-school index of a kind.
+fn school_index(kind: EntityKind) -> TableDefinition<'static, (Id, Id), ()> {
+    INDEXES[kind.code() as usize - 1]
+}
+
+fn open_error(path: &Path, source: redb::DatabaseError) -> StoreError {
+    let hint = match &source {
+        redb::DatabaseError::DatabaseAlreadyOpen => {
+            "Another process has it open: is `emis-edge serve` running? Use the CLI against \
+             the running node, or stop it first."
+        }
+        redb::DatabaseError::UpgradeRequired(_) => {
+            "It was written by an incompatible redb version."
+        }
+        _ => {
+            "If the file is damaged or not an emis-edge store, move it aside, then rebuild the \
+             replica with `emis-edge import` or a resync; it was not changed."
+        }
+    };
+    StoreError::Open {
+        path: path.to_owned(),
+        source,
+        hint,
+    }
+}
+
+impl Store {
+    /// Opens the store at `path`, creating it (and a fresh format version)
+    /// when the file does not exist. A file of a newer format, or a redb file
+    /// of another program, is refused without being written.
+    pub fn open(path: &Path, options: &StoreOptions) -> Result<Store> {
+        let mut builder = Database::builder();
+        builder.set_cache_size(options.cache_bytes);
+        let db = if path.exists() {
+            builder.open(path)
+        } else {
+            builder.create(path)
+        }
+        .map_err(|e| open_error(path, e))?;
+        Self::init(db, path)
+    }
+
+    /// A store held in memory by redb's in-memory backend: the same engine
+    /// and code paths, nothing on disk. For tests that need many stores.
+    pub fn open_in_memory() -> Result<Store> {
+        let db = Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .map_err(|e| open_error(Path::new(":memory:"), e))?;
+        Self::init(db, Path::new(":memory:"))
+    }
+
+    fn init(db: Database, path: &Path) -> Result<Store> {
+        let found = {
+            let txn = db.begin_read()?;
+            match txn.open_table(META) {
+                Ok(meta) => match meta.get(META_FORMAT)? {
+                    Some(v) => Some(read_u32(v.value())?),
+                    None => return Err(StoreError::Foreign { path: path.into() }),
+                },
+                Err(redb::TableError::TableDoesNotExist(_)) => {
+                    if txn.list_tables()?.next().is_some() {
+                        return Err(StoreError::Foreign { path: path.into() });
+                    }
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        match found {
+            Some(v) if v > FORMAT_VERSION => {
+                return Err(StoreError::NewerFormat {
+                    path: path.into(),
+                    found: v,
+                    supported: FORMAT_VERSION,
+                })
+            }
+            Some(_) => {} // FORMAT_VERSION is the first: nothing to migrate yet.
+            None => {
+                let txn = db.begin_write()?;
+                {
+                    txn.open_table(META)?
+                        .insert(META_FORMAT, FORMAT_VERSION.to_le_bytes().as_slice())?;
+                    // Create every table so readers never meet a missing one.
+                    txn.open_table(CLASSES)?;
+                    txn.open_table(TEACHERS)?;
+                    txn.open_table(ASSIGNMENTS)?;
+                    txn.open_table(TOMBSTONES)?;
+                    for index in INDEXES {
+                        txn.open_table(index)?;
+                    }
+                    txn.open_table(OFFSETS)?;
+                    txn.open_table(DEAD_LETTERS)?;
+                    txn.open_table(COUNTERS)?;
+                }
+                txn.commit()?;
+            }
+        }
+        Ok(Store {
+            db,
+            fail_next_commit: AtomicBool::new(false),
+        })
+    }
+
+    /// Fault injection for tests: the next [`Store::apply_batch`] writes
+    /// everything, then fails instead of committing.
+    pub fn fail_next_commit(&self) {
+        self.fail_next_commit.store(true, Ordering::SeqCst);
+    }
+
+    /// One consistent view of the store.
+    pub fn read(&self) -> Result<Reader> {
+        Ok(Reader {
+            txn: self.db.begin_read()?,
+        })
+    }
+
+    /// Applies a batch — changes by the convergence rule, dead letters,
+    /// counters and consumed offsets — in ONE write transaction: after a
+    /// crash either all of it is there or none of it.
+    pub fn apply_batch(&self, batch: &Batch, now: Timestamp, source: SyncSource) -> Result<ApplyReport> {
+        let txn = self.db.begin_write()?;
+        let mut report = ApplyReport {
+            skipped: batch.skipped,
+            ..ApplyReport::default()
+        };
+        let mut watermark = None;
+        {
+            let mut tables = WriteTables::open(&txn)?;
+            for (key, change) in &batch.changes {
+                if tables.apply(key, change, now, source)? {
+                    report.applied += 1;
+                } else {
+                    report.stale += 1;
+                }
+                watermark = watermark.max(Some(key.timestamp));
+            }
+        }
+        {
+            let mut dead = txn.open_table(DEAD_LETTERS)?;
+            let mut seq = dead.last()?.map_or(0, |(k, _)| k.value() + 1);
+            for letter in &batch.dead_letters {
+                dead.insert(seq, encode(letter).as_slice())?;
+                seq += 1;
+                report.dead_lettered += 1;
+            }
+        }
+        {
+            let mut offsets = txn.open_table(OFFSETS)?;
+            for o in &batch.offsets {
+                offsets.insert((o.topic.as_str(), o.partition), o.next_offset)?;
+            }
+        }
+        add_counters(
+            &txn,
+            &[
+                (counter::APPLIED, report.applied),
+                (counter::STALE, report.stale),
+                (counter::DEAD_LETTERED, report.dead_lettered),
+                (counter::SKIPPED, report.skipped),
+            ],
+        )?;
+        if let Some(w) = watermark {
+            raise_watermark(&txn, w)?;
+        }
+        if self.fail_next_commit.swap(false, Ordering::SeqCst) {
+            return Err(StoreError::InjectedFault); // dropping `txn` aborts it
+        }
+        txn.commit()?;
+        Ok(report)
+    }
+
+    /// Removes tombstones older than `retention_nanos` at `now`; returns how
+    /// many went.
+    pub fn purge_tombstones(&self, now: Timestamp, retention_nanos: i64) -> Result<u64> {
+        let txn = self.db.begin_write()?;
+        let mut purged = 0u64;
+        {
+            let mut table = txn.open_table(TOMBSTONES)?;
+            let mut corrupt = None;
+            table.retain(|_, v| match decode::<Tombstone>(v) {
+                Ok(t) if t.expired(now, retention_nanos) => {
+                    purged += 1;
+                    false
+                }
+                Ok(_) => true,
+                Err(e) => {
+                    corrupt = Some(e);
+                    true
+                }
+            })?;
+            if let Some(e) = corrupt {
+                return Err(e);
+            }
+        }
+        add_counters(&txn, &[(counter::TOMBSTONES_PURGED, purged)])?;
+        txn.commit()?;
+        Ok(purged)
+    }
+}
+
+fn read_u32(bytes: &[u8]) -> Result<u32> {
+    bytes
+        .try_into()
+        .map(u32::from_le_bytes)
+        .map_err(|_| StoreError::Corrupt("format version is not 4 bytes".into()))
+}
+
+fn add_counters(txn: &WriteTransaction, deltas: &[(&str, u64)]) -> Result<()> {
+    let mut table = txn.open_table(COUNTERS)?;
+    for &(name, delta) in deltas {
+        if delta > 0 {
+            let old = table.get(name)?.map_or(0, |v| v.value());
+            table.insert(name, old + delta)?;
+        }
+    }
+    Ok(())
+}
+
+fn raise_watermark(txn: &WriteTransaction, t: Timestamp) -> Result<()> {
+    let mut meta = txn.open_table(META)?;
+    let old = meta
+        .get(META_WATERMARK)?
+        .and_then(|v| v.value().try_into().ok().map(i64::from_le_bytes));
+    if old.is_none_or(|old| t > old) {
+        meta.insert(META_WATERMARK, t.to_le_bytes().as_slice())?;
+    }
+    Ok(())
+}
+
+/// The tables a write transaction changes, opened once per batch.
+struct WriteTables<'t> {
+    entities: [Table<'t, Id, &'static [u8]>; 3],
+    tombstones: Table<'t, (u8, Id), &'static [u8]>,
+    indexes: Vec<Table<'t, (Id, Id), ()>>,
+}
+
+impl<'t> WriteTables<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<Self> {
+        Ok(WriteTables {
+            entities: [
+                txn.open_table(CLASSES)?,
+                txn.open_table(TEACHERS)?,
+                txn.open_table(ASSIGNMENTS)?,
+            ],
+            tombstones: txn.open_table(TOMBSTONES)?,
+            indexes: INDEXES
+                .iter()
+                .map(|d| txn.open_table(*d))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// Applies one change if the convergence rule lets it; returns whether
+    /// it did.
+    fn apply(&mut self, key: &OrderKey, change: &Change, now: Timestamp, source: SyncSource) -> Result<bool> {
+        let kind = change.kind();
+        let id = change.id().as_u128();
+        let entities = &mut self.entities[kind.code() as usize - 1];
+        let live: Option<Record<Entity>> = entities.get(id)?.map(|v| decode(v.value())).transpose()?;
+        let stored_key = match &live {
+            Some(r) => Some(r.key),
+            None => {
+                let tomb = self.tombstones.get((kind.code(), id))?;
+                tomb.map(|v| decode::<Tombstone>(v.value())).transpose()?.map(|t| t.key)
+            }
+        };
+        if !key.supersedes(stored_key.as_ref()) {
+            return Ok(false);
+        }
+        if let Some(old) = &live {
+            for (index, owner, entity) in index_entries(&old.data) {
+                self.indexes[index].remove((owner, entity))?;
+            }
+        }
+        match change {
+            Change::Upsert(entity) => {
+                let record = Record {
+                    data: entity.clone(),
+                    key: *key,
+                    last_synced_at: now,
+                    source,
+                };
+                entities.insert(id, encode(&record).as_slice())?;
+                if live.is_none() {
+                    self.tombstones.remove((kind.code(), id))?;
+                }
+                for (index, owner, entity) in index_entries(entity) {
+                    self.indexes[index].insert((owner, entity), ())?;
+                }
+            }
+            Change::Delete { school_id, .. } => {
+                if live.is_some() {
+                    entities.remove(id)?;
+                }
+                let tomb = Tombstone {
+                    key: *key,
+                    school_id: *school_id,
+                    deleted_at: now,
+                };
+                self.tombstones.insert((kind.code(), id), encode(&tomb).as_slice())?;
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// One read transaction: every answer it gives is from the same moment.
+pub struct Reader {
+    txn: ReadTransaction,
+}
+
+fn narrow<T>(record: Record<Entity>, f: impl FnOnce(Entity) -> Option<T>) -> Option<Record<T>> {
+    Some(Record {
+        data: f(record.data)?,
+        key: record.key,
+        last_synced_at: record.last_synced_at,
+        source: record.source,
+    })
+}
+
+fn get_entity(table: &ReadOnlyTable<Id, &[u8]>, id: Id) -> Result<Option<Record<Entity>>> {
+    table.get(id)?.map(|v| decode(v.value())).transpose()
+}
+
+impl Reader {
+    fn table(&self, kind: EntityKind) -> Result<ReadOnlyTable<Id, &'static [u8]>> {
+        Ok(self.txn.open_table(entity_table(kind))?)
+    }
+
+    /// A live entity of any kind.
+    pub fn entity(&self, kind: EntityKind, id: Uuid) -> Result<Option<Record<Entity>>> {
+        get_entity(&self.table(kind)?, id.as_u128())
+    }
+
+    pub fn class(&self, id: Uuid) -> Result<Option<Record<Class>>> {
+        Ok(self.entity(EntityKind::Class, id)?.and_then(|r| {
+            narrow(r, |e| match e {
+                Entity::Class(c) => Some(c),
+                _ => None,
+            })
+        }))
+    }
+
+    pub fn teacher(&self, id: Uuid) -> Result<Option<Record<Teacher>>> {
+        Ok(self.entity(EntityKind::Teacher, id)?.and_then(|r| {
+            narrow(r, |e| match e {
+                Entity::Teacher(t) => Some(t),
+                _ => None,
+            })
+        }))
+    }
+
+    /// The stored tombstone of an entity, if it is deleted.
+    pub fn tombstone(&self, kind: EntityKind, id: Uuid) -> Result<Option<Tombstone>> {
+        let table = self.txn.open_table(TOMBSTONES)?;
+        let v = table.get((kind.code(), id.as_u128()))?;
+        v.map(|v| decode(v.value())).transpose()
+    }
+
+    /// The teacher with its live assignments and their classes.
+    pub fn teacher_detail(&self, id: Uuid) -> Result<Option<TeacherDetail>> {
+        let Some(teacher) = self.teacher(id)? else {
+            return Ok(None);
+        };
+        let by_teacher = self.txn.open_table(ASSIGNMENT_BY_TEACHER)?;
+        let assignments = self.table(EntityKind::Assignment)?;
+        let classes = self.table(EntityKind::Class)?;
+        let tombstones = self.txn.open_table(TOMBSTONES)?;
+        let t = id.as_u128();
+        let mut found = Vec::new();
+        for entry in by_teacher.range((t, 0)..=(t, Id::MAX))? {
+            let (key, _) = entry?;
+            let (_, assignment_id) = key.value();
+            let Some(assignment) = get_entity(&assignments, assignment_id)?.and_then(|r| {
+                narrow(r, |e| match e {
+                    Entity::Assignment(a) => Some(a),
+                    _ => None,
+                })
+            }) else {
+                return Err(StoreError::Corrupt(format!(
+                    "index entry for missing assignment {}",
+                    Uuid::from_u128(assignment_id)
+                )));
+            };
+            let class_id = assignment.data.class_id.as_u128();
+            let class = match get_entity(&classes, class_id)? {
+                Some(r) => narrow(r, |e| match e {
+                    Entity::Class(c) => Some(c),
+                    _ => None,
+                })
+                .map_or(ClassLookup::Unknown, ClassLookup::Live),
+                None if tombstones.get((EntityKind::Class.code(), class_id))?.is_some() => {
+                    ClassLookup::Deleted
+                }
+                None => ClassLookup::Unknown,
+            };
+            found.push((assignment, class));
+        }
+        Ok(Some(assemble_teacher_detail(teacher, found)))
+    }
+
+    /// A page of a school's classes or teachers, ordered by id, starting
+    /// after `after`.
+    pub fn page(&self, kind: EntityKind, school: Uuid, after: Option<Uuid>, limit: usize) -> Result<Page> {
+        let index = self.txn.open_table(school_index(kind))?;
+        let entities = self.table(kind)?;
+        let s = school.as_u128();
+        let start = match after {
+            Some(a) => Bound::Excluded((s, a.as_u128())),
+            None => Bound::Included((s, 0)),
+        };
+        let mut items = Vec::with_capacity(limit.min(1024));
+        let mut next = None;
+        for entry in index.range((start, Bound::Included((s, Id::MAX))))? {
+            let (key, _) = entry?;
+            let id = key.value().1;
+            if items.len() == limit {
+                next = items.last().map(|r: &Record<Entity>| r.data.id());
+                break;
+            }
+            let record = get_entity(&entities, id)?.ok_or_else(|| {
+                StoreError::Corrupt(format!("index entry for missing {} {}", kind.as_str(), Uuid::from_u128(id)))
+            })?;
+            items.push(record);
+        }
+        Ok(Page { items, next })
+    }
+
+    /// Calls `f` with every live record of a school — classes, then
+    /// teachers, then assignments — until it breaks. Memory stays flat
+    /// however large the school is.
+    pub fn for_each_in_school(
+        &self,
+        school: Uuid,
+        mut f: impl FnMut(EntityKind, &Record<Entity>) -> ControlFlow<()>,
+    ) -> Result<()> {
+        let s = school.as_u128();
+        for kind in EntityKind::ALL {
+            let index = self.txn.open_table(school_index(kind))?;
+            let entities = self.table(kind)?;
+            for entry in index.range((s, 0)..=(s, Id::MAX))? {
+                let id = entry?.0.value().1;
+                if let Some(record) = get_entity(&entities, id)? {
+                    if f(kind, &record).is_break() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The latest source timestamp the store has seen, if any.
+    pub fn watermark(&self) -> Result<Option<Timestamp>> {
+        let meta = self.txn.open_table(META)?;
+        let v = meta.get(META_WATERMARK)?;
+        Ok(v.and_then(|v| v.value().try_into().ok().map(i64::from_le_bytes)))
+    }
+
+    pub fn offsets(&self) -> Result<Vec<PartitionOffset>> {
+        let table = self.txn.open_table(OFFSETS)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (k, v) = entry?;
+            let (topic, partition) = k.value();
+            out.push(PartitionOffset {
+                topic: topic.to_owned(),
+                partition,
+                next_offset: v.value(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The newest dead letters first, at most `limit`.
+    pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>> {
+        let table = self.txn.open_table(DEAD_LETTERS)?;
+        let mut out = Vec::new();
+        for entry in table.iter()?.rev().take(limit) {
+            out.push(decode(entry?.1.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Whether the replica holds any entity (live or deleted).
+    pub fn has_data(&self) -> Result<bool> {
+        for kind in EntityKind::ALL {
+            if !self.table(kind)?.is_empty()? {
+                return Ok(true);
+            }
+        }
+        Ok(!self.txn.open_table(TOMBSTONES)?.is_empty()?)
+    }
+
+    pub fn stats(&self) -> Result<StoreStats> {
+        let counters = self.txn.open_table(COUNTERS)?;
+        let mut map = BTreeMap::new();
+        for entry in counters.iter()? {
+            let (k, v) = entry?;
+            map.insert(k.value().to_owned(), v.value());
+        }
+        Ok(StoreStats {
+            classes: self.table(EntityKind::Class)?.len()?,
+            teachers: self.table(EntityKind::Teacher)?.len()?,
+            assignments: self.table(EntityKind::Assignment)?.len()?,
+            tombstones: self.txn.open_table(TOMBSTONES)?.len()?,
+            dead_letters: self.txn.open_table(DEAD_LETTERS)?.len()?,
+            counters: map,
+        })
+    }
+
+    /// Every live entity and tombstone with its key: the replica's state as
+    /// the convergence rule sees it (for tests and drift audits).
+    pub fn dump(&self) -> Result<Vec<(EntityKind, Uuid, Option<Entity>, OrderKey)>> {
+        let mut out = Vec::new();
+        for kind in EntityKind::ALL {
+            for entry in self.table(kind)?.iter()? {
+                let (k, v) = entry?;
+                let r: Record<Entity> = decode(v.value())?;
+                out.push((kind, Uuid::from_u128(k.value()), Some(r.data), r.key));
+            }
+        }
+        for entry in self.txn.open_table(TOMBSTONES)?.iter()? {
+            let (k, v) = entry?;
+            let (code, id) = k.value();
+            let t: Tombstone = decode(v.value())?;
+            let kind = EntityKind::from_code(code)
+                .ok_or_else(|| StoreError::Corrupt(format!("unknown entity kind code {code}")))?;
+            out.push((kind, Uuid::from_u128(id), None, t.key));
+        }
+        out.sort_by_key(|(kind, id, _, _)| (*kind, *id));
+        Ok(out)
+    }
+}
