@@ -24,8 +24,8 @@ use crate::clock::Clock;
 use crate::config::{Config, SchoolFilter};
 use crate::domain::snapshot::{end_line, record_line};
 use crate::domain::{
-    format_timestamp, Assignment, AssignmentView, Class, Entity, EntityKind, Record, Role,
-    Teacher, TeacherDetail,
+    format_timestamp, Assignment, AssignmentView, Class, Entity, EntityKind, Record, Role, Teacher,
+    TeacherDetail,
 };
 use crate::status::SyncState;
 use crate::store::{Store, StoreError};
@@ -99,11 +99,21 @@ impl Problem {
     }
 
     fn bad_request(detail: String) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "bad-request", "Bad request", detail)
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            "Bad request",
+            detail,
+        )
     }
 
     fn not_found(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not-found", "Not found", detail.into())
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "Not found",
+            detail.into(),
+        )
     }
 }
 
@@ -149,8 +159,7 @@ impl From<QueryRejection> for Problem {
 }
 
 fn parse_id(name: &str, raw: &str) -> Result<Uuid, Problem> {
-    Uuid::try_parse(raw)
-        .map_err(|_| Problem::bad_request(format!("{name} {raw:?} is not a UUID")))
+    Uuid::try_parse(raw).map_err(|_| Problem::bad_request(format!("{name} {raw:?} is not a UUID")))
 }
 
 fn path_id(name: &str, path: Result<Path<String>, PathRejection>) -> Result<Uuid, Problem> {
@@ -266,7 +275,8 @@ async fn teacher_detail(
 ) -> Result<Response, Problem> {
     let id = path_id("teacherId", path)?;
     let detail = s.store.read()?.teacher_detail(id)?;
-    let detail = detail.ok_or_else(|| Problem::not_found(format!("teacher {id} is not known here")))?;
+    let detail =
+        detail.ok_or_else(|| Problem::not_found(format!("teacher {id} is not known here")))?;
     Ok(Json(teacher_detail_json(&detail)).into_response())
 }
 
@@ -276,7 +286,8 @@ async fn class(
 ) -> Result<Response, Problem> {
     let id = path_id("classId", path)?;
     let record = s.store.read()?.entity(EntityKind::Class, id)?;
-    let record = record.ok_or_else(|| Problem::not_found(format!("class {id} is not known here")))?;
+    let record =
+        record.ok_or_else(|| Problem::not_found(format!("class {id} is not known here")))?;
     Ok(Json(entity_json(&record)).into_response())
 }
 
@@ -326,7 +337,9 @@ async fn snapshot(
 ) -> Result<Response, Problem> {
     let school = path_id("schoolId", path)?;
     if !s.config.school_filter().serves(school) {
-        return Err(Problem::not_found(format!("school {school} is not served by this node")));
+        return Err(Problem::not_found(format!(
+            "school {school} is not served by this node"
+        )));
     }
     let reader = s.store.read()?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
@@ -400,7 +413,11 @@ pub fn status_json(
         SchoolFilter::All => json!("all"),
         SchoolFilter::Only(ids) => json!(ids),
     };
-    let secs = |s: u64| i64::try_from(s).unwrap_or(i64::MAX).saturating_mul(1_000_000_000);
+    let secs = |s: u64| {
+        i64::try_from(s)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1_000_000_000)
+    };
     let stale = state.is_stale(
         now,
         secs(config.kafka.stale_after_secs),

@@ -76,7 +76,11 @@ pub fn run() -> ExitCode {
                 Err(e) => return fail(&anyhow::Error::new(e).context("cannot start the runtime")),
             };
             let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-            match runtime.block_on(crate::node::serve(config, clock, crate::node::shutdown_signal())) {
+            match runtime.block_on(crate::node::serve(
+                config,
+                clock,
+                crate::node::shutdown_signal(),
+            )) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -175,7 +179,10 @@ fn status(config: &Config, as_json: bool) -> anyhow::Result<()> {
             let store = Store::open(&path, &StoreOptions::default())?;
             let sync = SyncState::new(!config.kafka.brokers.trim().is_empty());
             let doc = crate::api::status_json(&store, &sync, config, SystemClock.now())?;
-            (doc, format!("store file {} (node not running)", path.display()))
+            (
+                doc,
+                format!("store file {} (node not running)", path.display()),
+            )
         }
         Err(e) => return Err(anyhow::Error::new(e).context(format!("asking {url}"))),
     };
@@ -221,7 +228,12 @@ fn render_status(doc: &serde_json::Value, source: &str) -> String {
         if resync.is_null() {
             "-".to_owned()
         } else {
-            format!("{} {} {}", s(&resync["at"]), s(&resync["result"]), s(&resync["detail"]))
+            format!(
+                "{} {} {}",
+                s(&resync["at"]),
+                s(&resync["result"]),
+                s(&resync["detail"])
+            )
         }
     );
     let _ = writeln!(out, "dead letters   {}", s(&doc["deadLetterCount"]));
@@ -239,7 +251,11 @@ fn render_status(doc: &serde_json::Value, source: &str) -> String {
     if partitions.is_empty() {
         let _ = writeln!(out, "partitions     none consumed yet");
     } else {
-        let _ = writeln!(out, "\n{:<32} {:>9} {:>12} {:>14} {:>8}", "TOPIC", "PARTITION", "OFFSET", "HIGH-WATERMARK", "LAG");
+        let _ = writeln!(
+            out,
+            "\n{:<32} {:>9} {:>12} {:>14} {:>8}",
+            "TOPIC", "PARTITION", "OFFSET", "HIGH-WATERMARK", "LAG"
+        );
         for p in partitions {
             let _ = writeln!(
                 out,

@@ -23,7 +23,7 @@ pub const ENV_PREFIX: &str = "EMIS_EDGE__";
 /// The store's file name inside `node.data_dir`.
 pub const STORE_FILE: &str = "emis-edge.redb";
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub node: NodeConfig,
@@ -119,20 +119,6 @@ pub struct LogConfig {
     /// A tracing filter: "info", "emis_edge=debug,info", …; `RUST_LOG`
     /// overrides it.
     pub level: String,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            node: NodeConfig::default(),
-            http: HttpConfig::default(),
-            kafka: KafkaConfig::default(),
-            schools: SchoolsConfig::default(),
-            resync: ResyncConfig::default(),
-            store: StoreConfig::default(),
-            log: LogConfig::default(),
-        }
-    }
 }
 
 impl Default for NodeConfig {
@@ -284,7 +270,10 @@ impl Config {
             let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
             let key = path.join(".");
             if path.iter().any(String::is_empty) {
-                return Err(bad(&key, format!("environment variable {name} has an empty part")));
+                return Err(bad(
+                    &key,
+                    format!("environment variable {name} has an empty part"),
+                ));
             }
             let (last, parents) = path.split_last().expect("split yields one part at least");
             let mut table = &mut overrides;
@@ -340,10 +329,16 @@ impl Config {
         }
         let k = &self.kafka;
         if !(1..=100_000).contains(&k.batch_max_messages) {
-            return Err(bad("kafka.batch_max_messages", "must be between 1 and 100000"));
+            return Err(bad(
+                "kafka.batch_max_messages",
+                "must be between 1 and 100000",
+            ));
         }
         if !(1..=10_000).contains(&k.batch_max_wait_ms) {
-            return Err(bad("kafka.batch_max_wait_ms", "must be between 1 and 10000"));
+            return Err(bad(
+                "kafka.batch_max_wait_ms",
+                "must be between 1 and 10000",
+            ));
         }
         if k.stale_after_secs == 0 {
             return Err(bad("kafka.stale_after_secs", "must be at least 1"));
@@ -353,7 +348,12 @@ impl Config {
                 return Err(bad("kafka.group_id", "must not be empty when set"));
             }
         }
-        for broker in k.brokers.split(',').map(str::trim).filter(|b| !b.is_empty()) {
+        for broker in k
+            .brokers
+            .split(',')
+            .map(str::trim)
+            .filter(|b| !b.is_empty())
+        {
             let port_ok = broker
                 .rsplit_once(':')
                 .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
@@ -393,7 +393,10 @@ impl Config {
             return Err(bad("store.cache_mb", "must be between 1 and 65536"));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(bad("log.level", format!("{:?} is not a tracing filter", self.log.level)));
+            return Err(bad(
+                "log.level",
+                format!("{:?} is not a tracing filter", self.log.level),
+            ));
         }
         Ok(())
     }
@@ -444,7 +447,9 @@ fn topic_key(t: EventType) -> String {
 fn parse_env_value(raw: &str) -> toml::Value {
     let doc = format!("v = {raw}");
     match toml::from_str::<toml::Table>(&doc) {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.into())),
         Err(_) => toml::Value::String(raw.to_owned()),
     }
 }

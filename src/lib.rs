@@ -5,12 +5,12 @@
 //! lookups over HTTP from that file alone. See `docs/ARCHITECTURE.md` for the
 //! map of the modules and the invariants they keep.
 
-pub mod domain;
-pub mod store;
-pub mod config;
 pub mod api;
-pub mod clock;
-pub mod metrics;
-pub mod status;
 pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod domain;
+pub mod metrics;
 pub mod node;
+pub mod status;
+pub mod store;

@@ -44,8 +44,10 @@ fn gauge(
         return ConstGauge::new(*value).encode(metric);
     }
     for (labels, value) in values {
-        let labels: Vec<(String, String)> =
-            labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let labels: Vec<(String, String)> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         ConstGauge::new(*value).encode(metric.encode_family(&labels)?)?;
     }
     Ok(())
@@ -54,9 +56,11 @@ fn gauge(
 impl Collector for NodeCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         let s = &self.0;
-        let (stats, watermark, offsets) = match s.store.read().and_then(|r| {
-            Ok((r.stats()?, r.watermark()?, r.offsets()?))
-        }) {
+        let (stats, watermark, offsets) = match s
+            .store
+            .read()
+            .and_then(|r| Ok((r.stats()?, r.watermark()?, r.offsets()?)))
+        {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!(error = %e, "metrics: store read failed");
@@ -92,7 +96,12 @@ impl Collector for NodeCollector {
                 (&[("kind", "assignment")], stats.assignments as f64),
             ],
         )?;
-        gauge(&mut encoder, "tombstones", "Tombstones kept", &[(&[], stats.tombstones as f64)])?;
+        gauge(
+            &mut encoder,
+            "tombstones",
+            "Tombstones kept",
+            &[(&[], stats.tombstones as f64)],
+        )?;
         gauge(
             &mut encoder,
             "dead_letters",
@@ -111,7 +120,11 @@ impl Collector for NodeCollector {
             .iter()
             .filter_map(|o| {
                 let hw = state.high_watermarks.get(&(o.topic.clone(), o.partition))?;
-                Some((o.topic.clone(), o.partition.to_string(), (hw - o.next_offset).max(0) as f64))
+                Some((
+                    o.topic.clone(),
+                    o.partition.to_string(),
+                    (hw - o.next_offset).max(0) as f64,
+                ))
             })
             .collect();
         let lag_values: Vec<([(&str, &str); 2], f64)> = lags
@@ -120,9 +133,19 @@ impl Collector for NodeCollector {
             .collect();
         let lag_refs: Vec<(&[(&str, &str)], f64)> =
             lag_values.iter().map(|(l, v)| (l.as_slice(), *v)).collect();
-        gauge(&mut encoder, "partition_lag", "Messages behind the high watermark", &lag_refs)?;
+        gauge(
+            &mut encoder,
+            "partition_lag",
+            "Messages behind the high watermark",
+            &lag_refs,
+        )?;
         let ready = crate::api::is_ready(s).unwrap_or(false);
-        gauge(&mut encoder, "ready", "1 when /health/ready answers 200", &[(&[], f64::from(u8::from(ready)))])?;
+        gauge(
+            &mut encoder,
+            "ready",
+            "1 when /health/ready answers 200",
+            &[(&[], f64::from(u8::from(ready)))],
+        )?;
         gauge(
             &mut encoder,
             "kafka_connected",

@@ -141,8 +141,8 @@ pub async fn shutdown_signal() {
 
 /// Worker: purges tombstones past `store.tombstone_retention`, hourly.
 async fn purge_tombstones(state: AppState, stop: CancellationToken) {
-    let retention = i64::try_from(state.config.store.tombstone_retention.as_nanos())
-        .unwrap_or(i64::MAX);
+    let retention =
+        i64::try_from(state.config.store.tombstone_retention.as_nanos()).unwrap_or(i64::MAX);
     let mut tick = tokio::time::interval(PURGE_EVERY);
     loop {
         tokio::select! {

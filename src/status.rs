@@ -79,7 +79,11 @@ mod tests {
         let s = SyncSnapshot::default();
         assert!(s.is_stale(100, 10, 10));
         let s = SyncSnapshot {
-            last_resync: Some(ResyncOutcome { at: 95, ok: true, detail: String::new() }),
+            last_resync: Some(ResyncOutcome {
+                at: 95,
+                ok: true,
+                detail: String::new(),
+            }),
             ..s
         };
         assert!(!s.is_stale(100, 10, 10));

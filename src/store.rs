@@ -23,8 +23,8 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::domain::{
-    assemble_teacher_detail, Change, Class, ClassLookup, Entity, EntityKind, OrderKey,
-    Record, SyncSource, Teacher, TeacherDetail, Timestamp, Tombstone,
+    assemble_teacher_detail, Change, Class, ClassLookup, Entity, EntityKind, OrderKey, Record,
+    SyncSource, Teacher, TeacherDetail, Timestamp, Tombstone,
 };
 
 /// The layout of tables and keys. Bump it (and add a migration in
@@ -305,6 +305,16 @@ impl Store {
     pub fn open(path: &Path, options: &StoreOptions) -> Result<Store> {
         let mut builder = Database::builder();
         builder.set_cache_size(options.cache_bytes);
+        if path.exists() {
+            // Check the format through a read-only handle first: opening for
+            // writing may touch the file, and a file we must refuse stays
+            // byte-for-byte as it was. (A file that needs crash recovery
+            // cannot be opened read-only; redb repairs it on the writable
+            // open below and the check runs there.)
+            if let Ok(ro) = builder.open_read_only(path) {
+                check_format(&ro.begin_read()?, path)?;
+            }
+        }
         let db = if path.exists() {
             builder.open(path)
         } else {
@@ -324,30 +334,8 @@ impl Store {
     }
 
     fn init(db: Database, path: &Path) -> Result<Store> {
-        let found = {
-            let txn = db.begin_read()?;
-            match txn.open_table(META) {
-                Ok(meta) => match meta.get(META_FORMAT)? {
-                    Some(v) => Some(read_u32(v.value())?),
-                    None => return Err(StoreError::Foreign { path: path.into() }),
-                },
-                Err(redb::TableError::TableDoesNotExist(_)) => {
-                    if txn.list_tables()?.next().is_some() {
-                        return Err(StoreError::Foreign { path: path.into() });
-                    }
-                    None
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
+        let found = check_format(&db.begin_read()?, path)?;
         match found {
-            Some(v) if v > FORMAT_VERSION => {
-                return Err(StoreError::NewerFormat {
-                    path: path.into(),
-                    found: v,
-                    supported: FORMAT_VERSION,
-                })
-            }
             Some(_) => {} // FORMAT_VERSION is the first: nothing to migrate yet.
             None => {
                 let txn = db.begin_write()?;
@@ -391,7 +379,12 @@ impl Store {
     /// Applies a batch — changes by the convergence rule, dead letters,
     /// counters and consumed offsets — in ONE write transaction: after a
     /// crash either all of it is there or none of it.
-    pub fn apply_batch(&self, batch: &Batch, now: Timestamp, source: SyncSource) -> Result<ApplyReport> {
+    pub fn apply_batch(
+        &self,
+        batch: &Batch,
+        now: Timestamp,
+        source: SyncSource,
+    ) -> Result<ApplyReport> {
         let txn = self.db.begin_write()?;
         let mut report = ApplyReport {
             skipped: batch.skipped,
@@ -411,10 +404,9 @@ impl Store {
         }
         {
             let mut dead = txn.open_table(DEAD_LETTERS)?;
-            let mut seq = dead.last()?.map_or(0, |(k, _)| k.value() + 1);
-            for letter in &batch.dead_letters {
+            let first = dead.last()?.map_or(0, |(k, _)| k.value() + 1);
+            for (seq, letter) in (first..).zip(&batch.dead_letters) {
                 dead.insert(seq, encode(letter).as_slice())?;
-                seq += 1;
                 report.dead_lettered += 1;
             }
         }
@@ -472,6 +464,32 @@ impl Store {
     }
 }
 
+/// The store format version of a file, `None` for a new (empty) redb file.
+/// Refuses files of a newer format and redb files of other programs.
+fn check_format(txn: &ReadTransaction, path: &Path) -> Result<Option<u32>> {
+    let found = match txn.open_table(META) {
+        Ok(meta) => match meta.get(META_FORMAT)? {
+            Some(v) => read_u32(v.value())?,
+            None => return Err(StoreError::Foreign { path: path.into() }),
+        },
+        Err(redb::TableError::TableDoesNotExist(_)) => {
+            if txn.list_tables()?.next().is_some() {
+                return Err(StoreError::Foreign { path: path.into() });
+            }
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if found > FORMAT_VERSION {
+        return Err(StoreError::NewerFormat {
+            path: path.into(),
+            found,
+            supported: FORMAT_VERSION,
+        });
+    }
+    Ok(Some(found))
+}
+
 fn read_u32(bytes: &[u8]) -> Result<u32> {
     bytes
         .try_into()
@@ -526,16 +544,25 @@ impl<'t> WriteTables<'t> {
 
     /// Applies one change if the convergence rule lets it; returns whether
     /// it did.
-    fn apply(&mut self, key: &OrderKey, change: &Change, now: Timestamp, source: SyncSource) -> Result<bool> {
+    fn apply(
+        &mut self,
+        key: &OrderKey,
+        change: &Change,
+        now: Timestamp,
+        source: SyncSource,
+    ) -> Result<bool> {
         let kind = change.kind();
         let id = change.id().as_u128();
         let entities = &mut self.entities[kind.code() as usize - 1];
-        let live: Option<Record<Entity>> = entities.get(id)?.map(|v| decode(v.value())).transpose()?;
+        let live: Option<Record<Entity>> =
+            entities.get(id)?.map(|v| decode(v.value())).transpose()?;
         let stored_key = match &live {
             Some(r) => Some(r.key),
             None => {
                 let tomb = self.tombstones.get((kind.code(), id))?;
-                tomb.map(|v| decode::<Tombstone>(v.value())).transpose()?.map(|t| t.key)
+                tomb.map(|v| decode::<Tombstone>(v.value()))
+                    .transpose()?
+                    .map(|t| t.key)
             }
         };
         if !key.supersedes(stored_key.as_ref()) {
@@ -571,12 +598,17 @@ impl<'t> WriteTables<'t> {
                     school_id: *school_id,
                     deleted_at: now,
                 };
-                self.tombstones.insert((kind.code(), id), encode(&tomb).as_slice())?;
+                self.tombstones
+                    .insert((kind.code(), id), encode(&tomb).as_slice())?;
             }
         }
         Ok(true)
     }
 }
+
+/// One entity's state as the convergence rule sees it: kind, id, the live
+/// data (`None` for a tombstone) and the stored order key.
+pub type StateRow = (EntityKind, Uuid, Option<Entity>, OrderKey);
 
 /// One read transaction: every answer it gives is from the same moment.
 pub struct Reader {
@@ -663,7 +695,10 @@ impl Reader {
                     _ => None,
                 })
                 .map_or(ClassLookup::Unknown, ClassLookup::Live),
-                None if tombstones.get((EntityKind::Class.code(), class_id))?.is_some() => {
+                None if tombstones
+                    .get((EntityKind::Class.code(), class_id))?
+                    .is_some() =>
+                {
                     ClassLookup::Deleted
                 }
                 None => ClassLookup::Unknown,
@@ -675,7 +710,13 @@ impl Reader {
 
     /// A page of a school's classes or teachers, ordered by id, starting
     /// after `after`.
-    pub fn page(&self, kind: EntityKind, school: Uuid, after: Option<Uuid>, limit: usize) -> Result<Page> {
+    pub fn page(
+        &self,
+        kind: EntityKind,
+        school: Uuid,
+        after: Option<Uuid>,
+        limit: usize,
+    ) -> Result<Page> {
         let index = self.txn.open_table(school_index(kind))?;
         let entities = self.table(kind)?;
         let s = school.as_u128();
@@ -693,7 +734,11 @@ impl Reader {
                 break;
             }
             let record = get_entity(&entities, id)?.ok_or_else(|| {
-                StoreError::Corrupt(format!("index entry for missing {} {}", kind.as_str(), Uuid::from_u128(id)))
+                StoreError::Corrupt(format!(
+                    "index entry for missing {} {}",
+                    kind.as_str(),
+                    Uuid::from_u128(id)
+                ))
             })?;
             items.push(record);
         }
@@ -785,7 +830,7 @@ impl Reader {
 
     /// Every live entity and tombstone with its key: the replica's state as
     /// the convergence rule sees it (for tests and drift audits).
-    pub fn dump(&self) -> Result<Vec<(EntityKind, Uuid, Option<Entity>, OrderKey)>> {
+    pub fn dump(&self) -> Result<Vec<StateRow>> {
         let mut out = Vec::new();
         for kind in EntityKind::ALL {
             for entry in self.table(kind)?.iter()? {

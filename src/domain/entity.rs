@@ -25,7 +25,11 @@ pub enum EntityKind {
 }
 
 impl EntityKind {
-    pub const ALL: [EntityKind; 3] = [EntityKind::Class, EntityKind::Teacher, EntityKind::Assignment];
+    pub const ALL: [EntityKind; 3] = [
+        EntityKind::Class,
+        EntityKind::Teacher,
+        EntityKind::Assignment,
+    ];
 
     /// The lower-case name used in snapshots (`"kind":"class"`) and metrics.
     pub fn as_str(self) -> &'static str {

@@ -94,7 +94,10 @@ pub enum EventError {
     #[error("unknown eventType `{0}`")]
     UnknownEventType(String),
     #[error("eventType `{found}` does not match topic's event type `{expected}`")]
-    TypeMismatch { found: String, expected: &'static str },
+    TypeMismatch {
+        found: String,
+        expected: &'static str,
+    },
 }
 
 /// A valid event: the change it asks for and its position in the entity's
@@ -189,7 +192,10 @@ impl Fields<'_> {
             return Err(invalid(field, "must not be empty"));
         }
         if n > max {
-            return Err(invalid(field, format!("{n} characters, at most {max} allowed")));
+            return Err(invalid(
+                field,
+                format!("{n} characters, at most {max} allowed"),
+            ));
         }
         Ok(s.to_owned())
     }
@@ -226,7 +232,10 @@ impl Fields<'_> {
         self.get(field)
             .map(|v| {
                 v.as_u64().ok_or_else(|| {
-                    invalid(field, format!("expected an integer ≥ 0, got {}", clip(&v.to_string())))
+                    invalid(
+                        field,
+                        format!("expected an integer ≥ 0, got {}", clip(&v.to_string())),
+                    )
                 })
             })
             .transpose()
@@ -286,7 +295,10 @@ impl Fields<'_> {
             .map(|(_, t)| *t)
             .ok_or_else(|| {
                 let names: Vec<_> = options.iter().map(|(n, _)| format!("{n:?}")).collect();
-                invalid(field, format!("{:?} is not one of {}", clip(s), names.join(", ")))
+                invalid(
+                    field,
+                    format!("{:?} is not one of {}", clip(s), names.join(", ")),
+                )
             })
     }
 
@@ -440,7 +452,13 @@ mod tests {
         let e = Event::parse(EventType::ClassDeleted, raw.as_bytes()).unwrap();
         assert!(e.key.delete);
         assert_eq!(e.key.version, Some(4));
-        assert!(matches!(e.change, Change::Delete { kind: EntityKind::Class, .. }));
+        assert!(matches!(
+            e.change,
+            Change::Delete {
+                kind: EntityKind::Class,
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -13,9 +13,8 @@ pub mod snapshot;
 
 pub use detail::{assemble_teacher_detail, AssignmentView, ClassLookup, TeacherDetail};
 pub use entity::{
-    Assignment, Change, Class, Entity, EntityKind, OrderKey, Record, Role, SyncSource, Teacher,
-    TeacherStatus, Timestamp, Tombstone,
-    format_timestamp,
+    format_timestamp, Assignment, Change, Class, Entity, EntityKind, OrderKey, Record, Role,
+    SyncSource, Teacher, TeacherStatus, Timestamp, Tombstone,
 };
 pub use event::{Event, EventError, EventType};
 pub use snapshot::SnapshotLine;

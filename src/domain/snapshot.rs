@@ -40,7 +40,9 @@ impl SnapshotLine {
             .find(|k| k.as_str() == kind)
             .ok_or_else(|| EventError::Invalid {
                 field: "kind",
-                reason: format!("{kind:?} is not one of \"class\", \"teacher\", \"assignment\", \"end\""),
+                reason: format!(
+                    "{kind:?} is not one of \"class\", \"teacher\", \"assignment\", \"end\""
+                ),
             })?;
         let key = OrderKey {
             version: f.opt_u64("version")?,

@@ -1,0 +1,235 @@
+//! The binary as an operator runs it: configuration layering, exit codes,
+//! messages that name the key, and `status` with and without a running node.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use emis_edge::config::Config;
+
+const BIN: &str = env!("CARGO_BIN_EXE_emis-edge");
+
+fn example() -> &'static Path {
+    Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/edge.example.toml"
+    ))
+}
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env_remove("RUST_LOG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn write(dir: &tempfile::TempDir, text: &str) -> String {
+    let p = dir.path().join("edge.toml");
+    std::fs::write(&p, text).unwrap();
+    p.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn the_example_config_is_valid_and_sets_what_an_operator_sets() {
+    let c = Config::load(Some(example()), Vec::new()).unwrap();
+    assert_eq!(c.node.id, "edge-hanoi-01");
+    assert_eq!(c.kafka.brokers, "kafka-1:9092,kafka-2:9092");
+    assert_eq!(c.schools.ids.len(), 2);
+    assert_eq!(c.group_id(), "emis-edge-edge-hanoi-01");
+    let (code, stdout, _) = run(
+        &["check-config", "--config", example().to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(code, 0);
+    assert!(stdout.contains("edge-hanoi-01"));
+}
+
+#[test]
+fn environment_overrides_the_file_which_overrides_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        "[node]\nid = \"from-file\"\n[kafka]\nbrokers = \"a:1\"\n",
+    );
+    let env = vec![
+        ("EMIS_EDGE__KAFKA__BROKERS".to_owned(), "b:2,c:3".to_owned()),
+        (
+            "EMIS_EDGE__KAFKA__BATCH_MAX_MESSAGES".to_owned(),
+            "10".to_owned(),
+        ),
+        (
+            "EMIS_EDGE__SCHOOLS__IDS".to_owned(),
+            "[\"5b0f0000-0000-4000-8000-000000000001\"]".to_owned(),
+        ),
+        (
+            "EMIS_EDGE__KAFKA__PROPERTIES__SASL.PASSWORD".to_owned(),
+            "hunter2".to_owned(),
+        ),
+        ("UNRELATED".to_owned(), "x".to_owned()),
+    ];
+    let c = Config::load(Some(Path::new(&file)), env).unwrap();
+    assert_eq!(c.node.id, "from-file");
+    assert_eq!(c.kafka.brokers, "b:2,c:3");
+    assert_eq!(c.kafka.batch_max_messages, 10);
+    assert_eq!(c.schools.ids.len(), 1);
+    assert_eq!(c.kafka.properties["sasl.password"], "hunter2");
+    assert_eq!(c.http.listen.to_string(), "127.0.0.1:8080", "default kept");
+    let shown = c.to_redacted_toml();
+    assert!(
+        !shown.contains("hunter2") && shown.contains("<redacted>"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn an_invalid_config_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for (text, env, key) in [
+        ("[http]\nlisten = \"nope\"\n", None, "http.listen"),
+        ("[http]\nlistn = \"127.0.0.1:1\"\n", None, "http.listn"),
+        (
+            "[schools]\nall = true\nids = [\"5b0f0000-0000-4000-8000-000000000001\"]\n",
+            None,
+            "schools.all",
+        ),
+        ("[schools]\nids = [\"not-a-uuid\"]\n", None, "schools.ids"),
+        ("[kafka]\nbrokers = \"kafka-1\"\n", None, "kafka.brokers"),
+        (
+            "[resync]\ncentral_url = \"ftp://x\"\n",
+            None,
+            "resync.central_url",
+        ),
+        (
+            "[store]\ntombstone_retention = \"soon\"\n",
+            None,
+            "store.tombstone_retention",
+        ),
+        (
+            "",
+            Some(("EMIS_EDGE__KAFKA__BATCH_MAX_MESSAGES", "many")),
+            "kafka.batch_max_messages",
+        ),
+    ] {
+        let file = write(&dir, text);
+        let env: Vec<(&str, &str)> = env.into_iter().collect();
+        let (code, _, stderr) = run(&["check-config", "--config", &file], &env);
+        assert_eq!(code, 2, "{text}: {stderr}");
+        assert!(
+            stderr.contains(&format!("`{key}`")),
+            "{key} not named in: {stderr}"
+        );
+    }
+    let (code, _, stderr) = run(&["check-config", "--config", "/nonexistent/edge.toml"], &[]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("/nonexistent/edge.toml"), "{stderr}");
+    let (code, _, _) = run(&["serve", "--no-such-flag"], &[]);
+    assert_eq!(code, 2);
+}
+
+#[test]
+fn help_explains_configuration_and_exit_codes() {
+    let (code, stdout, _) = run(&["--help"], &[]);
+    assert_eq!(code, 0);
+    for s in [
+        "serve",
+        "check-config",
+        "status",
+        "EMIS_EDGE__",
+        "Exit codes",
+    ] {
+        assert!(stdout.contains(s), "{s} missing from --help:\n{stdout}");
+    }
+}
+
+#[test]
+fn serve_refuses_a_store_it_cannot_use_with_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join(emis_edge::config::STORE_FILE);
+    std::fs::write(&store, b"this is not a redb file at all, it is a text file").unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    let (code, _, stderr) = run(
+        &["serve", "--config", "/dev/null"],
+        &[
+            ("EMIS_EDGE__NODE__DATA_DIR", data_dir),
+            ("EMIS_EDGE__HTTP__LISTEN", "127.0.0.1:0"),
+        ],
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("move it aside"), "{stderr}");
+    assert_eq!(
+        std::fs::read(&store).unwrap(),
+        b"this is not a redb file at all, it is a text file"
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn status_asks_the_running_node_else_reads_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let data_dir = dir.path().to_str().unwrap().to_owned();
+    let env = [
+        ("EMIS_EDGE__NODE__DATA_DIR", data_dir.as_str()),
+        ("EMIS_EDGE__HTTP__LISTEN", listen.as_str()),
+        ("EMIS_EDGE__NODE__ID", "edge-test-07"),
+    ];
+    let (code, _, stderr) = run(&["status", "--config", "/dev/null"], &env);
+    assert_eq!(code, 1, "no node, no store: {stderr}");
+
+    let mut serve = Command::new(BIN);
+    serve
+        .args(["serve", "--config", "/dev/null"])
+        .stderr(Stdio::null());
+    for (k, v) in env {
+        serve.env(k, v);
+    }
+    let mut child = serve.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (mut code, mut stdout) = (0, String::new());
+    while Instant::now() < deadline {
+        (code, stdout, _) = run(&["status", "--config", "/dev/null"], &env);
+        if code == 0 && stdout.contains("running node") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        stdout.contains("running node") && stdout.contains("edge-test-07"),
+        "{stdout}"
+    );
+    let (code2, json_out, _) = run(&["status", "--config", "/dev/null", "--json"], &env);
+    assert_eq!(code2, 0);
+    let doc: serde_json::Value = serde_json::from_str(&json_out).unwrap();
+    assert_eq!(doc["nodeId"], "edge-test-07");
+
+    // SIGTERM: a clean stop with exit code 0.
+    assert!(Command::new("kill")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap()
+        .success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "serve did not stop cleanly");
+    assert_eq!(code, 0);
+
+    let (code, stdout, stderr) = run(&["status", "--config", "/dev/null"], &env);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("node not running") && stdout.contains("edge-test-07"),
+        "{stdout}"
+    );
+}

@@ -1,0 +1,232 @@
+//! The convergence rule (contract §2): any permutation of any multiset of
+//! events — duplicates included, split into any batches — leaves the store
+//! in the same state and makes the API give the same answers.
+
+use emis_edge::api::{entity_json, teacher_detail_json};
+use emis_edge::domain::{Change, EntityKind, EventType, OrderKey, SyncSource};
+use emis_edge::store::Store;
+use proptest::prelude::*;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+
+use crate::support::*;
+
+/// A small id space, so that events collide on the same entities.
+const IDS: u128 = 3;
+const NAMES: [&str; 3] = ["Lớp 10A1", "Lớp 10A2", "Nguyễn Thị Hương"];
+
+#[derive(Clone, Debug)]
+struct Spec {
+    event_type: EventType,
+    entity: u128,
+    /// For assignments: the teacher and class they link.
+    teacher: u128,
+    class: u128,
+    school: u128,
+    version: Option<u64>,
+    ts: i64,
+    name: usize,
+}
+
+fn spec() -> impl Strategy<Value = Spec> {
+    (
+        prop::sample::select(EventType::ALL.to_vec()),
+        1..=IDS,
+        1..=IDS,
+        1..=IDS,
+        1..=2u128,
+        prop::option::of(0..4u64),
+        0..4i64,
+        0..NAMES.len(),
+    )
+        .prop_map(
+            |(event_type, entity, teacher, class, school, version, ts, name)| Spec {
+                event_type,
+                entity,
+                teacher,
+                class,
+                school,
+                version,
+                ts,
+                name,
+            },
+        )
+}
+
+/// The payload the central service would send; `n` makes the eventId unique.
+fn payload(s: &Spec, n: usize) -> (OrderKey, Change) {
+    let t = s.event_type;
+    let env = envelope(
+        t,
+        id(1000 + n as u128),
+        T0 + s.ts * SEC,
+        s.version,
+        school(s.school),
+    );
+    let eid = |k: u128| id(k * 100 + s.entity);
+    let name = NAMES[s.name];
+    let body = match (t.kind(), t.is_delete()) {
+        (EntityKind::Class, false) => class_fields(eid(1), name),
+        (EntityKind::Teacher, false) => teacher_fields(eid(2), name),
+        (EntityKind::Assignment, false) => assignment_fields(
+            eid(3),
+            id(200 + s.teacher),
+            id(100 + s.class),
+            if s.name == 0 { "homeroom" } else { "subject" },
+        ),
+        (kind, true) => {
+            let code = match kind {
+                EntityKind::Class => 1,
+                EntityKind::Teacher => 2,
+                EntityKind::Assignment => 3,
+            };
+            serde_json::json!({ kind.id_field(): eid(code) })
+        }
+    };
+    parse(t, &merge(env, body))
+}
+
+/// Everything a user could observe, minus when this node applied it.
+fn observe(store: &Store) -> (Vec<String>, Vec<Value>) {
+    let r = store.read().unwrap();
+    let dump = r
+        .dump()
+        .unwrap()
+        .into_iter()
+        .map(|row| format!("{row:?}"))
+        .collect();
+    let mut answers = Vec::new();
+    for n in 1..=IDS {
+        answers.push(match r.teacher_detail(id(200 + n)).unwrap() {
+            Some(d) => without_sync_times(teacher_detail_json(&d)),
+            None => Value::Null,
+        });
+        answers.push(match r.entity(EntityKind::Class, id(100 + n)).unwrap() {
+            Some(c) => without_sync_times(entity_json(&c)),
+            None => Value::Null,
+        });
+    }
+    for s in 1..=2 {
+        for kind in [EntityKind::Class, EntityKind::Teacher] {
+            let page = r.page(kind, school(s), None, 100).unwrap();
+            let items: Vec<Value> = page
+                .items
+                .iter()
+                .map(|e| without_sync_times(entity_json(e)))
+                .collect();
+            answers.push(Value::Array(items));
+        }
+    }
+    (dump, answers)
+}
+
+/// Applies `events` in random batch splits, advancing the clock per batch.
+fn apply_split(events: &[(OrderKey, Change)], rng: &mut StdRng) -> Store {
+    let store = Store::open_in_memory().unwrap();
+    let mut rest = events;
+    let mut now = T0;
+    while !rest.is_empty() {
+        let take = rng.gen_range(1..=rest.len());
+        let (head, tail) = rest.split_at(take);
+        store
+            .apply_batch(&batch(head.to_vec()), now, SyncSource::Kafka)
+            .unwrap();
+        now += SEC;
+        rest = tail;
+    }
+    store
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn any_order_any_duplicates_any_batching_same_state(
+        specs in prop::collection::vec(spec(), 1..24),
+        repeats in prop::collection::vec(1..=3usize, 24),
+        seed in any::<u64>(),
+    ) {
+        // The multiset: each distinct event one to three times.
+        let mut events = Vec::new();
+        for (n, s) in specs.iter().enumerate() {
+            let e = payload(s, n);
+            for _ in 0..repeats[n] {
+                events.push(e.clone());
+            }
+        }
+        // Reference: every event once, oldest key first, one batch.
+        let mut reference = events.clone();
+        reference.sort_by_key(|(k, _)| *k);
+        reference.dedup();
+        let expected_store = Store::open_in_memory().unwrap();
+        expected_store.apply_batch(&batch(reference), T0, SyncSource::Kafka).unwrap();
+        let expected = observe(&expected_store);
+
+        let mut rng = StdRng::seed_from_u64(seed);
+        for _ in 0..3 {
+            events.shuffle(&mut rng);
+            let one_batch = Store::open_in_memory().unwrap();
+            one_batch.apply_batch(&batch(events.clone()), T0, SyncSource::Kafka).unwrap();
+            prop_assert_eq!(&observe(&one_batch), &expected);
+            prop_assert_eq!(&observe(&apply_split(&events, &mut rng)), &expected);
+        }
+    }
+}
+
+/// The property above must be able to fail: with the rule replaced by
+/// "last write wins", some order of two conflicting events differs.
+#[test]
+fn the_property_detects_order_dependence() {
+    let older = payload(
+        &Spec {
+            event_type: EventType::ClassUpdated,
+            entity: 1,
+            teacher: 1,
+            class: 1,
+            school: 1,
+            version: Some(1),
+            ts: 0,
+            name: 0,
+        },
+        0,
+    );
+    let newer = payload(
+        &Spec {
+            event_type: EventType::ClassUpdated,
+            entity: 1,
+            teacher: 1,
+            class: 1,
+            school: 1,
+            version: Some(2),
+            ts: 0,
+            name: 1,
+        },
+        1,
+    );
+    // With the rule: both orders agree on the newer name.
+    let a = Store::open_in_memory().unwrap();
+    a.apply_batch(
+        &batch(vec![older.clone(), newer.clone()]),
+        T0,
+        SyncSource::Kafka,
+    )
+    .unwrap();
+    let b = Store::open_in_memory().unwrap();
+    b.apply_batch(
+        &batch(vec![newer.clone(), older.clone()]),
+        T0,
+        SyncSource::Kafka,
+    )
+    .unwrap();
+    assert_eq!(observe(&a), observe(&b));
+    let class = a.read().unwrap().class(id(101)).unwrap().unwrap();
+    assert_eq!(class.data.class_name, "Lớp 10A2");
+    // Without it (each event applied to a fresh store, last one kept): not equal.
+    let last_a = Store::open_in_memory().unwrap();
+    last_a
+        .apply_batch(&batch(vec![older]), T0, SyncSource::Kafka)
+        .unwrap();
+    assert_ne!(observe(&last_a), observe(&b));
+}

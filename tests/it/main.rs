@@ -1,0 +1,9 @@
+//! The integration tests: one binary, one module per area. Each test starts
+//! real parts (a redb file or redb's in-memory backend, an HTTP listener on
+//! port 0, the built binary) and asserts what a user would notice.
+
+mod cli;
+mod convergence;
+mod http;
+mod store;
+mod support;

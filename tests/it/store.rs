@@ -1,0 +1,295 @@
+//! The store's promises: one transaction per batch, the format-version
+//! guard, and the convergence rule's edge cases on a real file.
+
+use emis_edge::domain::{EntityKind, EventType, SyncSource};
+use emis_edge::store::{Batch, DeadLetter, Store, StoreError, StoreOptions};
+use redb::{ReadableDatabase, TableDefinition};
+use serde_json::json;
+
+use crate::support::*;
+
+fn open(dir: &tempfile::TempDir) -> Store {
+    Store::open(&dir.path().join("s.redb"), &StoreOptions::default()).unwrap()
+}
+
+fn class_event(t: EventType, n: u128, ts: i64, version: Option<u64>, name: &str) -> Vec<u8> {
+    let env = envelope(
+        t,
+        id(9000 + ts as u128 + version.unwrap_or(0) as u128 * 7),
+        T0 + ts * SEC,
+        version,
+        school(1),
+    );
+    let body = if t.is_delete() {
+        json!({"classId": id(n)})
+    } else {
+        class_fields(id(n), name)
+    };
+    merge(env, body).to_string().into_bytes()
+}
+
+fn apply_raw(store: &Store, items: &[(EventType, Vec<u8>)]) -> emis_edge::store::ApplyReport {
+    let changes = items
+        .iter()
+        .map(|(t, raw)| {
+            let e = emis_edge::domain::Event::parse(*t, raw).unwrap();
+            (e.key, e.change)
+        })
+        .collect();
+    store
+        .apply_batch(&batch(changes), T0, SyncSource::Kafka)
+        .unwrap()
+}
+
+#[test]
+fn a_failed_batch_leaves_neither_its_data_nor_its_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let b = Batch {
+        offsets: offsets("emis.class.created", 0, 42),
+        dead_letters: vec![DeadLetter::new(
+            "emis.class.created",
+            0,
+            40,
+            b"{",
+            "not valid JSON".into(),
+            T0,
+        )],
+        ..batch(vec![parse(
+            EventType::ClassCreated,
+            &merge(
+                envelope(EventType::ClassCreated, id(1), T0, None, school(1)),
+                class_fields(id(7), "Lớp 10A1"),
+            ),
+        )])
+    };
+    store.fail_next_commit();
+    assert!(matches!(
+        store.apply_batch(&b, T0, SyncSource::Kafka),
+        Err(StoreError::InjectedFault)
+    ));
+    let check_empty = |store: &Store| {
+        let r = store.read().unwrap();
+        assert!(
+            r.class(id(7)).unwrap().is_none(),
+            "data of the failed batch is visible"
+        );
+        assert!(
+            r.offsets().unwrap().is_empty(),
+            "offsets of the failed batch were kept"
+        );
+        assert!(r.dead_letters(10).unwrap().is_empty());
+        assert!(r.stats().unwrap().counters.is_empty());
+    };
+    check_empty(&store);
+    drop(store);
+    let store = open(&dir);
+    check_empty(&store);
+
+    // The retry applies it exactly once, and it survives a reopen.
+    let report = store.apply_batch(&b, T0, SyncSource::Kafka).unwrap();
+    assert_eq!((report.applied, report.dead_lettered), (1, 1));
+    drop(store);
+    let store = open(&dir);
+    let r = store.read().unwrap();
+    assert_eq!(r.class(id(7)).unwrap().unwrap().data.class_name, "Lớp 10A1");
+    assert_eq!(r.offsets().unwrap()[0].next_offset, 42);
+    assert_eq!(r.stats().unwrap().counters["events_applied"], 1);
+}
+
+#[test]
+fn a_store_of_a_newer_format_is_refused_and_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    drop(open(&dir));
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let meta: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+            let mut t = txn.open_table(meta).unwrap();
+            t.insert("format_version", 99u32.to_le_bytes().as_slice())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let before = std::fs::read(&path).unwrap();
+    let err = Store::open(&path, &StoreOptions::default())
+        .err()
+        .expect("must refuse");
+    let text = err.to_string();
+    assert!(
+        matches!(err, StoreError::NewerFormat { found: 99, .. }),
+        "{text}"
+    );
+    assert!(
+        text.contains("format version 99") && text.contains("not changed"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "the file was rewritten"
+    );
+}
+
+#[test]
+fn a_redb_file_of_another_program_is_refused_and_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let other: TableDefinition<u64, u64> = TableDefinition::new("something_else");
+            txn.open_table(other).unwrap().insert(1, 2).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let before = std::fs::read(&path).unwrap();
+    let err = Store::open(&path, &StoreOptions::default())
+        .err()
+        .expect("must refuse");
+    assert!(matches!(err, StoreError::Foreign { .. }), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+    let _ = redb::Database::open(&path).unwrap().begin_read().unwrap();
+}
+
+#[test]
+fn an_update_before_its_create_keeps_the_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let update = class_event(EventType::ClassUpdated, 5, 2, Some(2), "Lớp 10A1 (mới)");
+    let create = class_event(EventType::ClassCreated, 5, 1, Some(1), "Lớp 10A1");
+    let r1 = apply_raw(&store, &[(EventType::ClassUpdated, update)]);
+    let r2 = apply_raw(&store, &[(EventType::ClassCreated, create)]);
+    assert_eq!((r1.applied, r2.applied, r2.stale), (1, 0, 1));
+    let class = store.read().unwrap().class(id(5)).unwrap().unwrap();
+    assert_eq!(class.data.class_name, "Lớp 10A1 (mới)");
+}
+
+#[test]
+fn a_late_older_update_cannot_bring_a_deleted_entity_back_but_a_newer_create_can() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    apply_raw(
+        &store,
+        &[(
+            EventType::ClassCreated,
+            class_event(EventType::ClassCreated, 5, 1, None, "A"),
+        )],
+    );
+    apply_raw(
+        &store,
+        &[(
+            EventType::ClassDeleted,
+            class_event(EventType::ClassDeleted, 5, 3, None, ""),
+        )],
+    );
+    let late = apply_raw(
+        &store,
+        &[(
+            EventType::ClassUpdated,
+            class_event(EventType::ClassUpdated, 5, 2, None, "B"),
+        )],
+    );
+    assert_eq!(late.stale, 1);
+    let r = store.read().unwrap();
+    assert!(r.class(id(5)).unwrap().is_none());
+    assert!(r.tombstone(EntityKind::Class, id(5)).unwrap().is_some());
+    assert_eq!(
+        r.page(EntityKind::Class, school(1), None, 10)
+            .unwrap()
+            .items
+            .len(),
+        0
+    );
+    drop(r);
+    apply_raw(
+        &store,
+        &[(
+            EventType::ClassCreated,
+            class_event(EventType::ClassCreated, 5, 4, None, "C"),
+        )],
+    );
+    let r = store.read().unwrap();
+    assert_eq!(r.class(id(5)).unwrap().unwrap().data.class_name, "C");
+    assert!(r.tombstone(EntityKind::Class, id(5)).unwrap().is_none());
+}
+
+#[test]
+fn the_same_event_three_times_applies_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let e = class_event(EventType::ClassCreated, 5, 1, Some(1), "A");
+    let report = apply_raw(
+        &store,
+        &[
+            (EventType::ClassCreated, e.clone()),
+            (EventType::ClassCreated, e.clone()),
+            (EventType::ClassCreated, e),
+        ],
+    );
+    assert_eq!((report.applied, report.stale), (1, 2));
+}
+
+#[test]
+fn moving_a_class_to_another_school_moves_it_in_the_school_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let created = parse(
+        EventType::ClassCreated,
+        &merge(
+            envelope(EventType::ClassCreated, id(1), T0, Some(1), school(1)),
+            class_fields(id(5), "A"),
+        ),
+    );
+    let moved = parse(
+        EventType::ClassUpdated,
+        &merge(
+            envelope(EventType::ClassUpdated, id(2), T0, Some(2), school(2)),
+            class_fields(id(5), "A"),
+        ),
+    );
+    store
+        .apply_batch(&batch(vec![created, moved]), T0, SyncSource::Kafka)
+        .unwrap();
+    let r = store.read().unwrap();
+    assert!(r
+        .page(EntityKind::Class, school(1), None, 10)
+        .unwrap()
+        .items
+        .is_empty());
+    assert_eq!(
+        r.page(EntityKind::Class, school(2), None, 10)
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn tombstones_are_purged_after_retention_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let delete = parse(
+        EventType::TeacherDeleted,
+        &merge(
+            envelope(EventType::TeacherDeleted, id(1), T0, None, school(1)),
+            json!({"teacherId": id(3)}),
+        ),
+    );
+    store
+        .apply_batch(&batch(vec![delete]), T0, SyncSource::Kafka)
+        .unwrap();
+    let day = 86_400 * SEC;
+    assert_eq!(store.purge_tombstones(T0 + 29 * day, 30 * day).unwrap(), 0);
+    assert_eq!(store.purge_tombstones(T0 + 31 * day, 30 * day).unwrap(), 1);
+    assert!(store
+        .read()
+        .unwrap()
+        .tombstone(EntityKind::Teacher, id(3))
+        .unwrap()
+        .is_none());
+}
