@@ -48,15 +48,13 @@ pub fn assemble_teacher_detail(
         })
         .collect();
     assignments.sort_by(|a, b| {
-        let key = |v: &AssignmentView| {
-            (
-                v.class.is_none(),
-                v.class.as_ref().map(|c| c.data.class_name.clone()),
-                v.assignment.data.class_id,
-                v.assignment.data.assignment_id,
-            )
-        };
-        key(a).cmp(&key(b))
+        fn name(v: &AssignmentView) -> Option<&str> {
+            v.class.as_ref().map(|c| c.data.class_name.as_str())
+        }
+        let ids =
+            |v: &AssignmentView| (v.assignment.data.class_id, v.assignment.data.assignment_id);
+        // `None` (class not replicated) sorts last.
+        (name(a).is_none(), name(a), ids(a)).cmp(&(name(b).is_none(), name(b), ids(b)))
     });
     TeacherDetail {
         teacher,
