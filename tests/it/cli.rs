@@ -122,7 +122,7 @@ fn an_invalid_config_exits_2_naming_the_key() {
         let (code, _, stderr) = run(&["check-config", "--config", &file], &env);
         assert_eq!(code, 2, "{text}: {stderr}");
         assert!(
-            stderr.contains(&format!("`{key}`")),
+            stderr.contains(&format!("config key `{key}")),
             "{key} not named in: {stderr}"
         );
     }
