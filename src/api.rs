@@ -37,6 +37,9 @@ pub struct AppState {
     pub sync: Arc<SyncState>,
     pub config: Arc<Config>,
     pub clock: Arc<dyn Clock>,
+    /// Signalled when the event stream cannot repair the replica by itself
+    /// (offset out of range); the resync worker listens.
+    pub resync_wanted: Arc<tokio::sync::Notify>,
 }
 
 /// Page size when `limit` is absent, and its upper bound.
@@ -431,7 +434,13 @@ pub fn status_json(
             "connected": state.kafka_connected,
             "lastError": state.kafka_error,
             "groupId": config.group_id(),
+            "offsetOutOfRange": state.offset_out_of_range.as_ref().map(|(at, what)| json!({
+                "at": format_timestamp(*at),
+                "detail": what,
+            })),
         },
+        "storeError": state.store_error,
+        "caughtUp": state.first_sync_done,
         "partitions": partitions,
         "lastEventTime": reader.watermark()?.map(format_timestamp),
         "lastEventReceivedAt": state.last_event_received_at.map(format_timestamp),

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod domain;
+pub mod ingest;
 pub mod metrics;
 pub mod node;
 pub mod status;

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, AppState};
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::ingest;
 use crate::status::SyncState;
 use crate::store::{Store, StoreOptions};
 
@@ -29,6 +30,7 @@ pub struct RunningNode {
     pub addr: SocketAddr,
     pub state: AppState,
     stop: CancellationToken,
+    http_stop: CancellationToken,
     tasks: JoinSet<()>,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -51,6 +53,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         sync: Arc::new(SyncState::new(!config.kafka.brokers.trim().is_empty())),
         config: Arc::new(config),
         clock,
+        resync_wanted: Arc::new(tokio::sync::Notify::new()),
     };
     let listener = tokio::net::TcpListener::bind(state.config.http.listen)
         .await
@@ -64,13 +67,28 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         tracing::warn!(
             "kafka.brokers is empty: no events will be consumed; serving the store as it is"
         );
+    } else {
+        let (ingest_state, ingest_stop) = (state.clone(), stop.clone());
+        tasks.spawn(async move {
+            let worker =
+                tokio::task::spawn_blocking(move || ingest::run(ingest_state, ingest_stop));
+            if let Err(e) = worker.await {
+                tracing::error!(error = %e, "ingest worker panicked");
+            }
+        });
+    }
+    if let crate::config::SchoolFilter::All = state.config.school_filter() {
+        if !state.config.schools.all {
+            tracing::warn!("schools.ids is empty: serving every school (set schools.ids, or schools.all = true to silence this)");
+        }
     }
 
     let app = api::router(state.clone());
-    let http_stop = stop.clone();
+    let http_stop = CancellationToken::new();
+    let http_stop_inner = http_stop.clone();
     let http = tokio::spawn(async move {
         axum::serve(listener, app)
-            .with_graceful_shutdown(async move { http_stop.cancelled().await })
+            .with_graceful_shutdown(async move { http_stop_inner.cancelled().await })
             .await
     });
     tracing::info!(%addr, node = %state.config.node.id, "listening");
@@ -78,6 +96,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         addr,
         state,
         stop,
+        http_stop,
         tasks,
         http,
     })
@@ -86,13 +105,14 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
 impl RunningNode {
     /// Stops workers, then HTTP, within [`SHUTDOWN_DEADLINE`].
     pub async fn stop(mut self) -> anyhow::Result<()> {
-        self.stop.cancel();
+        self.stop.cancel(); // workers first: ingest commits its in-flight batch
         let ordered = async {
             while let Some(r) = self.tasks.join_next().await {
                 if let Err(e) = r {
                     tracing::error!(error = %e, "worker ended abnormally");
                 }
             }
+            self.http_stop.cancel();
             (&mut self.http).await
         };
         match tokio::time::timeout(SHUTDOWN_DEADLINE, ordered).await {
@@ -104,10 +124,20 @@ impl RunningNode {
             Ok(Err(e)) => Err(e).context("HTTP task failed"),
             Err(_) => {
                 self.tasks.abort_all();
+                self.http_stop.cancel();
                 self.http.abort();
                 anyhow::bail!("shutdown exceeded {SHUTDOWN_DEADLINE:?}; remaining tasks aborted")
             }
         }
+    }
+}
+
+/// A node dropped without [`RunningNode::stop`] (a panicking test, say)
+/// still tells its workers to end, so no thread outlives it.
+impl Drop for RunningNode {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.http_stop.cancel();
     }
 }
 

@@ -32,6 +32,10 @@ pub struct SyncSnapshot {
     /// first resync finished.
     pub first_sync_done: bool,
     pub last_resync: Option<ResyncOutcome>,
+    /// The last failed store write, cleared by the next success.
+    pub store_error: Option<String>,
+    /// When and where consumption last fell off the retained log.
+    pub offset_out_of_range: Option<(Timestamp, String)>,
 }
 
 /// Shared, lock-protected run-time status. Critical sections are tiny.

@@ -5,5 +5,6 @@
 mod cli;
 mod convergence;
 mod http;
+mod kafka;
 mod store;
 mod support;

@@ -103,7 +103,21 @@ pub struct TestNode {
 
 impl TestNode {
     pub async fn start(configure: impl FnOnce(&mut Config)) -> TestNode {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), configure).await
+    }
+
+    /// Stops the node (as SIGTERM would) and starts a new one on the same
+    /// store and configuration.
+    pub async fn restart(self) -> TestNode {
+        let config = (*self.node.state.config).clone();
+        let now = self.clock.now_value();
+        self.node.stop().await.unwrap();
+        let node = node::start(config, self.clock.clone()).await.unwrap();
+        self.clock.set(now);
+        TestNode { node, ..self }
+    }
+
+    pub async fn start_in(dir: tempfile::TempDir, configure: impl FnOnce(&mut Config)) -> TestNode {
         let mut config = Config::default();
         config.node.data_dir = dir.path().to_owned();
         config.http.listen = "127.0.0.1:0".parse().unwrap();

@@ -1,0 +1,444 @@
+//! Kafka ingestion: one worker thread that reads every partition of every
+//! configured topic and applies what it reads in batches, each batch with
+//! its consumed offsets in ONE store transaction (contract §2, "Delivery
+//! guarantee").
+//!
+//! Partitions are assigned manually (every node needs every partition; a
+//! consumer group would split them between nodes sharing a group id) and
+//! positioned at the offsets stored in redb — the store, not Kafka, is the
+//! source of truth for where to resume. Offsets are committed to Kafka only
+//! afterwards and only so that standard tooling shows the node's lag.
+//!
+//! The worker never stops on bad input (dead letters) or on an unreachable
+//! broker (librdkafka reconnects; status reports it). A failing store write
+//! is retried with backoff and never advances the offsets.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::statistics::Statistics;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use crate::api::AppState;
+use crate::config::SchoolFilter;
+use crate::domain::{Event, EventType, SyncSource, Timestamp};
+use crate::store::{Batch, DeadLetter, PartitionOffset};
+
+/// How often partition metadata is re-read to pick up new partitions and
+/// topics created after start.
+const METADATA_REFRESH: Duration = Duration::from_secs(60);
+/// Backoff bounds for reaching the broker and for retrying a store write.
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// The poll timeout while idle: the longest the worker takes to notice a stop.
+const IDLE_POLL: Duration = Duration::from_millis(100);
+
+/// Receives librdkafka's statistics and errors and turns them into the
+/// node's sync status.
+struct IngestContext {
+    state: AppState,
+}
+
+impl ClientContext for IngestContext {
+    fn stats(&self, stats: Statistics) {
+        let now = self.state.clock.now();
+        let up = stats
+            .brokers
+            .values()
+            .any(|b| b.nodeid >= 0 && b.state == "UP");
+        let mut hw = Vec::new();
+        for (topic, t) in &stats.topics {
+            for (partition, p) in &t.partitions {
+                if *partition >= 0 && p.hi_offset >= 0 {
+                    hw.push(((topic.clone(), *partition), p.hi_offset));
+                }
+            }
+        }
+        self.state.sync.update(|s| {
+            s.kafka_connected = up;
+            if up {
+                s.kafka_contact_at = Some(now);
+                s.kafka_error = None;
+            }
+            s.high_watermarks.extend(hw);
+        });
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "kafka client error");
+        let text = format!("{error}: {reason}");
+        self.state.sync.update(|s| {
+            if matches!(
+                error.rdkafka_error_code(),
+                Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown)
+            ) {
+                s.kafka_connected = false;
+            }
+            s.kafka_error = Some(text);
+        });
+    }
+}
+
+impl ConsumerContext for IngestContext {}
+
+type IngestConsumer = BaseConsumer<IngestContext>;
+
+/// Doubles up to [`BACKOFF_MAX`].
+fn next_backoff(d: Duration) -> Duration {
+    (d * 2).min(BACKOFF_MAX)
+}
+
+/// Sleeps `d` unless `stop` fires first; returns whether to go on.
+fn pause(stop: &CancellationToken, d: Duration) -> bool {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        if stop.is_cancelled() {
+            return false;
+        }
+        std::thread::sleep(IDLE_POLL.min(until - Instant::now()));
+    }
+    !stop.is_cancelled()
+}
+
+/// Runs the ingest worker on the calling thread until `stop` fires.
+pub fn run(state: AppState, stop: CancellationToken) {
+    let config = state.config.clone();
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", config.kafka.brokers.trim())
+        .set("group.id", config.group_id())
+        .set("client.id", format!("emis-edge-{}", config.node.id))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .set("statistics.interval.ms", "1000")
+        .set("topic.metadata.refresh.interval.ms", "60000")
+        .set("reconnect.backoff.max.ms", "10000");
+    for (k, v) in &config.kafka.properties {
+        client.set(k, v);
+    }
+    let consumer: IngestConsumer = match client.create_with_context(IngestContext {
+        state: state.clone(),
+    }) {
+        Ok(c) => c,
+        Err(e) => {
+            // Bad [kafka.properties] end up here: report, keep serving reads.
+            tracing::error!(error = %e, "cannot create the Kafka consumer; ingestion is off");
+            state
+                .sync
+                .update(|s| s.kafka_error = Some(format!("consumer not created: {e}")));
+            return;
+        }
+    };
+    let topics: HashMap<String, EventType> = config
+        .kafka
+        .topics
+        .all()
+        .into_iter()
+        .map(|(t, name)| (name.to_owned(), t))
+        .collect();
+    let mut worker = Worker {
+        state,
+        consumer,
+        topics,
+        filter: config.school_filter(),
+        assigned: BTreeMap::new(),
+        catch_up: None,
+        max_messages: config.kafka.batch_max_messages,
+        max_wait: Duration::from_millis(config.kafka.batch_max_wait_ms),
+    };
+    worker.run(&stop);
+    tracing::info!("ingest stopped");
+}
+
+struct Worker {
+    state: AppState,
+    consumer: IngestConsumer,
+    topics: HashMap<String, EventType>,
+    filter: SchoolFilter,
+    /// Partitions being read: (topic, partition) → next offset.
+    assigned: BTreeMap<(String, i32), i64>,
+    /// The high watermarks seen at start; readiness waits for them.
+    catch_up: Option<BTreeMap<(String, i32), i64>>,
+    max_messages: usize,
+    max_wait: Duration,
+}
+
+impl Worker {
+    fn run(&mut self, stop: &CancellationToken) {
+        let mut backoff = BACKOFF_MIN;
+        while !stop.is_cancelled() {
+            match self.assign() {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "broker unreachable; serving the store as it is");
+                    self.state.sync.update(|s| {
+                        s.kafka_connected = false;
+                        s.kafka_error = Some(e.to_string());
+                    });
+                    if !pause(stop, backoff) {
+                        return;
+                    }
+                    backoff = next_backoff(backoff);
+                }
+            }
+        }
+        let mut refreshed = Instant::now();
+        while !stop.is_cancelled() {
+            if refreshed.elapsed() >= METADATA_REFRESH {
+                refreshed = Instant::now();
+                if let Err(e) = self.assign() {
+                    tracing::debug!(error = %e, "metadata refresh failed");
+                }
+            }
+            let batch = self.collect();
+            if !batch.offsets.is_empty() && !self.apply(batch, stop) {
+                return; // stopping with the batch unapplied: it is re-read at start
+            }
+            self.check_caught_up();
+        }
+    }
+
+    /// Assigns every partition of every configured topic not yet assigned,
+    /// at the offset stored in redb, else the earliest.
+    fn assign(&mut self) -> anyhow::Result<()> {
+        let stored: HashMap<(String, i32), i64> = self
+            .state
+            .store
+            .read()?
+            .offsets()?
+            .into_iter()
+            .map(|o| ((o.topic, o.partition), o.next_offset))
+            .collect();
+        let timeout = Duration::from_secs(5);
+        let mut added = TopicPartitionList::new();
+        let mut targets = BTreeMap::new();
+        let metadata = self.consumer.fetch_metadata(None, timeout)?;
+        let mut topics: Vec<&String> = self.topics.keys().collect();
+        topics.sort();
+        for topic in topics {
+            let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
+                tracing::warn!(topic, "topic does not exist yet; will look again");
+                continue;
+            };
+            if let Some(err) = t.error() {
+                tracing::warn!(topic, error = ?err, "topic not available yet; will look again");
+                continue;
+            }
+            for p in t.partitions() {
+                let key = (topic.clone(), p.id());
+                let (low, high) = self.consumer.fetch_watermarks(topic, p.id(), timeout)?;
+                targets.insert(key.clone(), high);
+                if self.assigned.contains_key(&key) {
+                    continue;
+                }
+                let offset = match stored.get(&key) {
+                    Some(&next) if next < low => {
+                        self.out_of_range(topic, p.id(), next, low);
+                        Offset::Beginning
+                    }
+                    Some(&next) => Offset::Offset(next),
+                    None => Offset::Beginning,
+                };
+                added.add_partition_offset(topic, p.id(), offset)?;
+                self.assigned.insert(
+                    key,
+                    stored
+                        .get(&(topic.clone(), p.id()))
+                        .copied()
+                        .unwrap_or(low)
+                        .max(low),
+                );
+            }
+        }
+        if added.count() > 0 {
+            self.consumer.incremental_assign(&added)?;
+            tracing::info!(
+                added = added.count(),
+                partitions = self.assigned.len(),
+                "partitions assigned"
+            );
+        }
+        if self.catch_up.is_none() {
+            self.catch_up = Some(targets.clone());
+        }
+        self.state.sync.update(|s| {
+            s.kafka_connected = true;
+            s.kafka_contact_at = Some(self.state.clock.now());
+            s.kafka_error = None;
+            s.high_watermarks.extend(targets);
+        });
+        self.check_caught_up();
+        Ok(())
+    }
+
+    /// The node was away longer than the topic keeps messages: what was in
+    /// between is gone from Kafka and only a resync can repair it.
+    fn out_of_range(&self, topic: &str, partition: i32, next: i64, low: i64) {
+        tracing::warn!(
+            topic,
+            partition,
+            stored_offset = next,
+            earliest_available = low,
+            "offset out of range: events were lost to retention; reading from the earliest and requesting a resync"
+        );
+        let now = self.state.clock.now();
+        self.state.sync.update(|s| {
+            s.offset_out_of_range = Some((
+                now,
+                format!("{topic}/{partition}: stored {next} < earliest {low}"),
+            ));
+        });
+        self.state.resync_wanted.notify_one();
+    }
+
+    /// Polls until the batch is full, `max_wait` after its first message,
+    /// or a stop.
+    fn collect(&mut self) -> Batch {
+        let mut batch = Batch::default();
+        let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        let mut count = 0;
+        let mut deadline: Option<Instant> = None;
+        let now = self.state.clock.now();
+        while count < self.max_messages {
+            let timeout =
+                deadline.map_or(IDLE_POLL, |d| d.saturating_duration_since(Instant::now()));
+            match self.consumer.poll(timeout) {
+                Some(Ok(m)) => {
+                    count += 1;
+                    deadline.get_or_insert_with(|| Instant::now() + self.max_wait);
+                    let topic = m.topic();
+                    let (partition, offset) = (m.partition(), m.offset());
+                    next.insert((topic.to_owned(), partition), offset + 1);
+                    self.handle(topic, partition, offset, m.payload(), now, &mut batch);
+                }
+                Some(Err(e)) => self.poll_error(&e, now),
+                None => {}
+            }
+            match deadline {
+                Some(d) if Instant::now() < d => {}
+                // Full time for this batch, or nothing arrived while idle:
+                // hand back so the caller can apply, check for a stop, refresh.
+                _ => break,
+            }
+        }
+        batch.offsets = next
+            .into_iter()
+            .map(|((topic, partition), next_offset)| PartitionOffset {
+                topic,
+                partition,
+                next_offset,
+            })
+            .collect();
+        batch
+    }
+
+    fn poll_error(&self, e: &KafkaError, now: Timestamp) {
+        tracing::warn!(error = %e, "poll error");
+        if matches!(
+            e.rdkafka_error_code(),
+            Some(rdkafka::types::RDKafkaErrorCode::OffsetOutOfRange)
+        ) {
+            self.state
+                .sync
+                .update(|s| s.offset_out_of_range = Some((now, e.to_string())));
+            self.state.resync_wanted.notify_one();
+        }
+    }
+
+    /// Decodes one record into the batch: a change, a skip or a dead letter.
+    fn handle(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        payload: Option<&[u8]>,
+        now: Timestamp,
+        batch: &mut Batch,
+    ) {
+        let raw = payload.unwrap_or_default();
+        let parsed = match self.topics.get(topic) {
+            Some(&t) => Event::parse(t, raw).map_err(|e| e.to_string()),
+            None => Err(format!("topic {topic} is not configured")),
+        };
+        match parsed {
+            Ok(e) if self.filter.serves(e.change.school_id()) => {
+                batch.changes.push((e.key, e.change))
+            }
+            Ok(_) => batch.skipped += 1,
+            Err(reason) => {
+                tracing::warn!(topic, partition, offset, %reason, "event dead-lettered");
+                batch
+                    .dead_letters
+                    .push(DeadLetter::new(topic, partition, offset, raw, reason, now));
+            }
+        }
+    }
+
+    /// Commits the batch, retrying a failing store with backoff. Returns
+    /// false when stopped before it could commit.
+    fn apply(&mut self, batch: Batch, stop: &CancellationToken) -> bool {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let now = self.state.clock.now();
+            match self.state.store.apply_batch(&batch, now, SyncSource::Kafka) {
+                Ok(report) => {
+                    tracing::debug!(?report, "batch applied");
+                    self.state.sync.update(|s| {
+                        s.last_event_received_at = Some(now);
+                        s.store_error = None;
+                    });
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, retry_in = ?backoff, "store write failed; offsets not advanced");
+                    self.state
+                        .sync
+                        .update(|s| s.store_error = Some(e.to_string()));
+                    if !pause(stop, backoff) {
+                        return false;
+                    }
+                    backoff = next_backoff(backoff);
+                }
+            }
+        }
+        let mut tpl = TopicPartitionList::new();
+        for o in &batch.offsets {
+            self.assigned
+                .insert((o.topic.clone(), o.partition), o.next_offset);
+            if let Err(e) =
+                tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.next_offset))
+            {
+                tracing::debug!(error = %e, "offset not committable");
+            }
+        }
+        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+            tracing::debug!(error = %e, "offset commit to Kafka failed (lag display only)");
+        }
+        true
+    }
+
+    /// Marks the first sync done once every partition reached the high
+    /// watermark seen at start.
+    fn check_caught_up(&mut self) {
+        let Some(targets) = &self.catch_up else {
+            return;
+        };
+        if self.state.sync.get().first_sync_done {
+            return;
+        }
+        let done = targets
+            .iter()
+            .all(|(k, &high)| self.assigned.get(k).is_some_and(|&next| next >= high));
+        if done {
+            tracing::info!("caught up with the high watermarks seen at start");
+            self.state.sync.update(|s| s.first_sync_done = true);
+        }
+    }
+}

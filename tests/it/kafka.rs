@@ -1,0 +1,459 @@
+//! Ingestion over the Kafka protocol: librdkafka's in-process mock cluster
+//! listens on loopback TCP, the node consumes from it like from a real
+//! broker (contract §2).
+
+use std::time::{Duration, Instant};
+
+use emis_edge::config::Config;
+use emis_edge::domain::EventType;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
+use rdkafka::ClientConfig;
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+pub struct Kafka {
+    pub cluster: MockCluster<'static, DefaultProducerContext>,
+    producer: BaseProducer,
+}
+
+impl Kafka {
+    /// A one-broker cluster with every default topic, `partitions` each.
+    pub fn start(partitions: i32) -> Kafka {
+        let cluster = MockCluster::new(1).unwrap();
+        for t in EventType::ALL {
+            cluster.create_topic(t.name(), partitions, 1).unwrap();
+        }
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("linger.ms", "0")
+            .create()
+            .unwrap();
+        Kafka { cluster, producer }
+    }
+
+    pub fn configure(&self, c: &mut Config) {
+        c.kafka.brokers = self.cluster.bootstrap_servers();
+        c.kafka.batch_max_wait_ms = 5;
+    }
+
+    /// Produces raw payloads to one partition of a topic and waits for acks.
+    pub fn send_raw(&self, topic: &str, partition: i32, payloads: &[Vec<u8>]) {
+        for p in payloads {
+            self.producer
+                .send(
+                    BaseRecord::<(), [u8]>::to(topic)
+                        .partition(partition)
+                        .payload(p),
+                )
+                .map_err(|(e, _)| e)
+                .unwrap();
+        }
+        self.producer.flush(Duration::from_secs(10)).unwrap();
+    }
+
+    pub fn send(&self, t: EventType, events: &[Value]) {
+        let raw: Vec<Vec<u8>> = events.iter().map(|e| e.to_string().into_bytes()).collect();
+        self.send_raw(t.name(), 0, &raw);
+    }
+}
+
+pub fn event(
+    t: EventType,
+    n: u128,
+    ts: i64,
+    version: Option<u64>,
+    school_n: u128,
+    body: Value,
+) -> Value {
+    merge(
+        envelope(t, id(50_000 + n), T0 + ts * SEC, version, school(school_n)),
+        body,
+    )
+}
+
+/// Polls the status until `done` holds, or fails after 30 s.
+pub async fn wait_status(node: &TestNode, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, v) = node.get_json("/api/sync/status").await;
+        if done(&v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; status: {v:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn counter(v: &Value, name: &str) -> u64 {
+    v["counters"][name].as_u64().unwrap_or(0)
+}
+
+pub fn handled(v: &Value) -> u64 {
+    [
+        "events_applied",
+        "events_stale",
+        "events_skipped",
+        "events_dead_lettered",
+    ]
+    .iter()
+    .map(|n| counter(v, n))
+    .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produced_events_reach_the_api_and_order_duplicates_and_schools_are_handled() {
+    let kafka = Kafka::start(1);
+    let node = TestNode::start(|c| {
+        kafka.configure(c);
+        c.schools.ids = vec![school(1)];
+    })
+    .await;
+    use EventType::*;
+    // An update that arrives before its create (different topics).
+    kafka.send(
+        ClassUpdated,
+        &[event(
+            ClassUpdated,
+            1,
+            2,
+            Some(2),
+            1,
+            class_fields(id(11), "Lớp 10A1"),
+        )],
+    );
+    kafka.send(
+        ClassCreated,
+        &[event(
+            ClassCreated,
+            2,
+            1,
+            Some(1),
+            1,
+            class_fields(id(11), "Lớp cũ"),
+        )],
+    );
+    // A delete followed by a late, older update.
+    kafka.send(
+        ClassCreated,
+        &[event(
+            ClassCreated,
+            3,
+            1,
+            None,
+            1,
+            class_fields(id(12), "Lớp 10A2"),
+        )],
+    );
+    kafka.send(
+        ClassDeleted,
+        &[event(
+            ClassDeleted,
+            4,
+            5,
+            None,
+            1,
+            json!({"classId": id(12)}),
+        )],
+    );
+    kafka.send(
+        ClassUpdated,
+        &[event(
+            ClassUpdated,
+            5,
+            3,
+            None,
+            1,
+            class_fields(id(12), "Lớp ma"),
+        )],
+    );
+    // The same event three times.
+    let teacher = event(
+        TeacherCreated,
+        6,
+        1,
+        Some(1),
+        1,
+        teacher_fields(id(1), "Nguyễn Thị Hương"),
+    );
+    kafka.send(TeacherCreated, &[teacher.clone(), teacher.clone(), teacher]);
+    kafka.send(
+        AssignmentCreated,
+        &[event(
+            AssignmentCreated,
+            7,
+            1,
+            Some(1),
+            1,
+            assignment_fields(id(21), id(1), id(11), "homeroom"),
+        )],
+    );
+    // Another school's events: skipped, counted.
+    kafka.send(
+        TeacherCreated,
+        &[event(
+            TeacherCreated,
+            8,
+            1,
+            None,
+            2,
+            teacher_fields(id(2), "Trần Văn Nam"),
+        )],
+    );
+    kafka.send(
+        ClassCreated,
+        &[event(
+            ClassCreated,
+            9,
+            1,
+            None,
+            2,
+            class_fields(id(13), "Lớp X"),
+        )],
+    );
+
+    let v = wait_status(&node, "11 events handled", |v| handled(v) == 11).await;
+    // Topics are consumed in no fixed order relative to each other, so how
+    // many events were stale depends on arrival; the final state does not.
+    assert_eq!(counter(&v, "events_skipped"), 2, "{v:#}");
+    assert!(
+        counter(&v, "events_stale") >= 3,
+        "older create, late update, two duplicates: {v:#}"
+    );
+    let e = &v["entities"];
+    assert_eq!(
+        (e["classes"].as_u64(), e["teachers"].as_u64()),
+        (Some(1), Some(1)),
+        "{v:#}"
+    );
+    assert_eq!(
+        (e["assignments"].as_u64(), e["tombstones"].as_u64()),
+        (Some(1), Some(1)),
+        "{v:#}"
+    );
+
+    let (status, detail) = node.get_json(&format!("/api/teachers/{}", id(1))).await;
+    assert_eq!(status, 200);
+    assert_eq!(detail["fullName"], "Nguyễn Thị Hương");
+    assert_eq!(detail["classAssignments"][0]["className"], "Lớp 10A1");
+    assert_eq!(
+        node.get(&format!("/api/classes/{}", id(12))).await.0,
+        404,
+        "deleted class came back"
+    );
+    assert_eq!(
+        node.get(&format!("/api/teachers/{}", id(2))).await.0,
+        404,
+        "other school replicated"
+    );
+    assert_eq!(node.get("/health/ready").await.0, 200);
+    let p = &v["partitions"];
+    assert!(
+        p.as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["lag"] == 0 || p["lag"].is_null()),
+        "{p:#}"
+    );
+    node.node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_events_are_dead_lettered_and_later_valid_ones_still_apply() {
+    let kafka = Kafka::start(1);
+    let node = TestNode::start(|c| kafka.configure(c)).await;
+    let good = |n: u128, class: u128| {
+        event(
+            EventType::ClassCreated,
+            n,
+            1,
+            None,
+            1,
+            class_fields(id(class), "Lớp 10A1"),
+        )
+    };
+    let mut missing = good(1, 1);
+    missing.as_object_mut().unwrap().remove("className");
+    let mut bad_uuid = good(2, 1);
+    bad_uuid["classId"] = json!("lop-10a1");
+    let mut too_long = good(3, 1);
+    too_long["className"] = json!("L".repeat(201));
+    let mut unknown = good(4, 1);
+    unknown["eventType"] = json!("emis.class.renamed");
+    let mut mismatch = good(5, 1);
+    mismatch["eventType"] = json!("emis.class.updated");
+    let payloads: Vec<Vec<u8>> = [
+        b"{not json".to_vec(),
+        missing.to_string().into_bytes(),
+        bad_uuid.to_string().into_bytes(),
+        too_long.to_string().into_bytes(),
+        unknown.to_string().into_bytes(),
+        mismatch.to_string().into_bytes(),
+        good(6, 42).to_string().into_bytes(),
+    ]
+    .into();
+    kafka.send_raw("emis.class.created", 0, &payloads);
+
+    wait_status(&node, "7 events handled", |v| handled(v) == 7).await;
+    assert_eq!(
+        node.get(&format!("/api/classes/{}", id(42))).await.0,
+        200,
+        "valid event after bad ones lost"
+    );
+    let (_, v) = node.get_json("/api/sync/dead-letters").await;
+    let items = v["items"].as_array().unwrap();
+    assert_eq!(items.len(), 6);
+    let mut reasons: Vec<(i64, String)> = items
+        .iter()
+        .map(|d| {
+            (
+                d["offset"].as_i64().unwrap(),
+                d["reason"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    reasons.sort();
+    let expect = [
+        "not valid JSON",
+        "missing required field `className`",
+        "field `classId`: not a UUID",
+        "field `className`: 201 characters",
+        "unknown eventType `emis.class.renamed`",
+        "eventType `emis.class.updated` does not match",
+    ];
+    for ((offset, reason), (n, want)) in reasons.iter().zip(expect.iter().enumerate()) {
+        assert_eq!(*offset, n as i64);
+        assert!(
+            reason.starts_with(want),
+            "offset {offset}: {reason:?} is not {want:?}"
+        );
+    }
+    assert_eq!(items.last().unwrap()["topic"], "emis.class.created");
+    let (_, status) = node.get_json("/api/sync/status").await;
+    assert_eq!(status["deadLetterCount"], 6);
+    node.node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_answer_while_the_broker_is_down_and_ingestion_resumes_when_it_returns() {
+    let kafka = Kafka::start(1);
+    let node = TestNode::start(|c| {
+        kafka.configure(c);
+        c.kafka.stale_after_secs = 5;
+    })
+    .await;
+    let t = EventType::TeacherCreated;
+    kafka.send(
+        t,
+        &[event(
+            t,
+            1,
+            1,
+            None,
+            1,
+            teacher_fields(id(1), "Nguyễn Thị Hương"),
+        )],
+    );
+    wait_status(&node, "the first event", |v| {
+        counter(v, "events_applied") == 1
+    })
+    .await;
+    wait_status(&node, "connected", |v| {
+        v["kafka"]["connected"] == true && v["stale"] == false
+    })
+    .await;
+
+    kafka.cluster.broker_down(1).unwrap();
+    wait_status(&node, "disconnected", |v| v["kafka"]["connected"] == false).await;
+    node.clock.set(node.clock.now_value() + 10 * SEC);
+    for _ in 0..5 {
+        assert_eq!(node.get(&format!("/api/teachers/{}", id(1))).await.0, 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let v = wait_status(&node, "stale", |v| v["stale"] == true).await;
+    assert!(v["lastEventTime"].is_string());
+
+    kafka.cluster.broker_up(1).unwrap();
+    kafka.send(
+        t,
+        &[event(
+            t,
+            2,
+            2,
+            None,
+            1,
+            teacher_fields(id(2), "Trần Văn Nam"),
+        )],
+    );
+    wait_status(&node, "the event produced after the outage", |v| {
+        counter(v, "events_applied") == 2
+    })
+    .await;
+    wait_status(&node, "fresh again", |v| v["stale"] == false).await;
+    assert_eq!(node.get(&format!("/api/teachers/{}", id(2))).await.0, 200);
+    node.node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_resumes_from_stored_offsets_and_applies_nothing_twice() {
+    let kafka = Kafka::start(3);
+    let node = TestNode::start(|c| kafka.configure(c)).await;
+    let t = EventType::ClassCreated;
+    for p in 0..3 {
+        let batch: Vec<Vec<u8>> = (0..20u128)
+            .map(|n| {
+                event(
+                    t,
+                    p * 100 + n,
+                    1,
+                    Some(1),
+                    1,
+                    class_fields(id(p * 100 + n), "Lớp 1A1"),
+                )
+                .to_string()
+                .into_bytes()
+            })
+            .collect();
+        kafka.send_raw(t.name(), p as i32, &batch);
+    }
+    wait_status(&node, "60 events", |v| counter(v, "events_applied") == 60).await;
+    let node = node.restart().await;
+    let more: Vec<Vec<u8>> = (0..10u128)
+        .map(|n| {
+            event(
+                t,
+                900 + n,
+                1,
+                Some(1),
+                1,
+                class_fields(id(900 + n), "Lớp 2A1"),
+            )
+            .to_string()
+            .into_bytes()
+        })
+        .collect();
+    kafka.send_raw(t.name(), 1, &more);
+    let v = wait_status(&node, "70 events", |v| counter(v, "events_applied") == 70).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, v2) = node.get_json("/api/sync/status").await;
+    assert_eq!(counter(&v2, "events_applied"), 70);
+    assert_eq!(
+        counter(&v2, "events_stale"),
+        0,
+        "events were read twice: {v:#}"
+    );
+    assert_eq!(v2["entities"]["classes"], 70);
+    let offsets: i64 = v2["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["topic"] == t.name())
+        .map(|p| p["offset"].as_i64().unwrap())
+        .sum();
+    assert_eq!(offsets, 70);
+    node.node.stop().await.unwrap();
+}
