@@ -4,6 +4,7 @@
 
 mod cli;
 mod convergence;
+mod e2e;
 mod http;
 mod kafka;
 mod store;
