@@ -395,20 +395,30 @@ pub fn status_json(
     let reader = store.read()?;
     let stats = reader.stats()?;
     let state = sync.get();
-    let partitions: Vec<_> = reader
+    // Every partition known from the store (consumed) or the broker (high
+    // watermark seen); one never read yet shows no offset and its whole
+    // length as lag.
+    let mut positions: std::collections::BTreeMap<(String, i32), Option<i64>> = reader
         .offsets()?
         .into_iter()
-        .map(|o| {
+        .map(|o| ((o.topic, o.partition), Some(o.next_offset)))
+        .collect();
+    for key in state.high_watermarks.keys() {
+        positions.entry(key.clone()).or_insert(None);
+    }
+    let partitions: Vec<_> = positions
+        .into_iter()
+        .map(|((topic, partition), offset)| {
             let hw = state
                 .high_watermarks
-                .get(&(o.topic.clone(), o.partition))
+                .get(&(topic.clone(), partition))
                 .copied();
             json!({
-                "topic": o.topic,
-                "partition": o.partition,
-                "offset": o.next_offset,
+                "topic": topic,
+                "partition": partition,
+                "offset": offset,
                 "highWatermark": hw,
-                "lag": hw.map(|hw| (hw - o.next_offset).max(0)),
+                "lag": hw.map(|hw| (hw - offset.unwrap_or(0)).max(0)),
             })
         })
         .collect();

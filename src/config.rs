@@ -65,8 +65,8 @@ pub struct KafkaConfig {
     pub batch_max_messages: usize,
     /// … or after this long, whichever comes first.
     pub batch_max_wait_ms: u64,
-    /// `stale` in the sync status once no event arrived for this long while
-    /// the broker was unreachable.
+    /// `stale` in the sync status once the broker has been unreachable for
+    /// this long.
     pub stale_after_secs: u64,
 }
 

@@ -457,3 +457,18 @@ async fn a_restart_resumes_from_stored_offsets_and_applies_nothing_twice() {
     assert_eq!(offsets, 70);
     node.node.stop().await.unwrap();
 }
+
+#[test]
+fn the_kafka_client_is_built_with_tls_and_sasl_scram() {
+    // The settings of the contract's example (SASL_SSL) must be accepted by
+    // librdkafka, or a node configured that way would never read an event.
+    let consumer: Result<rdkafka::consumer::BaseConsumer, _> = ClientConfig::new()
+        .set("bootstrap.servers", "127.0.0.1:1")
+        .set("group.id", "t")
+        .set("security.protocol", "SASL_SSL")
+        .set("sasl.mechanism", "SCRAM-SHA-512")
+        .set("sasl.username", "edge")
+        .set("sasl.password", "secret")
+        .create();
+    assert!(consumer.is_ok(), "{:?}", consumer.err());
+}
