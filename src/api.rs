@@ -5,24 +5,25 @@
 //! network call.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use bytes::Bytes;
+use futures::StreamExt;
 use serde::Serialize;
 use serde_json::json;
 use uuid::Uuid;
 
 use crate::clock::Clock;
 use crate::config::{Config, SchoolFilter};
-use crate::domain::snapshot::{end_line, record_line};
 use crate::domain::{
     format_timestamp, Assignment, AssignmentView, Class, Entity, EntityKind, Record, Role, Teacher,
     TeacherDetail,
@@ -56,6 +57,9 @@ pub fn router(state: AppState) -> Router {
         .route("/api/schools/{school_id}/snapshot", get(snapshot))
         .route("/api/sync/status", get(sync_status))
         .route("/api/sync/dead-letters", get(dead_letters))
+        .route("/api/admin/resync", axum::routing::post(admin_resync))
+        .route("/api/admin/import", axum::routing::post(admin_import))
+        .route("/api/admin/schools", get(admin_schools))
         .route("/health/live", get(|| async { "ok\n" }))
         .route("/health/ready", get(ready))
         .route(
@@ -349,28 +353,21 @@ async fn snapshot(
     tokio::task::spawn_blocking(move || {
         const CHUNK: usize = 64 * 1024;
         let mut buf = Vec::with_capacity(CHUNK * 2);
-        let mut count = 0u64;
-        let mut gone = false;
-        let walked = reader.for_each_in_school(school, |_, record| {
-            buf.extend_from_slice(&record_line(record));
-            count += 1;
+        let written = reader.write_snapshot(school, |line| {
+            buf.extend_from_slice(line);
             if buf.len() >= CHUNK {
                 let chunk = Bytes::from(std::mem::replace(&mut buf, Vec::with_capacity(CHUNK * 2)));
                 if tx.blocking_send(Ok(chunk)).is_err() {
-                    gone = true; // the client hung up
-                    return ControlFlow::Break(());
+                    return ControlFlow::Break(()); // the client hung up
                 }
             }
             ControlFlow::Continue(())
         });
-        if gone {
-            return;
-        }
-        match walked.and_then(|()| reader.watermark()) {
-            Ok(watermark) => {
-                buf.extend_from_slice(&end_line(school, count, watermark.unwrap_or(0)));
+        match written {
+            Ok(Some(_)) => {
                 let _ = tx.blocking_send(Ok(Bytes::from(buf)));
             }
+            Ok(None) => {}
             Err(e) => {
                 tracing::error!(error = %e, %school, "snapshot aborted");
                 let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
@@ -499,6 +496,113 @@ async fn dead_letters(
         })
         .collect();
     Ok(Json(json!({ "items": items })).into_response())
+}
+
+// ---- admin (loopback only) -----------------------------------------------
+
+/// The CLI acts through these while `serve` holds the store (contract §5).
+fn loopback_only(ConnectInfo(peer): ConnectInfo<SocketAddr>) -> Result<(), Problem> {
+    match peer {
+        addr if addr.ip().is_loopback() => Ok(()),
+        _ => Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "Forbidden",
+            "admin routes answer loopback clients only".into(),
+        )),
+    }
+}
+
+fn school_params(params: &HashMap<String, String>) -> Result<Option<Vec<Uuid>>, Problem> {
+    params
+        .get("school")
+        .map(|raw| raw.split(',').map(|s| parse_id("school", s)).collect())
+        .transpose()
+}
+
+async fn admin_resync(
+    State(s): State<AppState>,
+    peer: ConnectInfo<SocketAddr>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Response, Problem> {
+    loopback_only(peer)?;
+    let Query(params) = query?;
+    let dry_run = params
+        .get("dryRun")
+        .is_some_and(|v| v == "true" || v == "1");
+    let schools = school_params(&params)?;
+    let report = crate::resync::run_for_node(&s, schools, dry_run)
+        .await
+        .map_err(|e| {
+            Problem::new(
+                StatusCode::CONFLICT,
+                "resync-unavailable",
+                "Resync unavailable",
+                format!("{e:#}"),
+            )
+        })?;
+    Ok(Json(report).into_response())
+}
+
+async fn admin_schools(
+    State(s): State<AppState>,
+    peer: ConnectInfo<SocketAddr>,
+) -> Result<Response, Problem> {
+    loopback_only(peer)?;
+    let schools = crate::resync::schools_to_sync(&s.store, &s.config).map_err(|e| {
+        tracing::error!(error = %e, "listing schools failed");
+        Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "store-error",
+            "Store error",
+            format!("{e:#}"),
+        )
+    })?;
+    Ok(Json(json!({ "schools": schools })).into_response())
+}
+
+/// Imports an NDJSON snapshot file streamed in the request body.
+async fn admin_import(
+    State(s): State<AppState>,
+    peer: ConnectInfo<SocketAddr>,
+    body: Body,
+) -> Result<Response, Problem> {
+    loopback_only(peer)?;
+    let stream = body
+        .into_data_stream()
+        .map(|r| r.map_err(std::io::Error::other));
+    let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
+    let store = s.store.clone();
+    let now = s.clock.now();
+    let outcomes = tokio::task::spawn_blocking(move || {
+        crate::resync::import(
+            &store,
+            std::io::BufReader::with_capacity(1 << 20, reader),
+            now,
+            |_| {},
+        )
+    })
+    .await
+    .map_err(|e| {
+        Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "import-failed",
+            "Import failed",
+            e.to_string(),
+        )
+    })?
+    .map_err(|e| {
+        Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "import-failed",
+            "Import failed",
+            format!("{e:#}"),
+        )
+    })?;
+    if outcomes.iter().any(|o| o.report.is_some()) {
+        s.sync.update(|st| st.first_sync_done = true);
+    }
+    Ok(Json(json!({ "schools": outcomes })).into_response())
 }
 
 /// Whether the node should receive traffic: the store is open (it is, or

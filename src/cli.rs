@@ -59,6 +59,45 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run one resync now: fetch each served school's snapshot from
+    /// resync.central_url and reconcile (all or nothing per school). Through
+    /// the running node if there is one, else on the store directly.
+    Resync {
+        /// Configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Only this school (repeatable); default: every served school.
+        #[arg(long = "school", value_name = "ID")]
+        schools: Vec<uuid::Uuid>,
+        /// Change nothing; report per school and entity kind what is missing,
+        /// extra, older or newer locally (drift audit).
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Write schools' snapshots (NDJSON, the snapshot format) to a file, e.g.
+    /// for a USB stick. Through the running node if there is one.
+    Export {
+        /// Configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// A school to export (repeatable); default: every served school.
+        #[arg(long = "school", value_name = "ID")]
+        schools: Vec<uuid::Uuid>,
+        /// The file to write.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Load a snapshot file (from `export` or central) into the store: all or
+    /// nothing per school; a truncated or corrupt school changes nothing and
+    /// its line is named. Through the running node if there is one.
+    Import {
+        /// Configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The snapshot file to import.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
 }
 
 /// The entry point of the binary.
@@ -106,6 +145,287 @@ pub fn run() -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
+        Command::Resync {
+            config,
+            schools,
+            dry_run,
+        } => with_config(&config, |c| resync(c, schools, dry_run)),
+        Command::Export {
+            config,
+            schools,
+            out,
+        } => with_config(&config, |c| export(c, schools, &out)),
+        Command::Import { config, file } => with_config(&config, |c| import(c, &file)),
+    }
+}
+
+fn with_config(path: &Path, f: impl FnOnce(&Config) -> anyhow::Result<bool>) -> ExitCode {
+    let config = match Config::load(Some(path), std::env::vars()) {
+        Ok(c) => c,
+        Err(e) => return config_error(&e),
+    };
+    match f(&config) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => fail(&e),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Opens the store when no node runs (the node holds it otherwise).
+fn open_store(config: &Config) -> anyhow::Result<Arc<Store>> {
+    let path = config.store_path();
+    std::fs::create_dir_all(&config.node.data_dir)?;
+    let options = StoreOptions {
+        cache_bytes: config.store.cache_mb << 20,
+    };
+    Ok(Arc::new(Store::open(&path, &options)?))
+}
+
+/// POSTs to the running node's admin API; `Ok(None)` when no node listens.
+async fn post_admin(
+    config: &Config,
+    path: &str,
+    body: Option<reqwest::Body>,
+) -> anyhow::Result<Option<serde_json::Value>> {
+    let url = format!("http://{}{path}", local_addr(config));
+    let mut request = reqwest::Client::new().post(&url);
+    if let Some(body) = body {
+        request = request.body(body);
+    }
+    match request.send().await {
+        Ok(r) => {
+            let status = r.status();
+            let doc: serde_json::Value = r.json().await?;
+            anyhow::ensure!(status.is_success(), "{url}: {status}: {}", doc["detail"]);
+            Ok(Some(doc))
+        }
+        Err(e) if e.is_connect() => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn print_outcomes(doc: &serde_json::Value) -> bool {
+    let mut ok = true;
+    for s in doc["schools"].as_array().into_iter().flatten() {
+        match s["error"].as_str() {
+            Some(e) => {
+                ok = false;
+                println!("{}  FAILED  {e}", s["schoolId"].as_str().unwrap_or("?"));
+            }
+            None => {
+                let r = &s["report"];
+                println!(
+                    "{}  ok  records {}, changed {}, deleted {}{}",
+                    s["schoolId"].as_str().unwrap_or("?"),
+                    r["records"],
+                    r["applied"],
+                    r["deleted"],
+                    if r["dryRun"] == true {
+                        " (dry run: nothing changed)"
+                    } else {
+                        ""
+                    }
+                );
+                for (kind, d) in r["drift"].as_object().into_iter().flatten() {
+                    println!(
+                        "    {kind:<10} missing {:>6}  extra {:>6}  older {:>6}  newer {:>6}  same {:>6}",
+                        d["missing"], d["extra"], d["older"], d["newer"], d["same"]
+                    );
+                }
+            }
+        }
+    }
+    ok
+}
+
+fn resync(config: &Config, schools: Vec<uuid::Uuid>, dry_run: bool) -> anyhow::Result<bool> {
+    let base = config
+        .resync
+        .central_url
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("config key `resync.central_url` is not set"))?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let mut path = format!("/api/admin/resync?dryRun={dry_run}");
+        if !schools.is_empty() {
+            let ids: Vec<String> = schools.iter().map(|s| s.to_string()).collect();
+            path.push_str(&format!("&school={}", ids.join(",")));
+        }
+        let doc = match post_admin(config, &path, None).await? {
+            Some(doc) => doc,
+            None => {
+                let store = open_store(config)?;
+                let schools = if schools.is_empty() {
+                    crate::resync::schools_to_sync(&store, config)?
+                } else {
+                    schools
+                };
+                let client = crate::resync::http_client(config);
+                let report = crate::resync::run(
+                    &store,
+                    &client,
+                    &base,
+                    schools,
+                    || SystemClock.now(),
+                    dry_run,
+                )
+                .await;
+                serde_json::to_value(report)?
+            }
+        };
+        Ok(print_outcomes(&doc))
+    })
+}
+
+/// A progress bar on a terminal; plain log lines every so often otherwise.
+fn progress(len: Option<u64>, what: &'static str) -> impl FnMut(u64) + Clone {
+    use std::io::IsTerminal;
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = match len {
+            Some(n) => indicatif::ProgressBar::new(n),
+            None => indicatif::ProgressBar::new_spinner(),
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} {wide_bar} {human_pos}/{human_len} {per_sec} ETA {eta}",
+            )
+            .expect("valid template"),
+        );
+        bar.set_message(what);
+        Some(bar)
+    } else {
+        None
+    };
+    let mut last_logged = 0u64;
+    move |n: u64| match &bar {
+        Some(bar) => bar.set_position(n),
+        None => {
+            if n >= last_logged + 100_000 || n < last_logged {
+                last_logged = n;
+                eprintln!("emis-edge: {what}: {n}");
+            }
+        }
+    }
+}
+
+fn export(config: &Config, schools: Vec<uuid::Uuid>, out: &Path) -> anyhow::Result<bool> {
+    let rt = runtime()?;
+    let file = std::fs::File::create(out)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
+    let mut writer = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut tick = progress(None, "records exported");
+    let schools_doc = rt.block_on(post_admin_get(config, "/api/admin/schools"))?;
+    let total = match schools_doc {
+        Some(doc) => {
+            // Through the running node: its public snapshot route, per school.
+            let schools: Vec<uuid::Uuid> = if schools.is_empty() {
+                serde_json::from_value(doc["schools"].clone())?
+            } else {
+                schools
+            };
+            rt.block_on(async {
+                let client = reqwest::Client::new();
+                let mut lines = 0u64;
+                for school in schools {
+                    let url = format!(
+                        "http://{}/api/schools/{school}/snapshot",
+                        local_addr(config)
+                    );
+                    let r = client.get(&url).send().await?.error_for_status()?;
+                    let mut body = r.bytes_stream();
+                    use futures::StreamExt;
+                    use std::io::Write;
+                    while let Some(chunk) = body.next().await {
+                        let chunk = chunk?;
+                        lines += chunk.iter().filter(|b| **b == b'\n').count() as u64;
+                        writer.write_all(&chunk)?;
+                        tick(lines);
+                    }
+                }
+                std::io::Write::flush(&mut writer)?;
+                anyhow::Ok(lines)
+            })?
+        }
+        None => {
+            let store = open_store(config)?;
+            let schools = if schools.is_empty() {
+                crate::resync::schools_to_sync(&store, config)?
+            } else {
+                schools
+            };
+            crate::resync::export(&store, &schools, &mut writer, tick)?
+        }
+    };
+    eprintln!("emis-edge: wrote {total} lines to {}", out.display());
+    Ok(true)
+}
+
+/// GETs an admin document from the running node; `Ok(None)` when none runs.
+async fn post_admin_get(config: &Config, path: &str) -> anyhow::Result<Option<serde_json::Value>> {
+    let url = format!("http://{}{path}", local_addr(config));
+    match reqwest::Client::new().get(&url).send().await {
+        Ok(r) => Ok(Some(r.error_for_status()?.json().await?)),
+        Err(e) if e.is_connect() => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn import(config: &Config, file: &Path) -> anyhow::Result<bool> {
+    let size = std::fs::metadata(file)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?
+        .len();
+    let rt = runtime()?;
+    let via_node = rt.block_on(async {
+        let f = tokio::fs::File::open(file).await?;
+        let stream = tokio_util::io::ReaderStream::with_capacity(f, 1 << 20);
+        post_admin(
+            config,
+            "/api/admin/import",
+            Some(reqwest::Body::wrap_stream(stream)),
+        )
+        .await
+    })?;
+    let doc = match via_node {
+        Some(doc) => doc,
+        None => {
+            let store = open_store(config)?;
+            let mut tick = progress(Some(size), "bytes imported");
+            let f = std::fs::File::open(file)?;
+            let counted = CountingReader {
+                inner: f,
+                read: 0,
+                tick: &mut tick,
+            };
+            let outcomes = crate::resync::import(
+                &store,
+                std::io::BufReader::with_capacity(1 << 20, counted),
+                SystemClock.now(),
+                |_| {},
+            )?;
+            serde_json::json!({ "schools": outcomes })
+        }
+    };
+    Ok(print_outcomes(&doc))
+}
+
+struct CountingReader<'a, R, F: FnMut(u64)> {
+    inner: R,
+    read: u64,
+    tick: &'a mut F,
+}
+
+impl<R: std::io::Read, F: FnMut(u64)> std::io::Read for CountingReader<'_, R, F> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        (self.tick)(self.read);
+        Ok(n)
     }
 }
 

@@ -101,6 +101,8 @@ pub struct ResyncConfig {
     /// no scheduled resync.
     pub central_url: Option<String>,
     pub interval_secs: u64,
+    /// A school's snapshot download is abandoned after this long.
+    pub timeout_secs: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -193,6 +195,7 @@ impl Default for ResyncConfig {
         ResyncConfig {
             central_url: None,
             interval_secs: 86_400,
+            timeout_secs: 300,
         }
     }
 }
@@ -382,6 +385,9 @@ impl Config {
                 }
                 Err(e) => return Err(bad("resync.central_url", format!("{url:?}: {e}"))),
             }
+        }
+        if self.resync.timeout_secs == 0 {
+            return Err(bad("resync.timeout_secs", "must be at least 1"));
         }
         if self.resync.interval_secs < 60 {
             return Err(bad("resync.interval_secs", "must be at least 60"));

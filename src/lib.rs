@@ -13,5 +13,6 @@ pub mod domain;
 pub mod ingest;
 pub mod metrics;
 pub mod node;
+pub mod resync;
 pub mod status;
 pub mod store;

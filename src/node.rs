@@ -77,6 +77,9 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
             }
         });
     }
+    if state.config.resync.central_url.is_some() {
+        tasks.spawn(crate::resync::worker(state.clone(), stop.clone()));
+    }
     if let crate::config::SchoolFilter::All = state.config.school_filter() {
         if !state.config.schools.all {
             tracing::warn!("schools.ids is empty: serving every school (set schools.ids, or schools.all = true to silence this)");
@@ -87,9 +90,12 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     let http_stop = CancellationToken::new();
     let http_stop_inner = http_stop.clone();
     let http = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { http_stop_inner.cancelled().await })
-            .await
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { http_stop_inner.cancelled().await })
+        .await
     });
     tracing::info!(%addr, node = %state.config.node.id, "listening");
     Ok(RunningNode {

@@ -187,6 +187,8 @@ pub mod counter {
     pub const SKIPPED: &str = "events_skipped";
     pub const DEAD_LETTERED: &str = "events_dead_lettered";
     pub const TOMBSTONES_PURGED: &str = "tombstones_purged";
+    pub const RESYNC_APPLIED: &str = "resync_applied";
+    pub const RESYNC_DELETED: &str = "resync_deleted";
 }
 
 /// Entity counts and counters, for status and metrics.
@@ -207,6 +209,36 @@ pub struct Page {
     pub items: Vec<Record<Entity>>,
     /// The id to pass as `after` for the next page, if there is one.
     pub next: Option<Uuid>,
+}
+
+/// How a school's local state compared with a snapshot, per entity kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Drift {
+    /// In the snapshot, not live here (absent, or deleted by an older change).
+    pub missing: u64,
+    /// Live here, absent from the snapshot, not newer than its `asOf`.
+    pub extra: u64,
+    /// Here in an older version than the snapshot's.
+    pub older: u64,
+    /// Here in a newer version (or deleted later, or created after `asOf`).
+    pub newer: u64,
+    /// The same version.
+    pub same: u64,
+}
+
+/// What reconciling one school did (or, on a dry run, would do).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReconcileReport {
+    pub school_id: Uuid,
+    pub records: u64,
+    /// Entities changed by the snapshot's records.
+    pub applied: u64,
+    /// Local entities deleted because the snapshot no longer has them.
+    pub deleted: u64,
+    pub drift: BTreeMap<&'static str, Drift>,
+    pub dry_run: bool,
 }
 
 /// Options for opening a store.
@@ -424,6 +456,110 @@ impl Store {
         Ok(report)
     }
 
+    /// Reconciles one school with its complete snapshot (contract §3) in
+    /// ONE write transaction: every record is applied by the convergence
+    /// rule; every live local entity of the school that the snapshot lacks
+    /// and whose timestamp is not after `asOf` is deleted; newer ones stay.
+    /// With `dry_run` the same work is done and then rolled back, so the
+    /// report is exactly what a real run would change.
+    pub fn reconcile(
+        &self,
+        snapshot: &crate::domain::SchoolSnapshot,
+        now: Timestamp,
+        source: SyncSource,
+        dry_run: bool,
+    ) -> Result<ReconcileReport> {
+        let school = snapshot.school_id;
+        let mut report = ReconcileReport {
+            school_id: school,
+            records: snapshot.records.len() as u64,
+            applied: 0,
+            deleted: 0,
+            drift: EntityKind::ALL
+                .iter()
+                .map(|k| (k.as_str(), Drift::default()))
+                .collect(),
+            dry_run,
+        };
+        let txn = self.db.begin_write()?;
+        {
+            let mut tables = WriteTables::open(&txn)?;
+            let mut seen = std::collections::HashSet::new();
+            for (key, entity) in &snapshot.records {
+                let kind = entity.kind();
+                seen.insert((kind, entity.id().as_u128()));
+                let drift = report.drift.get_mut(kind.as_str()).expect("every kind");
+                match tables.stored_key(kind, entity.id().as_u128())? {
+                    (None, _) => drift.missing += 1,
+                    (Some(k), live) => match k.cmp(key) {
+                        std::cmp::Ordering::Less if live => drift.older += 1,
+                        std::cmp::Ordering::Less => drift.missing += 1,
+                        std::cmp::Ordering::Greater => drift.newer += 1,
+                        std::cmp::Ordering::Equal => drift.same += 1,
+                    },
+                }
+                if tables.apply(key, &Change::Upsert(entity.clone()), now, source)? {
+                    report.applied += 1;
+                }
+            }
+            for kind in EntityKind::ALL {
+                let s = school.as_u128();
+                let local: Vec<Id> = {
+                    let index = &tables.by_school[kind.code() as usize - 1];
+                    let mut ids = Vec::new();
+                    for entry in index.range((s, 0)..=(s, Id::MAX))? {
+                        let id = entry?.0.value().1;
+                        if !seen.contains(&(kind, id)) {
+                            ids.push(id);
+                        }
+                    }
+                    ids
+                };
+                for id in local {
+                    let Some(live) = tables.live(kind, id)? else {
+                        continue;
+                    };
+                    let drift = report.drift.get_mut(kind.as_str()).expect("every kind");
+                    if live.key.timestamp > snapshot.as_of {
+                        drift.newer += 1;
+                        continue;
+                    }
+                    drift.extra += 1;
+                    // Outranks the live record (same version, a time not
+                    // before it, a delete); a later change outranks it.
+                    let key = OrderKey {
+                        version: live.key.version,
+                        timestamp: snapshot.as_of,
+                        delete: true,
+                        event_id: Uuid::nil(),
+                    };
+                    let change = Change::Delete {
+                        kind,
+                        id: Uuid::from_u128(id),
+                        school_id: school,
+                    };
+                    if tables.apply(&key, &change, now, source)? {
+                        report.deleted += 1;
+                    }
+                }
+            }
+        }
+        if dry_run {
+            txn.abort()?;
+            return Ok(report);
+        }
+        add_counters(
+            &txn,
+            &[
+                (counter::RESYNC_APPLIED, report.applied),
+                (counter::RESYNC_DELETED, report.deleted),
+            ],
+        )?;
+        raise_watermark(&txn, snapshot.as_of)?;
+        txn.commit()?;
+        Ok(report)
+    }
+
     /// Removes tombstones older than `retention_nanos` at `now`; returns how
     /// many went.
     pub fn purge_tombstones(&self, now: Timestamp, retention_nanos: i64) -> Result<u64> {
@@ -531,6 +667,25 @@ impl<'t> WriteTables<'t> {
                 .collect::<Result<_, _>>()?,
             by_teacher: txn.open_table(ASSIGNMENT_BY_TEACHER)?,
         })
+    }
+
+    fn live(&self, kind: EntityKind, id: Id) -> Result<Option<Record<Entity>>> {
+        let table = &self.entities[kind.code() as usize - 1];
+        let v = table.get(id)?;
+        v.map(|v| decode(v.value())).transpose()
+    }
+
+    /// The stored key (live or tombstone) and whether it is live.
+    fn stored_key(&self, kind: EntityKind, id: Id) -> Result<(Option<OrderKey>, bool)> {
+        if let Some(r) = self.live(kind, id)? {
+            return Ok((Some(r.key), true));
+        }
+        let tomb = self.tombstones.get((kind.code(), id))?;
+        let key = tomb
+            .map(|v| decode::<Tombstone>(v.value()))
+            .transpose()?
+            .map(|t| t.key);
+        Ok((key, false))
     }
 
     /// Applies one change if the convergence rule lets it; returns whether
@@ -768,6 +923,54 @@ impl Reader {
             }
         }
         Ok(())
+    }
+
+    /// Writes a school's snapshot (contract §3) line by line into `sink`:
+    /// every live record, then the `end` line with the count and, as
+    /// `asOf`, the store's watermark (the Unix epoch when it never saw a
+    /// change, so that a reader deletes nothing on the strength of it).
+    /// Returns the record count, or `None` when `sink` broke off.
+    pub fn write_snapshot(
+        &self,
+        school: Uuid,
+        mut sink: impl FnMut(&[u8]) -> ControlFlow<()>,
+    ) -> Result<Option<u64>> {
+        let mut count = 0u64;
+        let mut broke = false;
+        self.for_each_in_school(school, |_, record| {
+            count += 1;
+            let flow = sink(&crate::domain::snapshot::record_line(record));
+            broke = flow.is_break();
+            flow
+        })?;
+        if broke {
+            return Ok(None);
+        }
+        let as_of = self.watermark()?.unwrap_or(0);
+        match sink(&crate::domain::snapshot::end_line(school, count, as_of)) {
+            ControlFlow::Continue(()) => Ok(Some(count)),
+            ControlFlow::Break(()) => Ok(None),
+        }
+    }
+
+    /// Every school with a live class, teacher or assignment here.
+    pub fn schools(&self) -> Result<Vec<Uuid>> {
+        let mut out = std::collections::BTreeSet::new();
+        for kind in EntityKind::ALL {
+            let index = self.txn.open_table(school_index(kind))?;
+            let mut from = 0u128;
+            loop {
+                let next = index.range((from, 0)..)?.next().transpose()?;
+                let Some((key, _)) = next else { break };
+                let school = key.value().0;
+                out.insert(Uuid::from_u128(school));
+                match school.checked_add(1) {
+                    Some(n) => from = n,
+                    None => break,
+                }
+            }
+        }
+        Ok(out.into_iter().collect())
     }
 
     /// The latest source timestamp the store has seen, if any.

@@ -17,4 +17,4 @@ pub use entity::{
     SyncSource, Teacher, TeacherStatus, Timestamp, Tombstone,
 };
 pub use event::{Event, EventError, EventType};
-pub use snapshot::SnapshotLine;
+pub use snapshot::{SchoolSnapshot, SnapshotError, SnapshotLine, SnapshotReader};

@@ -155,3 +155,129 @@ mod tests {
         );
     }
 }
+
+/// One school's complete, validated snapshot, ready to reconcile.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SchoolSnapshot {
+    pub school_id: Uuid,
+    pub records: Vec<(OrderKey, Entity)>,
+    pub as_of: Timestamp,
+}
+
+/// Why a school's snapshot was rejected; `line` is 1-based.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: {reason}")]
+pub struct SnapshotError {
+    pub line: u64,
+    /// The school whose snapshot this line belongs to, when known.
+    pub school: Option<Uuid>,
+    pub reason: String,
+}
+
+/// Reads a stream of snapshot lines (one school or several concatenated),
+/// handing back each school's snapshot once its `end` line validates it.
+/// A school with a bad line, a record of another school, or a wrong count
+/// is rejected whole; reading goes on with the next school. Pure: the
+/// caller feeds lines from HTTP, a file or a test.
+#[derive(Debug, Default)]
+pub struct SnapshotReader {
+    line: u64,
+    records: Vec<(OrderKey, Entity)>,
+    first_error: Option<SnapshotError>,
+}
+
+impl SnapshotReader {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Lines fed so far.
+    pub fn lines(&self) -> u64 {
+        self.line
+    }
+
+    /// Feeds one line (without its newline). Returns a school's outcome when
+    /// the line closes one.
+    pub fn feed(&mut self, raw: &[u8]) -> Option<Result<SchoolSnapshot, SnapshotError>> {
+        self.line += 1;
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        if raw.iter().all(u8::is_ascii_whitespace) {
+            return None;
+        }
+        let line = self.line;
+        match SnapshotLine::parse(raw) {
+            Ok(SnapshotLine::Record { key, entity }) => {
+                if self.first_error.is_none() {
+                    self.records.push((key, entity));
+                }
+                None
+            }
+            Ok(SnapshotLine::End {
+                school_id,
+                count,
+                as_of,
+            }) => {
+                let records = std::mem::take(&mut self.records);
+                if let Some(mut e) = self.first_error.take() {
+                    e.school = Some(school_id);
+                    return Some(Err(e));
+                }
+                let fail = |reason: String| {
+                    Some(Err(SnapshotError {
+                        line,
+                        school: Some(school_id),
+                        reason,
+                    }))
+                };
+                if records.len() as u64 != count {
+                    return fail(format!(
+                        "end line says {count} records, {} were read",
+                        records.len()
+                    ));
+                }
+                if let Some((_, e)) = records.iter().find(|(_, e)| e.school_id() != school_id) {
+                    return fail(format!(
+                        "{} {} belongs to school {}, not {school_id}",
+                        e.kind().as_str(),
+                        e.id(),
+                        e.school_id()
+                    ));
+                }
+                Some(Ok(SchoolSnapshot {
+                    school_id,
+                    records,
+                    as_of,
+                }))
+            }
+            Err(e) => {
+                if self.first_error.is_none() {
+                    self.first_error = Some(SnapshotError {
+                        line,
+                        school: None,
+                        reason: e.to_string(),
+                    });
+                }
+                None
+            }
+        }
+    }
+
+    /// At the end of input: records (or a bad line) with no `end` line
+    /// after them mean the input was cut short.
+    pub fn finish(self) -> Option<SnapshotError> {
+        if let Some(e) = self.first_error {
+            return Some(SnapshotError {
+                reason: format!("{}; and the input ends without an end line", e.reason),
+                ..e
+            });
+        }
+        (!self.records.is_empty()).then(|| SnapshotError {
+            line: self.line,
+            school: self.records.first().map(|(_, e)| e.school_id()),
+            reason: format!(
+                "input ends after {} records without an end line (truncated)",
+                self.records.len()
+            ),
+        })
+    }
+}

@@ -7,5 +7,6 @@ mod convergence;
 mod e2e;
 mod http;
 mod kafka;
+mod resync;
 mod store;
 mod support;

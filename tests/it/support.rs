@@ -117,6 +117,29 @@ impl TestNode {
         TestNode { node, ..self }
     }
 
+    /// Starts a node whose store already holds `changes` (applied before
+    /// the node's workers start, e.g. before a resync-when-empty).
+    pub async fn start_seeded(
+        changes: Vec<(OrderKey, Change)>,
+        configure: impl FnOnce(&mut Config),
+    ) -> TestNode {
+        let dir = tempfile::tempdir().unwrap();
+        let store = emis_edge::store::Store::open(
+            &dir.path().join(emis_edge::config::STORE_FILE),
+            &Default::default(),
+        )
+        .unwrap();
+        store
+            .apply_batch(
+                &batch(changes),
+                T0 + 3600 * SEC,
+                emis_edge::domain::SyncSource::Kafka,
+            )
+            .unwrap();
+        drop(store);
+        Self::start_in(dir, configure).await
+    }
+
     pub async fn start_in(dir: tempfile::TempDir, configure: impl FnOnce(&mut Config)) -> TestNode {
         let mut config = Config::default();
         config.node.data_dir = dir.path().to_owned();

@@ -1,0 +1,370 @@
+//! Resync: repairs the replica from snapshots (contract §3), whatever an
+//! event stream lost — and the offline import of snapshot files.
+//!
+//! A school's snapshot is streamed from `{resync.central_url}` (central, or
+//! a provincial emis-edge node: every node serves the route), validated line
+//! by line, and only once complete reconciled in one write transaction: all
+//! or nothing per school. One worker schedules runs: every
+//! `resync.interval_secs` with jitter, at start when the store is empty,
+//! and when ingestion signals lost events (offset out of range).
+
+use std::io::BufRead;
+use std::ops::ControlFlow;
+use std::time::Duration;
+
+use futures::StreamExt;
+use rand::Rng;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::api::AppState;
+use crate::config::{Config, SchoolFilter};
+use crate::domain::{format_timestamp, SchoolSnapshot, SnapshotReader, SyncSource, Timestamp};
+use crate::status::ResyncOutcome;
+use crate::store::{ReconcileReport, Store};
+
+/// At most this many schools are fetched at once.
+pub const CONCURRENT_SCHOOLS: usize = 4;
+/// Retry after a failed run: from this, doubling, up to the interval.
+const RETRY_MIN: Duration = Duration::from_secs(60);
+
+/// One school's outcome in a run.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SchoolOutcome {
+    pub school_id: Uuid,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report: Option<ReconcileReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A whole run.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunReport {
+    pub started_at: String,
+    pub duration_ms: u128,
+    pub dry_run: bool,
+    pub schools: Vec<SchoolOutcome>,
+}
+
+impl RunReport {
+    pub fn ok(&self) -> bool {
+        self.schools.iter().all(|s| s.error.is_none())
+    }
+
+    pub fn summary(&self) -> String {
+        let failed: Vec<String> = self
+            .schools
+            .iter()
+            .filter_map(|s| s.error.as_ref().map(|e| format!("{}: {e}", s.school_id)))
+            .collect();
+        let (applied, deleted) = self
+            .schools
+            .iter()
+            .filter_map(|s| s.report.as_ref())
+            .fold((0, 0), |(a, d), r| (a + r.applied, d + r.deleted));
+        let mut text = format!(
+            "{} schools, {} failed, {applied} entities changed, {deleted} deleted",
+            self.schools.len(),
+            failed.len()
+        );
+        if !failed.is_empty() {
+            text.push_str(" — ");
+            text.push_str(&failed.join("; "));
+        }
+        text
+    }
+}
+
+/// The schools a run covers: the configured ones, or (serving all) every
+/// school the store knows.
+pub fn schools_to_sync(store: &Store, config: &Config) -> anyhow::Result<Vec<Uuid>> {
+    Ok(match config.school_filter() {
+        SchoolFilter::Only(ids) => ids.into_iter().collect(),
+        SchoolFilter::All => store.read()?.schools()?,
+    })
+}
+
+pub fn http_client(config: &Config) -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(config.resync.timeout_secs))
+        .build()
+        .expect("a TLS backend is built in")
+}
+
+/// Fetches and validates one school's snapshot; nothing is applied.
+pub async fn fetch(
+    client: &reqwest::Client,
+    base: &str,
+    school: Uuid,
+) -> anyhow::Result<SchoolSnapshot> {
+    let url = format!(
+        "{}/api/schools/{school}/snapshot",
+        base.trim_end_matches('/')
+    );
+    let response = client.get(&url).send().await?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "{url} answered {}",
+        response.status()
+    );
+    let mut reader = SnapshotReader::new();
+    let mut found: Option<Result<SchoolSnapshot, _>> = None;
+    let mut pending = Vec::new();
+    let mut body = response.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        pending.extend_from_slice(&chunk?);
+        while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=pos).collect();
+            if let Some(result) = reader.feed(&line[..line.len() - 1]) {
+                anyhow::ensure!(found.is_none(), "{url}: more than one school in the answer");
+                found = Some(result);
+            }
+        }
+        anyhow::ensure!(
+            pending.len() <= crate::domain::event::MAX_EVENT_BYTES,
+            "{url}: line too long"
+        );
+    }
+    if !pending.is_empty() {
+        if let Some(result) = reader.feed(&pending) {
+            found = Some(result);
+        }
+    }
+    if let Some(e) = reader.finish() {
+        anyhow::bail!("{url}: snapshot rejected: {e}");
+    }
+    let snapshot = found
+        .ok_or_else(|| anyhow::anyhow!("{url}: empty answer (no end line)"))?
+        .map_err(|e| anyhow::anyhow!("{url}: snapshot rejected: {e}"))?;
+    anyhow::ensure!(
+        snapshot.school_id == school,
+        "{url}: snapshot of school {}",
+        snapshot.school_id
+    );
+    Ok(snapshot)
+}
+
+/// One resync run over `schools` from `base`, at most
+/// [`CONCURRENT_SCHOOLS`] at a time. A failed school does not stop the
+/// others.
+pub async fn run(
+    store: &std::sync::Arc<Store>,
+    client: &reqwest::Client,
+    base: &str,
+    schools: Vec<Uuid>,
+    now: impl Fn() -> Timestamp,
+    dry_run: bool,
+) -> RunReport {
+    let started = std::time::Instant::now();
+    let started_at = format_timestamp(now());
+    let now = &now;
+    let outcomes = futures::stream::iter(schools)
+        .map(|school| async move {
+            let result = match fetch(client, base, school).await {
+                Ok(snapshot) => {
+                    let store = store.clone();
+                    let t = now();
+                    tokio::task::spawn_blocking(move || {
+                        store.reconcile(&snapshot, t, SyncSource::Resync, dry_run)
+                    })
+                    .await
+                    .map_err(anyhow::Error::from)
+                    .and_then(|r| r.map_err(anyhow::Error::from))
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(report) => SchoolOutcome {
+                    school_id: school,
+                    report: Some(report),
+                    error: None,
+                },
+                Err(e) => SchoolOutcome {
+                    school_id: school,
+                    report: None,
+                    error: Some(format!("{e:#}")),
+                },
+            }
+        })
+        .buffer_unordered(CONCURRENT_SCHOOLS)
+        .collect::<Vec<_>>()
+        .await;
+    let mut schools = outcomes;
+    schools.sort_by_key(|s| s.school_id);
+    RunReport {
+        started_at,
+        duration_ms: started.elapsed().as_millis(),
+        dry_run,
+        schools,
+    }
+}
+
+/// Runs a resync for the node and records it in status and the log.
+pub async fn run_for_node(
+    state: &AppState,
+    only: Option<Vec<Uuid>>,
+    dry_run: bool,
+) -> anyhow::Result<RunReport> {
+    let base = state
+        .config
+        .resync
+        .central_url
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("resync.central_url is not set"))?;
+    let schools = match only {
+        Some(s) => s,
+        None => schools_to_sync(&state.store, &state.config)?,
+    };
+    let clock = state.clock.clone();
+    let report = run(
+        &state.store,
+        &http_client(&state.config),
+        &base,
+        schools,
+        || clock.now(),
+        dry_run,
+    )
+    .await;
+    for s in &report.schools {
+        match (&s.report, &s.error) {
+            (Some(r), _) => tracing::info!(
+                school = %s.school_id, applied = r.applied, deleted = r.deleted, dry_run,
+                drift = %serde_json::to_string(&r.drift).unwrap_or_default(), "school resynced"
+            ),
+            (_, Some(e)) => {
+                tracing::warn!(school = %s.school_id, error = %e, "school resync failed")
+            }
+            _ => {}
+        }
+    }
+    if !dry_run {
+        let ok = report.ok();
+        let outcome = ResyncOutcome {
+            at: state.clock.now(),
+            ok,
+            detail: report.summary(),
+        };
+        state.sync.update(|s| {
+            if ok {
+                s.first_sync_done = true;
+            }
+            s.last_resync = Some(outcome);
+        });
+    }
+    tracing::info!(dry_run, summary = %report.summary(), ms = report.duration_ms, "resync run finished");
+    Ok(report)
+}
+
+/// Worker: schedules resync runs until `stop`.
+pub async fn worker(state: AppState, stop: CancellationToken) {
+    let interval = Duration::from_secs(state.config.resync.interval_secs);
+    let jittered = |d: Duration| d.mul_f64(rand::thread_rng().gen_range(0.9..1.1));
+    let empty = state
+        .store
+        .read()
+        .and_then(|r| r.has_data())
+        .map(|d| !d)
+        .unwrap_or(false);
+    let mut wait = if empty {
+        Duration::ZERO
+    } else {
+        jittered(interval)
+    };
+    let mut retry = RETRY_MIN;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+            _ = state.resync_wanted.notified() => tracing::info!("resync requested by ingestion"),
+        }
+        match run_for_node(&state, None, false).await {
+            Ok(report) if report.ok() => {
+                retry = RETRY_MIN;
+                wait = jittered(interval);
+            }
+            Ok(_) | Err(_) => {
+                wait = jittered(retry).min(interval);
+                tracing::warn!(retry_in = ?wait, "resync incomplete; retrying with backoff");
+                retry = (retry * 2).min(interval);
+            }
+        }
+    }
+}
+
+/// Imports a snapshot file (several schools concatenated) into the store:
+/// all or nothing per school. `progress` is told the lines read so far.
+pub fn import(
+    store: &Store,
+    input: impl BufRead,
+    now: Timestamp,
+    mut progress: impl FnMut(u64),
+) -> anyhow::Result<Vec<SchoolOutcome>> {
+    let mut reader = SnapshotReader::new();
+    let mut outcomes = Vec::new();
+    for line in input.split(b'\n') {
+        let line = line?;
+        if let Some(result) = reader.feed(&line) {
+            outcomes.push(match result {
+                Ok(snapshot) => SchoolOutcome {
+                    school_id: snapshot.school_id,
+                    report: Some(store.reconcile(&snapshot, now, SyncSource::Import, false)?),
+                    error: None,
+                },
+                Err(e) => SchoolOutcome {
+                    school_id: e.school.unwrap_or(Uuid::nil()),
+                    report: None,
+                    error: Some(e.to_string()),
+                },
+            });
+        }
+        if reader.lines().is_multiple_of(10_000) {
+            progress(reader.lines());
+        }
+    }
+    progress(reader.lines());
+    if let Some(e) = reader.finish() {
+        outcomes.push(SchoolOutcome {
+            school_id: e.school.unwrap_or(Uuid::nil()),
+            report: None,
+            error: Some(e.to_string()),
+        });
+    }
+    Ok(outcomes)
+}
+
+/// Writes the snapshots of `schools` to `out`, concatenated; returns the
+/// record count. `progress` is told the records written so far.
+pub fn export(
+    store: &Store,
+    schools: &[Uuid],
+    out: &mut impl std::io::Write,
+    mut progress: impl FnMut(u64),
+) -> anyhow::Result<u64> {
+    let reader = store.read()?;
+    let mut total = 0u64;
+    let mut failed = None;
+    for school in schools {
+        reader.write_snapshot(*school, |line| {
+            if let Err(e) = out.write_all(line) {
+                failed = Some(e);
+                return ControlFlow::Break(());
+            }
+            total += 1;
+            if total.is_multiple_of(10_000) {
+                progress(total);
+            }
+            ControlFlow::Continue(())
+        })?;
+        if let Some(e) = failed.take() {
+            return Err(e.into());
+        }
+    }
+    out.flush()?;
+    progress(total);
+    Ok(total)
+}

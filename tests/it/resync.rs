@@ -1,0 +1,418 @@
+//! Resync, drift audit, export and import (contract §3), with real HTTP
+//! servers: another emis-edge node as "central", or a small axum server
+//! serving prepared (broken) snapshots.
+
+use std::time::Duration;
+
+use axum::routing::get;
+use emis_edge::domain::EventType;
+use emis_edge::resync;
+use serde_json::Value;
+
+use crate::support::*;
+
+fn ev(
+    t: EventType,
+    n: u128,
+    ts: i64,
+    school_n: u128,
+    body: Value,
+) -> (emis_edge::domain::OrderKey, emis_edge::domain::Change) {
+    parse(
+        t,
+        &merge(
+            envelope(
+                t,
+                id(60_000 + n),
+                T0 + ts * SEC,
+                Some(ts as u64),
+                school(school_n),
+            ),
+            body,
+        ),
+    )
+}
+
+/// Central (node A) holds school 1: classes 1 and 2, teacher 1 with an
+/// assignment to class 2, and class 9 of school 2. Its watermark (`asOf`)
+/// is T0 + 5 s.
+async fn central() -> TestNode {
+    let a = TestNode::start(|_| {}).await;
+    a.apply(vec![
+        ev(
+            EventType::ClassCreated,
+            1,
+            1,
+            1,
+            class_fields(id(1), "Lớp 10A1"),
+        ),
+        ev(
+            EventType::ClassCreated,
+            2,
+            2,
+            1,
+            class_fields(id(2), "Lớp 10A2"),
+        ),
+        ev(
+            EventType::TeacherCreated,
+            3,
+            3,
+            1,
+            teacher_fields(id(11), "Nguyễn Thị Hương"),
+        ),
+        ev(
+            EventType::AssignmentCreated,
+            4,
+            4,
+            1,
+            assignment_fields(id(21), id(11), id(2), "homeroom"),
+        ),
+        ev(
+            EventType::ClassCreated,
+            5,
+            5,
+            2,
+            class_fields(id(9), "Lớp khác"),
+        ),
+    ]);
+    a
+}
+
+/// Node B serves school 1 and resyncs from `url`. It got class 1, lost
+/// class 2, the teacher and the assignment, still has class 3 (deleted at
+/// central, time ≤ asOf) and has class 4, created after central's asOf.
+async fn edge(url: String) -> TestNode {
+    // Seeded before start: an empty store would resync at once.
+    TestNode::start_seeded(
+        vec![
+            ev(
+                EventType::ClassCreated,
+                1,
+                1,
+                1,
+                class_fields(id(1), "Lớp 10A1"),
+            ),
+            ev(
+                EventType::ClassCreated,
+                6,
+                1,
+                1,
+                class_fields(id(3), "Lớp đã xoá"),
+            ),
+            ev(
+                EventType::ClassCreated,
+                7,
+                9,
+                1,
+                class_fields(id(4), "Lớp mới"),
+            ),
+        ],
+        |c| {
+            c.schools.ids = vec![school(1)];
+            c.resync.central_url = Some(url);
+            c.resync.timeout_secs = 1;
+        },
+    )
+    .await
+}
+
+fn dump(node: &TestNode) -> Vec<String> {
+    let r = node.node.state.store.read().unwrap();
+    r.dump()
+        .unwrap()
+        .into_iter()
+        .map(|row| format!("{row:?}"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_reports_the_planted_drift_and_changes_nothing() {
+    let a = central().await;
+    let b = edge(a.url("")).await;
+    let before = dump(&b);
+    let report = resync::run_for_node(&b.node.state, None, true)
+        .await
+        .unwrap();
+    assert!(report.ok(), "{report:?}");
+    let r = report.schools[0].report.as_ref().unwrap();
+    let class = r.drift["class"];
+    assert_eq!(
+        (
+            class.missing,
+            class.extra,
+            class.newer,
+            class.same,
+            class.older
+        ),
+        (1, 1, 1, 1, 0),
+        "{r:?}"
+    );
+    assert_eq!(r.drift["teacher"].missing, 1);
+    assert_eq!(r.drift["assignment"].missing, 1);
+    assert_eq!(dump(&b), before, "a dry run changed the store");
+    let (_, status) = b.get_json("/api/sync/status").await;
+    assert!(status["lastResync"].is_null(), "a dry run is not a resync");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_repairs_lost_events_removes_deleted_entities_and_keeps_newer_ones() {
+    let a = central().await;
+    let b = edge(a.url("")).await;
+    let report = resync::run_for_node(&b.node.state, None, false)
+        .await
+        .unwrap();
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(
+        b.get(&format!("/api/classes/{}", id(2))).await.0,
+        200,
+        "lost class not repaired"
+    );
+    assert_eq!(
+        b.get(&format!("/api/classes/{}", id(3))).await.0,
+        404,
+        "class deleted at central kept"
+    );
+    assert_eq!(
+        b.get(&format!("/api/classes/{}", id(4))).await.0,
+        200,
+        "newer local class removed"
+    );
+    assert_eq!(
+        b.get(&format!("/api/classes/{}", id(9))).await.0,
+        404,
+        "another school's class copied"
+    );
+    // The teacher detail now equals central's.
+    let path = format!("/api/teachers/{}", id(11));
+    let (status, from_b) = b.get_json(&path).await;
+    assert_eq!(status, 200);
+    let (_, from_a) = a.get_json(&path).await;
+    assert_eq!(without_sync_times(from_b), without_sync_times(from_a));
+    let (_, status) = b.get_json("/api/sync/status").await;
+    assert_eq!(status["lastResync"]["result"], "ok");
+    let (_, class) = b.get_json(&format!("/api/classes/{}", id(2))).await;
+    assert_eq!(class["syncSource"], "resync");
+    // A second run changes nothing.
+    let again = resync::run_for_node(&b.node.state, None, false)
+        .await
+        .unwrap();
+    let r = again.schools[0].report.as_ref().unwrap();
+    assert_eq!((r.applied, r.deleted), (0, 0), "{r:?}");
+}
+
+/// Serves `body` (and `status`) as every snapshot, after `delay`.
+async fn fake_central(status: u16, body: String, delay: Duration) -> String {
+    let app = axum::Router::new().route(
+        "/api/schools/{id}/snapshot",
+        get(move || {
+            let body = body.clone();
+            async move {
+                tokio::time::sleep(delay).await;
+                (axum::http::StatusCode::from_u16(status).unwrap(), body)
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_slow_or_failing_central_changes_nothing_and_is_reported() {
+    let a = central().await;
+    let (_, _, good) = a.get(&format!("/api/schools/{}/snapshot", school(1))).await;
+    let good = String::from_utf8(good).unwrap();
+    let lines: Vec<&str> = good.lines().collect();
+    let without_end = lines[..lines.len() - 1].join("\n") + "\n";
+    let wrong_count = good.replace("\"count\":4", "\"count\":5");
+    assert_ne!(wrong_count, good);
+    let bad_line = good.replacen("Lớp 10A2", &"x".repeat(300), 1);
+    for (name, status, body, delay, expect) in [
+        (
+            "no end line",
+            200,
+            without_end,
+            Duration::ZERO,
+            "without an end line",
+        ),
+        (
+            "wrong count",
+            200,
+            wrong_count,
+            Duration::ZERO,
+            "end line says 5 records, 4 were read",
+        ),
+        (
+            "bad line",
+            200,
+            bad_line,
+            Duration::ZERO,
+            "line 2: field `className`",
+        ),
+        (
+            "server error",
+            500,
+            "oops".to_string(),
+            Duration::ZERO,
+            "500",
+        ),
+        (
+            "too slow",
+            200,
+            good.clone(),
+            Duration::from_secs(3),
+            "timed out",
+        ),
+    ] {
+        let url = fake_central(status, body, delay).await;
+        let b = edge(url).await;
+        let before = dump(&b);
+        let report = resync::run_for_node(&b.node.state, None, false)
+            .await
+            .unwrap();
+        assert!(!report.ok(), "{name}: accepted");
+        let error = report.schools[0].error.clone().unwrap();
+        assert!(
+            error.contains(expect),
+            "{name}: {error:?} does not say {expect:?}"
+        );
+        assert_eq!(dump(&b), before, "{name}: the store changed");
+        // Reads go on; status shows the failure.
+        assert_eq!(b.get(&format!("/api/classes/{}", id(1))).await.0, 200);
+        let (_, status) = b.get_json("/api/sync/status").await;
+        assert_eq!(status["lastResync"]["result"], "failed", "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_node_resyncs_at_start_and_becomes_ready() {
+    let a = central().await;
+    let b = TestNode::start(|c| {
+        c.schools.ids = vec![school(1)];
+        c.resync.central_url = Some(a.url(""));
+    })
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while b.get("/health/ready").await.0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(b.get(&format!("/api/teachers/{}", id(11))).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_then_import_into_an_empty_node_gives_identical_answers() {
+    let a = central().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("province.ndjson");
+    let schools = a.node.state.store.read().unwrap().schools().unwrap();
+    assert_eq!(schools, {
+        let mut s = vec![school(1), school(2)];
+        s.sort();
+        s
+    });
+    {
+        let mut out = std::fs::File::create(&file).unwrap();
+        let n = resync::export(&a.node.state.store, &schools, &mut out, |_| {}).unwrap();
+        assert_eq!(n, 7, "5 records and 2 end lines");
+    }
+    let b = TestNode::start(|_| {}).await;
+    let input = std::io::BufReader::new(std::fs::File::open(&file).unwrap());
+    let outcomes = resync::import(&b.node.state.store, input, T0, |_| {}).unwrap();
+    assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
+    for path in [
+        format!("/api/teachers/{}", id(11)),
+        format!("/api/classes/{}", id(9)),
+        format!("/api/schools/{}/classes", school(1)),
+    ] {
+        let (sa, va) = a.get_json(&path).await;
+        let (sb, vb) = b.get_json(&path).await;
+        assert_eq!((sa, sb), (200, 200), "{path}");
+        let strip = |v: Value| {
+            let mut s = without_sync_times(v).to_string();
+            s = s.replace("\"syncSource\":\"import\"", "\"syncSource\":\"kafka\"");
+            s
+        };
+        assert_eq!(strip(va), strip(vb), "{path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_import_file_changes_nothing_for_the_damaged_schools_and_names_the_line() {
+    let a = central().await;
+    let schools = a.node.state.store.read().unwrap().schools().unwrap();
+    let mut bytes = Vec::new();
+    resync::export(&a.node.state.store, &schools, &mut bytes, |_| {}).unwrap();
+    let text = String::from_utf8(bytes).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    // The first school intact, the second cut short before its end line.
+    let first_end = lines
+        .iter()
+        .position(|l| l.contains("\"kind\":\"end\""))
+        .unwrap();
+    let mut damaged = lines[..=first_end].join("\n") + "\n";
+    damaged.push_str(&lines[first_end + 1..lines.len() - 1].join("\n"));
+    damaged.push('\n');
+    let b = TestNode::start(|_| {}).await;
+    let outcomes = resync::import(&b.node.state.store, damaged.as_bytes(), T0, |_| {}).unwrap();
+    assert_eq!(outcomes.len(), 2, "{outcomes:?}");
+    assert!(outcomes[0].error.is_none());
+    let error = outcomes[1].error.as_ref().unwrap();
+    assert!(
+        error.contains("truncated") && error.contains(&format!("line {}", lines.len() - 1)),
+        "{error}"
+    );
+    let imported_school = outcomes[0].school_id;
+    let r = b.node.state.store.read().unwrap();
+    assert_eq!(
+        r.schools().unwrap(),
+        vec![imported_school],
+        "the damaged school was partly imported"
+    );
+
+    // A corrupt line in the middle: that school is rejected, naming the line.
+    let corrupt = text.replacen("\"kind\":\"teacher\"", "\"kind\":\"principal\"", 1);
+    let c = TestNode::start(|_| {}).await;
+    let outcomes = resync::import(&c.node.state.store, corrupt.as_bytes(), T0, |_| {}).unwrap();
+    let bad = outcomes
+        .iter()
+        .find(|o| o.error.is_some())
+        .expect("one school rejected");
+    assert!(
+        bad.error.as_ref().unwrap().contains("field `kind`"),
+        "{bad:?}"
+    );
+    assert_eq!(bad.school_id, school(1));
+    assert_eq!(c.get(&format!("/api/classes/{}", id(1))).await.0, 404);
+    assert_eq!(
+        c.get(&format!("/api/classes/{}", id(9))).await.0,
+        200,
+        "the intact school was not imported"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_resync_route_runs_a_dry_run_and_rejects_a_bad_school_id() {
+    let a = central().await;
+    let b = edge(a.url("")).await;
+    let r = b
+        .http
+        .post(b.url("/api/admin/resync?dryRun=true"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let doc: Value = r.json().await.unwrap();
+    assert_eq!(
+        doc["schools"][0]["report"]["drift"]["class"]["missing"], 1,
+        "{doc:#}"
+    );
+    let r = b
+        .http
+        .post(b.url("/api/admin/resync?school=nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+}
