@@ -253,15 +253,23 @@ fn assignment_dto(view: &AssignmentView) -> AssignmentDto<'_> {
     }
 }
 
-/// The teacher-detail answer as JSON (also used by tests to compare
-/// answers without going through a socket).
-pub fn teacher_detail_json(detail: &TeacherDetail) -> serde_json::Value {
-    serde_json::to_value(TeacherDetailDto {
+fn teacher_detail_dto(detail: &TeacherDetail) -> TeacherDetailDto<'_> {
+    TeacherDetailDto {
         teacher: &detail.teacher.data,
         last_synced_at: format_timestamp(detail.teacher.last_synced_at),
         class_assignments: detail.assignments.iter().map(assignment_dto).collect(),
-    })
-    .expect("teacher detail always serializes")
+    }
+}
+
+/// The teacher-detail answer, serialized straight from the records (the
+/// hot path: no intermediate JSON tree).
+pub fn teacher_detail_body(detail: &TeacherDetail) -> Vec<u8> {
+    serde_json::to_vec(&teacher_detail_dto(detail)).expect("teacher detail always serializes")
+}
+
+/// The same answer as a JSON value, for comparing answers in tests.
+pub fn teacher_detail_json(detail: &TeacherDetail) -> serde_json::Value {
+    serde_json::to_value(teacher_detail_dto(detail)).expect("teacher detail always serializes")
 }
 
 /// A class or teacher as listed and served by id.
@@ -284,7 +292,11 @@ async fn teacher_detail(
     let detail = s.store.read()?.teacher_detail(id)?;
     let detail =
         detail.ok_or_else(|| Problem::not_found(format!("teacher {id} is not known here")))?;
-    Ok(Json(teacher_detail_json(&detail)).into_response())
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        teacher_detail_body(&detail),
+    )
+        .into_response())
 }
 
 async fn class(

@@ -26,6 +26,8 @@ use crate::store::{ReconcileReport, Store};
 
 /// At most this many schools are fetched at once.
 pub const CONCURRENT_SCHOOLS: usize = 4;
+/// An import commits validated schools together up to this many records.
+pub const IMPORT_BATCH_RECORDS: usize = 500_000;
 /// Retry after a failed run: from this, doubling, up to the interval.
 const RETRY_MIN: Duration = Duration::from_secs(60);
 
@@ -297,7 +299,10 @@ pub async fn worker(state: AppState, stop: CancellationToken) {
 }
 
 /// Imports a snapshot file (several schools concatenated) into the store:
-/// all or nothing per school. `progress` is told the lines read so far.
+/// all or nothing per school. Validated schools are committed together, up
+/// to [`IMPORT_BATCH_RECORDS`] records a transaction, which writes far fewer
+/// pages than one transaction per school; a bad school is rejected before
+/// any of it is written. `progress` is told the lines read so far.
 pub fn import(
     store: &Store,
     input: impl BufRead,
@@ -306,26 +311,42 @@ pub fn import(
 ) -> anyhow::Result<Vec<SchoolOutcome>> {
     let mut reader = SnapshotReader::new();
     let mut outcomes = Vec::new();
+    let mut pending: Vec<SchoolSnapshot> = Vec::new();
+    let mut pending_records = 0;
+    let flush = |pending: &mut Vec<SchoolSnapshot>,
+                 outcomes: &mut Vec<SchoolOutcome>|
+     -> anyhow::Result<()> {
+        let reports = store.reconcile_many(pending, now, SyncSource::Import, false)?;
+        outcomes.extend(pending.drain(..).zip(reports).map(|(s, r)| SchoolOutcome {
+            school_id: s.school_id,
+            report: Some(r),
+            error: None,
+        }));
+        Ok(())
+    };
     for line in input.split(b'\n') {
         let line = line?;
-        if let Some(result) = reader.feed(&line) {
-            outcomes.push(match result {
-                Ok(snapshot) => SchoolOutcome {
-                    school_id: snapshot.school_id,
-                    report: Some(store.reconcile(&snapshot, now, SyncSource::Import, false)?),
-                    error: None,
-                },
-                Err(e) => SchoolOutcome {
-                    school_id: e.school.unwrap_or(Uuid::nil()),
-                    report: None,
-                    error: Some(e.to_string()),
-                },
-            });
+        match reader.feed(&line) {
+            Some(Ok(snapshot)) => {
+                pending_records += snapshot.records.len();
+                pending.push(snapshot);
+                if pending_records >= IMPORT_BATCH_RECORDS {
+                    flush(&mut pending, &mut outcomes)?;
+                    pending_records = 0;
+                }
+            }
+            Some(Err(e)) => outcomes.push(SchoolOutcome {
+                school_id: e.school.unwrap_or(Uuid::nil()),
+                report: None,
+                error: Some(e.to_string()),
+            }),
+            None => {}
         }
         if reader.lines().is_multiple_of(10_000) {
             progress(reader.lines());
         }
     }
+    flush(&mut pending, &mut outcomes)?;
     progress(reader.lines());
     if let Some(e) = reader.finish() {
         outcomes.push(SchoolOutcome {

@@ -469,95 +469,42 @@ impl Store {
         source: SyncSource,
         dry_run: bool,
     ) -> Result<ReconcileReport> {
-        let school = snapshot.school_id;
-        let mut report = ReconcileReport {
-            school_id: school,
-            records: snapshot.records.len() as u64,
-            applied: 0,
-            deleted: 0,
-            drift: EntityKind::ALL
-                .iter()
-                .map(|k| (k.as_str(), Drift::default()))
-                .collect(),
-            dry_run,
-        };
+        let mut reports =
+            self.reconcile_many(std::slice::from_ref(snapshot), now, source, dry_run)?;
+        Ok(reports.pop().expect("one report per snapshot"))
+    }
+
+    /// [`Store::reconcile`] for several validated schools in one write
+    /// transaction (each school still all or nothing): an import writes far
+    /// fewer pages this way than with a transaction per school.
+    pub fn reconcile_many(
+        &self,
+        snapshots: &[crate::domain::SchoolSnapshot],
+        now: Timestamp,
+        source: SyncSource,
+        dry_run: bool,
+    ) -> Result<Vec<ReconcileReport>> {
         let txn = self.db.begin_write()?;
-        {
-            let mut tables = WriteTables::open(&txn)?;
-            let mut seen = std::collections::HashSet::new();
-            for (key, entity) in &snapshot.records {
-                let kind = entity.kind();
-                seen.insert((kind, entity.id().as_u128()));
-                let drift = report.drift.get_mut(kind.as_str()).expect("every kind");
-                match tables.stored_key(kind, entity.id().as_u128())? {
-                    (None, _) => drift.missing += 1,
-                    (Some(k), live) => match k.cmp(key) {
-                        std::cmp::Ordering::Less if live => drift.older += 1,
-                        std::cmp::Ordering::Less => drift.missing += 1,
-                        std::cmp::Ordering::Greater => drift.newer += 1,
-                        std::cmp::Ordering::Equal => drift.same += 1,
-                    },
-                }
-                if tables.apply(key, &Change::Upsert(entity.clone()), now, source)? {
-                    report.applied += 1;
-                }
-            }
-            for kind in EntityKind::ALL {
-                let s = school.as_u128();
-                let local: Vec<Id> = {
-                    let index = &tables.by_school[kind.code() as usize - 1];
-                    let mut ids = Vec::new();
-                    for entry in index.range((s, 0)..=(s, Id::MAX))? {
-                        let id = entry?.0.value().1;
-                        if !seen.contains(&(kind, id)) {
-                            ids.push(id);
-                        }
-                    }
-                    ids
-                };
-                for id in local {
-                    let Some(live) = tables.live(kind, id)? else {
-                        continue;
-                    };
-                    let drift = report.drift.get_mut(kind.as_str()).expect("every kind");
-                    if live.key.timestamp > snapshot.as_of {
-                        drift.newer += 1;
-                        continue;
-                    }
-                    drift.extra += 1;
-                    // Outranks the live record (same version, a time not
-                    // before it, a delete); a later change outranks it.
-                    let key = OrderKey {
-                        version: live.key.version,
-                        timestamp: snapshot.as_of,
-                        delete: true,
-                        event_id: Uuid::nil(),
-                    };
-                    let change = Change::Delete {
-                        kind,
-                        id: Uuid::from_u128(id),
-                        school_id: school,
-                    };
-                    if tables.apply(&key, &change, now, source)? {
-                        report.deleted += 1;
-                    }
-                }
-            }
-        }
+        let reports = WriteTables::open(&txn)?.reconcile(snapshots, now, source, dry_run)?;
         if dry_run {
             txn.abort()?;
-            return Ok(report);
+            return Ok(reports);
         }
+        let (applied, deleted) = reports
+            .iter()
+            .fold((0, 0), |(a, d), r| (a + r.applied, d + r.deleted));
         add_counters(
             &txn,
             &[
-                (counter::RESYNC_APPLIED, report.applied),
-                (counter::RESYNC_DELETED, report.deleted),
+                (counter::RESYNC_APPLIED, applied),
+                (counter::RESYNC_DELETED, deleted),
             ],
         )?;
-        raise_watermark(&txn, snapshot.as_of)?;
+        if let Some(as_of) = snapshots.iter().map(|s| s.as_of).max() {
+            raise_watermark(&txn, as_of)?;
+        }
         txn.commit()?;
-        Ok(report)
+        Ok(reports)
     }
 
     /// Removes tombstones older than `retention_nanos` at `now`; returns how
@@ -667,6 +614,117 @@ impl<'t> WriteTables<'t> {
                 .collect::<Result<_, _>>()?,
             by_teacher: txn.open_table(ASSIGNMENT_BY_TEACHER)?,
         })
+    }
+
+    /// Reconciles schools inside an open write transaction: first every
+    /// record of every school in key order (neighbouring inserts share
+    /// B-tree pages), then per school the deletion of what its snapshot
+    /// lacks.
+    fn reconcile(
+        &mut self,
+        snapshots: &[crate::domain::SchoolSnapshot],
+        now: Timestamp,
+        source: SyncSource,
+        dry_run: bool,
+    ) -> Result<Vec<ReconcileReport>> {
+        let mut reports: Vec<ReconcileReport> = snapshots
+            .iter()
+            .map(|s| ReconcileReport {
+                school_id: s.school_id,
+                records: s.records.len() as u64,
+                applied: 0,
+                deleted: 0,
+                drift: EntityKind::ALL
+                    .iter()
+                    .map(|k| (k.as_str(), Drift::default()))
+                    .collect(),
+                dry_run,
+            })
+            .collect();
+        let mut seen = vec![std::collections::HashSet::new(); snapshots.len()];
+        let mut order: Vec<(usize, &(OrderKey, Entity))> = snapshots
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| s.records.iter().map(move |r| (i, r)))
+            .collect();
+        order.sort_unstable_by_key(|(_, (_, e))| (e.kind(), e.id()));
+        for (i, (key, entity)) in order {
+            let (kind, id) = (entity.kind(), entity.id().as_u128());
+            seen[i].insert((kind, id));
+            let report = &mut reports[i];
+            let drift = report.drift.get_mut(kind.as_str()).expect("every kind");
+            match self.stored_key(kind, id)? {
+                (None, _) => drift.missing += 1,
+                (Some(k), live) => match k.cmp(key) {
+                    std::cmp::Ordering::Less if live => drift.older += 1,
+                    std::cmp::Ordering::Less => drift.missing += 1,
+                    std::cmp::Ordering::Greater => drift.newer += 1,
+                    std::cmp::Ordering::Equal => drift.same += 1,
+                },
+            }
+            if self.apply(key, &Change::Upsert(entity.clone()), now, source)? {
+                report.applied += 1;
+            }
+        }
+        for ((snapshot, report), seen) in snapshots.iter().zip(&mut reports).zip(&seen) {
+            self.delete_absent(snapshot, seen, report, now, source)?;
+        }
+        Ok(reports)
+    }
+
+    /// Deletes the school's live entities that its snapshot lacks, unless
+    /// they are newer than the snapshot's `asOf`.
+    fn delete_absent(
+        &mut self,
+        snapshot: &crate::domain::SchoolSnapshot,
+        seen: &std::collections::HashSet<(EntityKind, Id)>,
+        report: &mut ReconcileReport,
+        now: Timestamp,
+        source: SyncSource,
+    ) -> Result<()> {
+        let school = snapshot.school_id;
+        let s = school.as_u128();
+        for kind in EntityKind::ALL {
+            let local: Vec<Id> = {
+                let index = &self.by_school[kind.code() as usize - 1];
+                let mut ids = Vec::new();
+                for entry in index.range((s, 0)..=(s, Id::MAX))? {
+                    let id = entry?.0.value().1;
+                    if !seen.contains(&(kind, id)) {
+                        ids.push(id);
+                    }
+                }
+                ids
+            };
+            for id in local {
+                let Some(live) = self.live(kind, id)? else {
+                    continue;
+                };
+                let drift = report.drift.get_mut(kind.as_str()).expect("every kind");
+                if live.key.timestamp > snapshot.as_of {
+                    drift.newer += 1;
+                    continue;
+                }
+                drift.extra += 1;
+                // Outranks the live record (same version, a time not before
+                // it, a delete); a later change outranks it.
+                let key = OrderKey {
+                    version: live.key.version,
+                    timestamp: snapshot.as_of,
+                    delete: true,
+                    event_id: Uuid::nil(),
+                };
+                let change = Change::Delete {
+                    kind,
+                    id: Uuid::from_u128(id),
+                    school_id: school,
+                };
+                if self.apply(&key, &change, now, source)? {
+                    report.deleted += 1;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn live(&self, kind: EntityKind, id: Id) -> Result<Option<Record<Entity>>> {

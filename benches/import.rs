@@ -1,0 +1,119 @@
+//! Import of a province-scale snapshot file into an empty store, and the
+//! snapshot serving rate (export) from it, with peak memory.
+//!
+//! Run: `cargo bench --bench import`. The file (100,000 teachers, 100,000
+//! classes, 1,000,000 assignments in 100 schools; scale with
+//! `EMIS_BENCH_TEACHERS`) is generated first, in the snapshot format, then
+//! imported through the same code as `emis-edge import`.
+
+mod common;
+
+use std::io::{BufReader, BufWriter, Write};
+use std::time::Instant;
+
+use common::*;
+use emis_edge::domain::snapshot::{end_line, record_line};
+use emis_edge::domain::{Entity, Record, SyncSource};
+use emis_edge::store::{Store, StoreOptions};
+
+fn record(n: u64, data: Entity) -> Record<Entity> {
+    Record {
+        data,
+        key: key(n),
+        last_synced_at: T0,
+        source: SyncSource::Import,
+    }
+}
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    kb / 1024.0
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        return;
+    }
+    let teachers = env_usize("EMIS_BENCH_TEACHERS", 100_000) as u64;
+    let cache_mb = env_usize("EMIS_BENCH_CACHE_MB", 64);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("province.ndjson");
+    let started = Instant::now();
+    let mut lines = 0u64;
+    {
+        let mut out = BufWriter::with_capacity(1 << 20, std::fs::File::create(&file).unwrap());
+        for school in 0..teachers.div_ceil(1000) {
+            let (lo, hi) = (school * 1000, ((school + 1) * 1000).min(teachers));
+            let mut count = 0;
+            for n in lo..hi {
+                out.write_all(&record_line(&record(n, teacher(n)))).unwrap();
+                out.write_all(&record_line(&record(teachers + n, class(n))))
+                    .unwrap();
+                count += 2;
+            }
+            for a in lo * ASSIGNMENTS_PER_TEACHER..hi * ASSIGNMENTS_PER_TEACHER {
+                out.write_all(&record_line(&record(
+                    2 * teachers + a,
+                    assignment(a, teachers),
+                )))
+                .unwrap();
+                count += 1;
+            }
+            out.write_all(&end_line(school_of(lo), count, T0)).unwrap();
+            lines += count + 1;
+        }
+    }
+    let size = std::fs::metadata(&file).unwrap().len();
+    eprintln!(
+        "generated {lines} lines, {:.0} MiB, in {:.1?}",
+        size as f64 / (1 << 20) as f64,
+        started.elapsed()
+    );
+
+    let store = Store::open(
+        &dir.path().join("s.redb"),
+        &StoreOptions {
+            cache_bytes: cache_mb << 20,
+        },
+    )
+    .unwrap();
+    let rss_before = peak_rss_mib();
+    let started = Instant::now();
+    let input = BufReader::with_capacity(1 << 20, std::fs::File::open(&file).unwrap());
+    let outcomes = emis_edge::resync::import(&store, input, T0, |_| {}).unwrap();
+    let took = started.elapsed();
+    assert!(outcomes.iter().all(|o| o.error.is_none()));
+    let records = lines - outcomes.len() as u64;
+    eprintln!(
+        "imported {records} records ({} schools) into an empty durable store in {took:.2?}: {:.0} records/s; store file {:.0} MiB; peak RSS {:.0} MiB (before import {:.0} MiB)",
+        outcomes.len(),
+        records as f64 / took.as_secs_f64(),
+        std::fs::metadata(dir.path().join("s.redb")).unwrap().len() as f64 / (1 << 20) as f64,
+        peak_rss_mib(),
+        rss_before
+    );
+
+    let school = school_of(0);
+    let started = Instant::now();
+    let mut sink = std::io::sink();
+    let n = emis_edge::resync::export(&store, &[school], &mut sink, |_| {}).unwrap();
+    let t1 = started.elapsed();
+    let schools: Vec<_> = (0..teachers.div_ceil(1000))
+        .map(|s| school_of(s * 1000))
+        .collect();
+    let started = Instant::now();
+    let all = emis_edge::resync::export(&store, &schools, &mut sink, |_| {}).unwrap();
+    let t2 = started.elapsed();
+    eprintln!(
+        "snapshot of one school: {n} lines in {t1:.1?} ({:.0} lines/s); whole province: {all} lines in {t2:.2?} ({:.0} lines/s); peak RSS {:.0} MiB",
+        n as f64 / t1.as_secs_f64(),
+        all as f64 / t2.as_secs_f64(),
+        peak_rss_mib()
+    );
+}
