@@ -86,7 +86,14 @@ fn main() {
     let rss_before = peak_rss_mib();
     let started = Instant::now();
     let input = BufReader::with_capacity(1 << 20, std::fs::File::open(&file).unwrap());
-    let outcomes = emis_edge::resync::import(&store, input, T0, |_| {}).unwrap();
+    let outcomes = emis_edge::resync::import(
+        &store,
+        &emis_edge::config::SchoolFilter::All,
+        input,
+        T0,
+        |_| {},
+    )
+    .unwrap();
     let took = started.elapsed();
     assert!(outcomes.iter().all(|o| o.error.is_none()));
     let records = lines - outcomes.len() as u64;

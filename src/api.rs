@@ -80,7 +80,7 @@ pub fn router(state: AppState) -> Router {
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method-not-allowed",
                 "Method not allowed",
-                "this route answers GET only".into(),
+                "this route does not answer that method".into(),
             )
         })
         .with_state(state)
@@ -513,9 +513,11 @@ async fn dead_letters(
 // ---- admin (loopback only) -----------------------------------------------
 
 /// The CLI acts through these while `serve` holds the store (contract §5).
-fn loopback_only(ConnectInfo(peer): ConnectInfo<SocketAddr>) -> Result<(), Problem> {
-    match peer {
-        addr if addr.ip().is_loopback() => Ok(()),
+/// Loopback, or this host itself when `http.listen` is one of its own
+/// addresses (the CLI then connects from that address).
+fn loopback_only(s: &AppState, ConnectInfo(peer): ConnectInfo<SocketAddr>) -> Result<(), Problem> {
+    match peer.ip() {
+        ip if ip.is_loopback() || ip == s.config.http.listen.ip() => Ok(()),
         _ => Err(Problem::new(
             StatusCode::FORBIDDEN,
             "forbidden",
@@ -537,7 +539,7 @@ async fn admin_resync(
     peer: ConnectInfo<SocketAddr>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Response, Problem> {
-    loopback_only(peer)?;
+    loopback_only(&s, peer)?;
     let Query(params) = query?;
     let dry_run = params
         .get("dryRun")
@@ -560,7 +562,7 @@ async fn admin_schools(
     State(s): State<AppState>,
     peer: ConnectInfo<SocketAddr>,
 ) -> Result<Response, Problem> {
-    loopback_only(peer)?;
+    loopback_only(&s, peer)?;
     let schools = crate::resync::schools_to_sync(&s.store, &s.config).map_err(|e| {
         tracing::error!(error = %e, "listing schools failed");
         Problem::new(
@@ -579,16 +581,18 @@ async fn admin_import(
     peer: ConnectInfo<SocketAddr>,
     body: Body,
 ) -> Result<Response, Problem> {
-    loopback_only(peer)?;
+    loopback_only(&s, peer)?;
     let stream = body
         .into_data_stream()
         .map(|r| r.map_err(std::io::Error::other));
     let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
     let store = s.store.clone();
+    let filter = s.config.school_filter();
     let now = s.clock.now();
     let outcomes = tokio::task::spawn_blocking(move || {
         crate::resync::import(
             &store,
+            &filter,
             std::io::BufReader::with_capacity(1 << 20, reader),
             now,
             |_| {},

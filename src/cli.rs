@@ -245,11 +245,13 @@ fn print_outcomes(doc: &serde_json::Value) -> bool {
 }
 
 fn resync(config: &Config, schools: Vec<uuid::Uuid>, dry_run: bool) -> anyhow::Result<bool> {
-    let base = config
-        .resync
-        .central_url
-        .clone()
-        .ok_or_else(|| anyhow::anyhow!("config key `resync.central_url` is not set"))?;
+    let Some(base) = config.resync.central_url.clone() else {
+        config_error(&crate::config::ConfigError {
+            key: "resync.central_url".into(),
+            message: "must be set to resync".into(),
+        });
+        std::process::exit(2);
+    };
     let rt = runtime()?;
     rt.block_on(async {
         let mut path = format!("/api/admin/resync?dryRun={dry_run}");
@@ -303,10 +305,11 @@ fn progress(len: Option<u64>, what: &'static str) -> impl FnMut(u64) + Clone {
         None
     };
     let mut last_logged = 0u64;
+    let step = len.map_or(100_000, |l| (l / 10).max(1));
     move |n: u64| match &bar {
         Some(bar) => bar.set_position(n),
         None => {
-            if n >= last_logged + 100_000 || n < last_logged {
+            if n >= last_logged + step || n < last_logged {
                 last_logged = n;
                 eprintln!("emis-edge: {what}: {n}");
             }
@@ -404,6 +407,7 @@ fn import(config: &Config, file: &Path) -> anyhow::Result<bool> {
             };
             let outcomes = crate::resync::import(
                 &store,
+                &config.school_filter(),
                 std::io::BufReader::with_capacity(1 << 20, counted),
                 SystemClock.now(),
                 |_| {},

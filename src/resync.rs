@@ -222,6 +222,11 @@ pub async fn run_for_node(
         Some(s) => s,
         None => schools_to_sync(&state.store, &state.config)?,
     };
+    anyhow::ensure!(
+        !schools.is_empty(),
+        "no school to resync: with schools.all the node resyncs the schools its store knows, \
+         and it knows none yet; import a file or set schools.ids"
+    );
     let clock = state.clock.clone();
     let report = run(
         &state.store,
@@ -284,12 +289,28 @@ pub async fn worker(state: AppState, stop: CancellationToken) {
             _ = tokio::time::sleep(wait) => {}
             _ = state.resync_wanted.notified() => tracing::info!("resync requested by ingestion"),
         }
-        match run_for_node(&state, None, false).await {
+        let outcome = tokio::select! {
+            _ = stop.cancelled() => return, // the download is dropped; nothing half-applied
+            outcome = run_for_node(&state, None, false) => outcome,
+        };
+        match outcome {
             Ok(report) if report.ok() => {
                 retry = RETRY_MIN;
                 wait = jittered(interval);
             }
             Ok(_) | Err(_) => {
+                if let Err(e) = &outcome {
+                    tracing::warn!(error = %format!("{e:#}"), "resync not possible");
+                    let detail = format!("{e:#}");
+                    let at = state.clock.now();
+                    state.sync.update(|s| {
+                        s.last_resync = Some(ResyncOutcome {
+                            at,
+                            ok: false,
+                            detail,
+                        })
+                    });
+                }
                 wait = jittered(retry).min(interval);
                 tracing::warn!(retry_in = ?wait, "resync incomplete; retrying with backoff");
                 retry = (retry * 2).min(interval);
@@ -305,6 +326,7 @@ pub async fn worker(state: AppState, stop: CancellationToken) {
 /// any of it is written. `progress` is told the lines read so far.
 pub fn import(
     store: &Store,
+    filter: &SchoolFilter,
     input: impl BufRead,
     now: Timestamp,
     mut progress: impl FnMut(u64),
@@ -327,6 +349,13 @@ pub fn import(
     for line in input.split(b'\n') {
         let line = line?;
         match reader.feed(&line) {
+            Some(Ok(snapshot)) if !filter.serves(snapshot.school_id) => {
+                outcomes.push(SchoolOutcome {
+                    school_id: snapshot.school_id,
+                    report: None,
+                    error: Some("not a school this node serves (schools.ids): skipped".into()),
+                })
+            }
             Some(Ok(snapshot)) => {
                 pending_records += snapshot.records.len();
                 pending.push(snapshot);
@@ -359,7 +388,8 @@ pub fn import(
 }
 
 /// Writes the snapshots of `schools` to `out`, concatenated; returns the
-/// record count. `progress` is told the records written so far.
+/// number of lines (records and end lines). `progress` is told the lines
+/// written so far.
 pub fn export(
     store: &Store,
     schools: &[Uuid],

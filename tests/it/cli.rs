@@ -233,3 +233,81 @@ fn status_asks_the_running_node_else_reads_the_store() {
         "{stdout}"
     );
 }
+
+#[test]
+fn export_and_import_move_a_replica_by_file_all_or_nothing_per_school() {
+    use crate::support::*;
+    use emis_edge::domain::{EventType, SyncSource};
+    let (a, b, c) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    {
+        let store = emis_edge::store::Store::open(
+            &a.path().join(emis_edge::config::STORE_FILE),
+            &Default::default(),
+        )
+        .unwrap();
+        let mut changes = Vec::new();
+        for n in 0..30u128 {
+            let t = EventType::ClassCreated;
+            let env = envelope(t, id(40_000 + n), T0, Some(1), school(1 + n % 2));
+            changes.push(parse(t, &merge(env, class_fields(id(n), "Lớp 10A1"))));
+        }
+        store
+            .apply_batch(&batch(changes), T0, SyncSource::Kafka)
+            .unwrap();
+    }
+    let listen = format!("127.0.0.1:{}", free_port()); // no node answers there
+    let env_for = |dir: &tempfile::TempDir| {
+        vec![
+            (
+                "EMIS_EDGE__NODE__DATA_DIR".to_owned(),
+                dir.path().to_str().unwrap().to_owned(),
+            ),
+            ("EMIS_EDGE__HTTP__LISTEN".to_owned(), listen.clone()),
+        ]
+    };
+    let run_in = |dir: &tempfile::TempDir, args: &[&str]| {
+        let env = env_for(dir);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        run(args, &env)
+    };
+    let file = a.path().join("usb.ndjson");
+    let file = file.to_str().unwrap();
+    let (code, _, stderr) = run_in(&a, &["export", "--config", "/dev/null", "--out", file]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("wrote 32 lines"), "{stderr}");
+
+    let (code, stdout, stderr) = run_in(&b, &["import", "--config", "/dev/null", file]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout.matches("  ok  records 15").count(), 2, "{stdout}");
+    let (_, json_out, _) = run_in(&b, &["status", "--config", "/dev/null", "--json"]);
+    let doc: serde_json::Value = serde_json::from_str(&json_out).unwrap();
+    assert_eq!(doc["entities"]["classes"], 30);
+
+    // Cut before the second school's end line: the first school imports,
+    // the second changes nothing, and the exit code says so.
+    let text = std::fs::read_to_string(file).unwrap();
+    let cut = &text[..text.trim_end().rfind('\n').unwrap() + 1];
+    let cut_file = c.path().join("cut.ndjson");
+    std::fs::write(&cut_file, cut).unwrap();
+    let (code, stdout, _) = run_in(
+        &c,
+        &[
+            "import",
+            "--config",
+            "/dev/null",
+            cut_file.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 1, "{stdout}");
+    assert!(
+        stdout.contains("FAILED") && stdout.contains("truncated"),
+        "{stdout}"
+    );
+    let (_, json_out, _) = run_in(&c, &["status", "--config", "/dev/null", "--json"]);
+    let doc: serde_json::Value = serde_json::from_str(&json_out).unwrap();
+    assert_eq!(doc["entities"]["classes"], 15);
+}

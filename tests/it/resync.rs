@@ -319,7 +319,14 @@ async fn export_then_import_into_an_empty_node_gives_identical_answers() {
     }
     let b = TestNode::start(|_| {}).await;
     let input = std::io::BufReader::new(std::fs::File::open(&file).unwrap());
-    let outcomes = resync::import(&b.node.state.store, input, T0, |_| {}).unwrap();
+    let outcomes = resync::import(
+        &b.node.state.store,
+        &emis_edge::config::SchoolFilter::All,
+        input,
+        T0,
+        |_| {},
+    )
+    .unwrap();
     assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
     for path in [
         format!("/api/teachers/{}", id(11)),
@@ -355,7 +362,14 @@ async fn a_damaged_import_file_changes_nothing_for_the_damaged_schools_and_names
     damaged.push_str(&lines[first_end + 1..lines.len() - 1].join("\n"));
     damaged.push('\n');
     let b = TestNode::start(|_| {}).await;
-    let outcomes = resync::import(&b.node.state.store, damaged.as_bytes(), T0, |_| {}).unwrap();
+    let outcomes = resync::import(
+        &b.node.state.store,
+        &emis_edge::config::SchoolFilter::All,
+        damaged.as_bytes(),
+        T0,
+        |_| {},
+    )
+    .unwrap();
     assert_eq!(outcomes.len(), 2, "{outcomes:?}");
     assert!(outcomes[0].error.is_none());
     let error = outcomes[1].error.as_ref().unwrap();
@@ -374,7 +388,14 @@ async fn a_damaged_import_file_changes_nothing_for_the_damaged_schools_and_names
     // A corrupt line in the middle: that school is rejected, naming the line.
     let corrupt = text.replacen("\"kind\":\"teacher\"", "\"kind\":\"principal\"", 1);
     let c = TestNode::start(|_| {}).await;
-    let outcomes = resync::import(&c.node.state.store, corrupt.as_bytes(), T0, |_| {}).unwrap();
+    let outcomes = resync::import(
+        &c.node.state.store,
+        &emis_edge::config::SchoolFilter::All,
+        corrupt.as_bytes(),
+        T0,
+        |_| {},
+    )
+    .unwrap();
     let bad = outcomes
         .iter()
         .find(|o| o.error.is_some())
