@@ -563,7 +563,7 @@ async fn admin_schools(
     peer: ConnectInfo<SocketAddr>,
 ) -> Result<Response, Problem> {
     loopback_only(&s, peer)?;
-    let schools = crate::resync::schools_to_sync(&s.store, &s.config).map_err(|e| {
+    let schools = crate::resync::schools_to_sync(&s.store, &s.config, Vec::new()).map_err(|e| {
         tracing::error!(error = %e, "listing schools failed");
         Problem::new(
             StatusCode::INTERNAL_SERVER_ERROR,

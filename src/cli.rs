@@ -263,11 +263,11 @@ fn resync(config: &Config, schools: Vec<uuid::Uuid>, dry_run: bool) -> anyhow::R
             Some(doc) => doc,
             None => {
                 let store = open_store(config)?;
-                let schools = if schools.is_empty() {
-                    crate::resync::schools_to_sync(&store, config)?
-                } else {
-                    schools
-                };
+                let schools = crate::resync::schools_to_sync(&store, config, schools)?;
+                anyhow::ensure!(
+                    !schools.is_empty(),
+                    "no school to resync: set schools.ids or name --school"
+                );
                 let client = crate::resync::http_client(config);
                 let report = crate::resync::run(
                     &store,
@@ -357,11 +357,7 @@ fn export(config: &Config, schools: Vec<uuid::Uuid>, out: &Path) -> anyhow::Resu
         }
         None => {
             let store = open_store(config)?;
-            let schools = if schools.is_empty() {
-                crate::resync::schools_to_sync(&store, config)?
-            } else {
-                schools
-            };
+            let schools = crate::resync::schools_to_sync(&store, config, schools)?;
             crate::resync::export(&store, &schools, &mut writer, tick)?
         }
     };

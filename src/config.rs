@@ -103,6 +103,9 @@ pub struct ResyncConfig {
     pub interval_secs: u64,
     /// A school's snapshot download is abandoned after this long.
     pub timeout_secs: u64,
+    /// Scheduled runs only audit ("shadow mode"): they log the drift per
+    /// school and entity kind and change nothing.
+    pub dry_run: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -196,6 +199,7 @@ impl Default for ResyncConfig {
             central_url: None,
             interval_secs: 86_400,
             timeout_secs: 300,
+            dry_run: false,
         }
     }
 }

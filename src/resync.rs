@@ -81,9 +81,16 @@ impl RunReport {
     }
 }
 
-/// The schools a run covers: the configured ones, or (serving all) every
-/// school the store knows.
-pub fn schools_to_sync(store: &Store, config: &Config) -> anyhow::Result<Vec<Uuid>> {
+/// The schools a run or an export covers: those `given`, else the
+/// configured ones, else (serving all) every school the store knows.
+pub fn schools_to_sync(
+    store: &Store,
+    config: &Config,
+    given: Vec<Uuid>,
+) -> anyhow::Result<Vec<Uuid>> {
+    if !given.is_empty() {
+        return Ok(given);
+    }
     Ok(match config.school_filter() {
         SchoolFilter::Only(ids) => ids.into_iter().collect(),
         SchoolFilter::All => store.read()?.schools()?,
@@ -218,10 +225,7 @@ pub async fn run_for_node(
         .central_url
         .clone()
         .ok_or_else(|| anyhow::anyhow!("resync.central_url is not set"))?;
-    let schools = match only {
-        Some(s) => s,
-        None => schools_to_sync(&state.store, &state.config)?,
-    };
+    let schools = schools_to_sync(&state.store, &state.config, only.unwrap_or_default())?;
     anyhow::ensure!(
         !schools.is_empty(),
         "no school to resync: with schools.all the node resyncs the schools its store knows, \
@@ -291,7 +295,7 @@ pub async fn worker(state: AppState, stop: CancellationToken) {
         }
         let outcome = tokio::select! {
             _ = stop.cancelled() => return, // the download is dropped; nothing half-applied
-            outcome = run_for_node(&state, None, false) => outcome,
+            outcome = run_for_node(&state, None, state.config.resync.dry_run) => outcome,
         };
         match outcome {
             Ok(report) if report.ok() => {

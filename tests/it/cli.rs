@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use emis_edge::config::Config;
 
+use crate::support::free_port;
+
 const BIN: &str = env!("CARGO_BIN_EXE_emis-edge");
 
 fn example() -> &'static Path {
@@ -167,14 +169,6 @@ fn serve_refuses_a_store_it_cannot_use_with_exit_1() {
         std::fs::read(&store).unwrap(),
         b"this is not a redb file at all, it is a text file"
     );
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]

@@ -24,14 +24,6 @@ impl Drop for Proc {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn wait_port(port: u16, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -286,6 +278,7 @@ async fn sigkill_at_random_moments_loses_nothing_and_doubles_nothing() {
             kafka.cluster.bootstrap_servers(),
         ),
         ("RUST_LOG", "warn".to_owned()),
+        ("EMIS_EDGE__NODE__ID", "crash-test".to_owned()),
     ];
     let spawn = || {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_emis-edge"));
@@ -371,6 +364,10 @@ async fn sigkill_at_random_moments_loses_nothing_and_doubles_nothing() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    assert_eq!(
+        v["nodeId"], "crash-test",
+        "another process answers on the port"
+    );
     assert_eq!(counter(&v, "events_applied"), EVENTS as u64, "{v:#}");
     assert_eq!(
         counter(&v, "events_stale"),

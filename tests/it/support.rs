@@ -215,3 +215,12 @@ pub fn without_sync_times(mut v: Value) -> Value {
     strip(&mut v);
     v
 }
+
+/// A loopback port nothing listens on (yet).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
