@@ -458,7 +458,8 @@ fn init_logging(config: &Config) {
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         builder.with_ansi(false).without_time().init();
     } else {
-        builder.init();
+        use std::io::IsTerminal;
+        builder.with_ansi(std::io::stderr().is_terminal()).init();
     }
 }
 
@@ -496,7 +497,12 @@ fn status(config: &Config, as_json: bool) -> anyhow::Result<()> {
                 "no node answers at {url} and there is no store at {}",
                 path.display()
             );
-            let store = Store::open(&path, &StoreOptions::default())?;
+            let store = Store::open(
+                &path,
+                &StoreOptions {
+                    cache_bytes: config.store.cache_mb << 20,
+                },
+            )?;
             let sync = SyncState::new(!config.kafka.brokers.trim().is_empty());
             let doc = crate::api::status_json(&store, &sync, config, SystemClock.now())?;
             (
@@ -539,6 +545,23 @@ fn render_status(doc: &serde_json::Value, source: &str) -> String {
             .as_str()
             .map(|e| format!(" — {e}"))
             .unwrap_or_default()
+    );
+    if let Some(e) = doc["storeError"].as_str() {
+        let _ = writeln!(out, "STORE ERROR    {e}");
+    }
+    let oor = &doc["kafka"]["offsetOutOfRange"];
+    if !oor.is_null() {
+        let _ = writeln!(
+            out,
+            "EVENTS LOST    {} {} (a resync repairs this)",
+            s(&oor["at"]),
+            s(&oor["detail"])
+        );
+    }
+    let _ = writeln!(
+        out,
+        "caught up      {}",
+        if doc["caughtUp"] == true { "yes" } else { "no" }
     );
     let _ = writeln!(out, "last event     {}", s(&doc["lastEventTime"]));
     let resync = &doc["lastResync"];

@@ -437,3 +437,29 @@ async fn the_admin_resync_route_runs_a_dry_run_and_rejects_a_bad_school_id() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 400);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_without_event_ids_counts_the_versions_applied_here_as_the_same() {
+    let a = central().await;
+    let (_, _, body) = a.get(&format!("/api/schools/{}/snapshot", school(1))).await;
+    // Central's snapshots carry no eventId; emis-edge's do. Strip them.
+    let stripped: String = String::from_utf8(body)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("eventId");
+            v.to_string() + "\n"
+        })
+        .collect();
+    let b = edge(fake_central(200, stripped, Duration::ZERO).await).await;
+    let report = resync::run_for_node(&b.node.state, None, true)
+        .await
+        .unwrap();
+    let r = report.schools[0].report.as_ref().unwrap();
+    assert_eq!(r.drift["class"].same, 1, "{r:?}");
+    assert_eq!(
+        r.drift["class"].newer, 1,
+        "only the class created after asOf: {r:?}"
+    );
+}
