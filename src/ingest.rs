@@ -226,22 +226,31 @@ impl Worker {
         let metadata = self.consumer.fetch_metadata(None, timeout)?;
         let mut topics: Vec<&String> = self.topics.keys().collect();
         topics.sort();
+        let first = self.catch_up.is_none();
+        let mut new_partitions = Vec::new();
         for topic in topics {
             let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
-                tracing::warn!(topic, "topic does not exist yet; will look again");
+                if first {
+                    tracing::warn!(
+                        topic,
+                        "topic does not exist yet; will look again every minute"
+                    );
+                }
                 continue;
             };
             if let Some(err) = t.error() {
-                tracing::warn!(topic, error = ?err, "topic not available yet; will look again");
+                if first {
+                    tracing::warn!(topic, error = ?err, "topic not available yet; will look again every minute");
+                }
                 continue;
             }
             for p in t.partitions() {
                 let key = (topic.clone(), p.id());
+                if self.assigned.contains_key(&key) {
+                    continue; // only new partitions cost a round trip
+                }
                 let (low, high) = self.consumer.fetch_watermarks(topic, p.id(), timeout)?;
                 targets.insert(key.clone(), high);
-                if self.assigned.contains_key(&key) {
-                    continue;
-                }
                 let offset = match stored.get(&key) {
                     Some(&next) if next < low => {
                         self.out_of_range(topic, p.id(), next, low);
@@ -251,18 +260,14 @@ impl Worker {
                     None => Offset::Beginning,
                 };
                 added.add_partition_offset(topic, p.id(), offset)?;
-                self.assigned.insert(
-                    key,
-                    stored
-                        .get(&(topic.clone(), p.id()))
-                        .copied()
-                        .unwrap_or(low)
-                        .max(low),
-                );
+                let start = stored.get(&key).copied().unwrap_or(low).max(low);
+                new_partitions.push((key, start));
             }
         }
         if added.count() > 0 {
             self.consumer.incremental_assign(&added)?;
+            // Recorded only once assigned: a failure above retries them all.
+            self.assigned.extend(new_partitions);
             tracing::info!(
                 added = added.count(),
                 partitions = self.assigned.len(),
