@@ -41,6 +41,8 @@ pub struct AppState {
     /// Signalled when the event stream cannot repair the replica by itself
     /// (offset out of range); the resync worker listens.
     pub resync_wanted: Arc<tokio::sync::Notify>,
+    /// Fed by every round of the ingest loop; the systemd watchdog checks it.
+    pub ingest_heartbeat: Arc<crate::systemd::Heartbeat>,
 }
 
 /// Page size when `limit` is absent, and its upper bound.

@@ -93,10 +93,12 @@ fn next_backoff(d: Duration) -> Duration {
     (d * 2).min(BACKOFF_MAX)
 }
 
-/// Sleeps `d` unless `stop` fires first; returns whether to go on.
-fn pause(stop: &CancellationToken, d: Duration) -> bool {
+/// Sleeps `d` unless `stop` fires first; returns whether to go on. Beats
+/// the heartbeat: waiting on purpose is not being wedged.
+fn pause(stop: &CancellationToken, heartbeat: &crate::systemd::Heartbeat, d: Duration) -> bool {
     let until = Instant::now() + d;
     while Instant::now() < until {
+        heartbeat.beat();
         if stop.is_cancelled() {
             return false;
         }
@@ -107,6 +109,14 @@ fn pause(stop: &CancellationToken, d: Duration) -> bool {
 
 /// Runs the ingest worker on the calling thread until `stop` fires.
 pub fn run(state: AppState, stop: CancellationToken) {
+    struct Retire<'a>(&'a crate::systemd::Heartbeat);
+    impl Drop for Retire<'_> {
+        fn drop(&mut self) {
+            self.0.retire();
+        }
+    }
+    let heartbeat = state.ingest_heartbeat.clone();
+    let _retire = Retire(&heartbeat);
     let config = state.config.clone();
     let mut client = ClientConfig::new();
     client
@@ -186,7 +196,7 @@ impl Worker {
                         s.kafka_connected = false;
                         s.kafka_error = Some(e.to_string());
                     });
-                    if !pause(stop, backoff) {
+                    if !pause(stop, &self.state.ingest_heartbeat, backoff) {
                         return;
                     }
                     backoff = next_backoff(backoff);
@@ -316,6 +326,7 @@ impl Worker {
         let mut deadline: Option<Instant> = None;
         let now = self.state.clock.now();
         while count < self.max_messages {
+            self.state.ingest_heartbeat.beat();
             let timeout =
                 deadline.map_or(IDLE_POLL, |d| d.saturating_duration_since(Instant::now()));
             match self.consumer.poll(timeout) {
@@ -410,7 +421,7 @@ impl Worker {
                     self.state
                         .sync
                         .update(|s| s.store_error = Some(e.to_string()));
-                    if !pause(stop, backoff) {
+                    if !pause(stop, &self.state.ingest_heartbeat, backoff) {
                         return false;
                     }
                     backoff = next_backoff(backoff);

@@ -16,3 +16,4 @@ pub mod node;
 pub mod resync;
 pub mod status;
 pub mod store;
+pub mod systemd;

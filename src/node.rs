@@ -54,6 +54,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         config: Arc::new(config),
         clock,
         resync_wanted: Arc::new(tokio::sync::Notify::new()),
+        ingest_heartbeat: Arc::new(crate::systemd::Heartbeat::default()),
     };
     let listener = tokio::net::TcpListener::bind(state.config.http.listen)
         .await
@@ -97,6 +98,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         .with_graceful_shutdown(async move { http_stop_inner.cancelled().await })
         .await
     });
+    tasks.spawn(crate::systemd::supervise(state.clone(), addr, stop.clone()));
     tracing::info!(%addr, node = %state.config.node.id, "listening");
     Ok(RunningNode {
         addr,
@@ -111,6 +113,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
 impl RunningNode {
     /// Stops workers, then HTTP, within [`SHUTDOWN_DEADLINE`].
     pub async fn stop(mut self) -> anyhow::Result<()> {
+        crate::systemd::stopping();
         self.stop.cancel(); // workers first: ingest commits its in-flight batch
         let ordered = async {
             while let Some(r) = self.tasks.join_next().await {

@@ -305,3 +305,87 @@ fn export_and_import_move_a_replica_by_file_all_or_nothing_per_school() {
     let doc: serde_json::Value = serde_json::from_str(&json_out).unwrap();
     assert_eq!(doc["entities"]["classes"], 15);
 }
+
+#[test]
+fn under_systemd_the_node_reports_ready_status_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config", "/dev/null"])
+        .env("EMIS_EDGE__NODE__DATA_DIR", dir.path())
+        .env("EMIS_EDGE__HTTP__LISTEN", &listen)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "2000000")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut received = String::new();
+    let mut buf = [0u8; 4096];
+    while !(received.contains("READY=1") && received.contains("WATCHDOG=1")) {
+        let n = socket
+            .recv(&mut buf)
+            .expect("no notification from the node");
+        received.push_str(&String::from_utf8_lossy(&buf[..n]));
+        received.push('\n');
+    }
+    assert!(
+        received.contains("STATUS=not ready (no data yet); kafka not configured"),
+        "{received}"
+    );
+    assert!(Command::new("kill")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap()
+        .success());
+    loop {
+        let n = socket.recv(&mut buf).expect("no STOPPING=1");
+        if String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1") {
+            break;
+        }
+    }
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+#[test]
+fn the_systemd_unit_verifies_and_its_exposure_is_ok() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/packaging/systemd/emis-edge.service"
+    ))
+    .unwrap();
+    assert!(unit.contains("Type=notify") && unit.contains("WatchdogSec="));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("emis-edge.service");
+    std::fs::write(&path, unit.replace("/usr/bin/emis-edge", BIN)).unwrap();
+    let verify = Command::new("systemd-analyze")
+        .args(["verify"])
+        .arg(&path)
+        .env("SYSTEMD_LOG_LEVEL", "notice")
+        .output()
+        .expect("systemd-analyze (Debian package systemd) is needed");
+    assert!(
+        verify.status.success() && verify.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let security = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&security.stdout).into_owned()
+        + &String::from_utf8_lossy(&security.stderr);
+    let score: f64 = text
+        .split("Overall exposure level for emis-edge.service:")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure score in:\n{text}"));
+    assert!(score <= 2.0, "exposure {score} > 2.0:\n{text}");
+}
