@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
@@ -43,6 +44,8 @@ pub struct AppState {
     pub resync_wanted: Arc<tokio::sync::Notify>,
     /// Fed by every round of the ingest loop; the systemd watchdog checks it.
     pub ingest_heartbeat: Arc<crate::systemd::Heartbeat>,
+    /// Bearer tokens accepted on `/api/*` (none: no authentication).
+    pub tokens: Arc<Vec<String>>,
 }
 
 /// Page size when `limit` is absent, and its upper bound.
@@ -51,7 +54,30 @@ pub const MAX_LIMIT: usize = 1000;
 
 pub fn router(state: AppState) -> Router {
     let registry = Arc::new(crate::metrics::registry(state.clone()));
-    Router::new()
+    let timeout = Duration::from_secs(state.config.http.request_timeout_secs);
+    let limits = tower::ServiceBuilder::new()
+        .layer(axum::error_handling::HandleErrorLayer::new(
+            |e: tower::BoxError| async move {
+                if e.is::<tower::timeout::error::Elapsed>() {
+                    Problem::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "timeout",
+                        "Request timeout",
+                        "the request took longer than http.request_timeout_secs".into(),
+                    )
+                } else {
+                    Problem::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "unavailable",
+                        "Unavailable",
+                        e.to_string(),
+                    )
+                }
+            },
+        ))
+        .layer(tower::timeout::TimeoutLayer::new(timeout));
+    // Reads: bearer token when http.token_file is set, and a time limit.
+    let api = Router::new()
         .route("/api/teachers/{teacher_id}", get(teacher_detail))
         .route("/api/classes/{class_id}", get(class))
         .route("/api/schools/{school_id}/classes", get(school_classes))
@@ -59,9 +85,20 @@ pub fn router(state: AppState) -> Router {
         .route("/api/schools/{school_id}/snapshot", get(snapshot))
         .route("/api/sync/status", get(sync_status))
         .route("/api/sync/dead-letters", get(dead_letters))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ))
+        .layer(limits);
+    // Admin: loopback or token (checked in each handler); an import may
+    // stream for minutes, so no time limit.
+    let admin = Router::new()
         .route("/api/admin/resync", axum::routing::post(admin_resync))
         .route("/api/admin/import", axum::routing::post(admin_import))
-        .route("/api/admin/schools", get(admin_schools))
+        .route("/api/admin/schools", get(admin_schools));
+    Router::new()
+        .merge(api)
+        .merge(admin)
         .route("/health/live", get(|| async { "ok\n" }))
         .route("/health/ready", get(ready))
         .route(
@@ -85,7 +122,53 @@ pub fn router(state: AppState) -> Router {
                 "this route does not answer that method".into(),
             )
         })
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            state.config.http.max_concurrent_requests,
+        ))
         .with_state(state)
+}
+
+/// Whether the request carries one of the configured bearer tokens
+/// (compared in constant time).
+fn has_token(state: &AppState, headers: &axum::http::HeaderMap) -> bool {
+    use subtle::ConstantTimeEq;
+    let Some(given) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    state.tokens.iter().fold(false, |found, t| {
+        found | bool::from(t.as_bytes().ct_eq(given.trim().as_bytes()))
+    })
+}
+
+fn unauthorized() -> Response {
+    let mut response = Problem::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "Unauthorized",
+        "this node requires `Authorization: Bearer <token>` (http.token_file)".into(),
+    )
+    .into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        axum::http::HeaderValue::from_static("Bearer"),
+    );
+    response
+}
+
+async fn require_token(
+    State(s): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if s.tokens.is_empty() || has_token(&s, request.headers()) {
+        next.run(request).await
+    } else {
+        unauthorized()
+    }
 }
 
 /// An RFC 9457 problem document.
@@ -515,11 +598,16 @@ async fn dead_letters(
 // ---- admin (loopback only) -----------------------------------------------
 
 /// The CLI acts through these while `serve` holds the store (contract §5).
-/// Loopback, or this host itself when `http.listen` is one of its own
-/// addresses (the CLI then connects from that address).
-fn loopback_only(s: &AppState, ConnectInfo(peer): ConnectInfo<SocketAddr>) -> Result<(), Problem> {
+/// Loopback, this host itself when `http.listen` is one of its own
+/// addresses (the CLI then connects from that address), or a valid token.
+fn loopback_only(
+    s: &AppState,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: &axum::http::HeaderMap,
+) -> Result<(), Problem> {
     match peer.ip() {
         ip if ip.is_loopback() || ip == s.config.http.listen.ip() => Ok(()),
+        _ if has_token(s, headers) => Ok(()),
         _ => Err(Problem::new(
             StatusCode::FORBIDDEN,
             "forbidden",
@@ -539,9 +627,10 @@ fn school_params(params: &HashMap<String, String>) -> Result<Option<Vec<Uuid>>, 
 async fn admin_resync(
     State(s): State<AppState>,
     peer: ConnectInfo<SocketAddr>,
+    headers: axum::http::HeaderMap,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Response, Problem> {
-    loopback_only(&s, peer)?;
+    loopback_only(&s, peer, &headers)?;
     let Query(params) = query?;
     let dry_run = params
         .get("dryRun")
@@ -563,8 +652,9 @@ async fn admin_resync(
 async fn admin_schools(
     State(s): State<AppState>,
     peer: ConnectInfo<SocketAddr>,
+    headers: axum::http::HeaderMap,
 ) -> Result<Response, Problem> {
-    loopback_only(&s, peer)?;
+    loopback_only(&s, peer, &headers)?;
     let schools = crate::resync::schools_to_sync(&s.store, &s.config, Vec::new()).map_err(|e| {
         tracing::error!(error = %e, "listing schools failed");
         Problem::new(
@@ -581,9 +671,10 @@ async fn admin_schools(
 async fn admin_import(
     State(s): State<AppState>,
     peer: ConnectInfo<SocketAddr>,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> Result<Response, Problem> {
-    loopback_only(&s, peer)?;
+    loopback_only(&s, peer, &headers)?;
     let stream = body
         .into_data_stream()
         .map(|r| r.map_err(std::io::Error::other));

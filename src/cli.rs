@@ -333,7 +333,7 @@ fn export(config: &Config, schools: Vec<uuid::Uuid>, out: &Path) -> anyhow::Resu
                 schools
             };
             rt.block_on(async {
-                let client = reqwest::Client::new();
+                let client = node_client(config, Duration::from_secs(3600))?;
                 let mut lines = 0u64;
                 for school in schools {
                     let url = format!(
@@ -476,21 +476,34 @@ fn local_addr(config: &Config) -> std::net::SocketAddr {
     addr
 }
 
+/// A client that sends the node's first API token, when it has any.
+fn node_client(config: &Config, timeout: Duration) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = config.load_tokens()?.into_iter().next() {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    Ok(reqwest::Client::builder()
+        .timeout(timeout)
+        .default_headers(headers)
+        .build()?)
+}
+
 fn status(config: &Config, as_json: bool) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let url = format!("http://{}/api/sync/status", local_addr(config));
     let from_node = runtime.block_on(async {
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(5))
-            .build()?;
+        let client = node_client(config, Duration::from_secs(5))
+            .map_err(|e| ClientError::Setup(e.to_string()))?;
         let response = client.get(&url).send().await?.error_for_status()?;
-        response.json::<serde_json::Value>().await
+        Ok::<_, ClientError>(response.json::<serde_json::Value>().await?)
     });
     let (doc, source) = match from_node {
         Ok(doc) => (doc, format!("running node at {}", local_addr(config))),
-        Err(e) if e.is_connect() => {
+        Err(ClientError::Http(e)) if e.is_connect() => {
             let path = config.store_path();
             anyhow::ensure!(
                 path.exists(),
@@ -510,7 +523,7 @@ fn status(config: &Config, as_json: bool) -> anyhow::Result<()> {
                 format!("store file {} (node not running)", path.display()),
             )
         }
-        Err(e) => return Err(anyhow::Error::new(e).context(format!("asking {url}"))),
+        Err(e) => return Err(anyhow::anyhow!("asking {url}: {e}")),
     };
     if as_json {
         println!("{}", serde_json::to_string_pretty(&doc)?);
@@ -518,6 +531,14 @@ fn status(config: &Config, as_json: bool) -> anyhow::Result<()> {
         print!("{}", render_status(&doc, &source));
     }
     Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ClientError {
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    Http(#[from] reqwest::Error),
 }
 
 /// The human summary of a status document, most urgent first.

@@ -48,6 +48,13 @@ pub struct NodeConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
+    /// Bearer tokens for `/api/*`, one per line; unset: no authentication.
+    /// The file must not be readable by others.
+    pub token_file: Option<PathBuf>,
+    /// A read request taking longer is answered 408.
+    pub request_timeout_secs: u64,
+    /// Requests served at once; more wait their turn.
+    pub max_concurrent_requests: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -139,6 +146,9 @@ impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            token_file: None,
+            request_timeout_secs: 30,
+            max_concurrent_requests: 1024,
         }
     }
 }
@@ -325,6 +335,15 @@ impl Config {
                 format!("{id:?} must be 1–64 characters of A–Z, a–z, 0–9, '-', '_', '.'"),
             ));
         }
+        if self.http.request_timeout_secs == 0 {
+            return Err(bad("http.request_timeout_secs", "must be at least 1"));
+        }
+        if !(1..=100_000).contains(&self.http.max_concurrent_requests) {
+            return Err(bad(
+                "http.max_concurrent_requests",
+                "must be between 1 and 100000",
+            ));
+        }
         if self.node.data_dir.as_os_str().is_empty() {
             return Err(bad("node.data_dir", "must not be empty"));
         }
@@ -409,6 +428,40 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The API tokens of `http.token_file` (empty when unset). Refuses a
+    /// file others can read, and one without a token of 16+ characters.
+    pub fn load_tokens(&self) -> anyhow::Result<Vec<String>> {
+        let Some(path) = &self.http.token_file else {
+            return Ok(Vec::new());
+        };
+        let shown = path.display();
+        let meta =
+            std::fs::metadata(path).map_err(|e| anyhow::anyhow!("http.token_file {shown}: {e}"))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = meta.permissions().mode() & 0o777;
+            anyhow::ensure!(
+                mode & 0o007 == 0,
+                "http.token_file {shown} is readable by others (mode {mode:04o}); run `chmod 0640 {shown}`"
+            );
+        }
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("http.token_file {shown}: {e}"))?;
+        let tokens: Vec<String> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_owned)
+            .collect();
+        anyhow::ensure!(!tokens.is_empty(), "http.token_file {shown} holds no token");
+        anyhow::ensure!(
+            tokens.iter().all(|t| t.len() >= 16),
+            "http.token_file {shown}: every token must be at least 16 characters"
+        );
+        Ok(tokens)
     }
 
     pub fn store_path(&self) -> PathBuf {

@@ -45,6 +45,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     let options = StoreOptions {
         cache_bytes: config.store.cache_mb * 1024 * 1024,
     };
+    let tokens = Arc::new(config.load_tokens()?);
     let store = Arc::new(Store::open(&path, &options)?);
     tracing::info!(path = %path.display(), "store open");
 
@@ -55,6 +56,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         clock,
         resync_wanted: Arc::new(tokio::sync::Notify::new()),
         ingest_heartbeat: Arc::new(crate::systemd::Heartbeat::default()),
+        tokens,
     };
     let listener = tokio::net::TcpListener::bind(state.config.http.listen)
         .await

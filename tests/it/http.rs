@@ -311,3 +311,65 @@ async fn status_dead_letters_health_and_metrics_report_the_store() {
         );
     }
 }
+
+fn token_file(dir: &std::path::Path, mode: u32) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("api-tokens");
+    std::fs::write(&path, "# one token per line\nschool-app-token-0123456789\n").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn with_a_token_file_the_api_needs_a_bearer_token_and_health_does_not() {
+    let secrets = tempfile::tempdir().unwrap();
+    let path = token_file(secrets.path(), 0o640);
+    let node = TestNode::start(|c| c.http.token_file = Some(path)).await;
+    seed(&node);
+    let teacher = format!("/api/teachers/{}", id(TEACHER));
+    let r = node.http.get(node.url(&teacher)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let wrong = node
+        .http
+        .get(node.url(&teacher))
+        .bearer_auth("school-app-token-0123456780")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status().as_u16(), 401);
+    let right = node
+        .http
+        .get(node.url(&teacher))
+        .bearer_auth("school-app-token-0123456789")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(right.status().as_u16(), 200);
+    for open in ["/health/live", "/health/ready", "/metrics"] {
+        assert_eq!(node.get(open).await.0, 200, "{open}");
+    }
+    assert_eq!(node.get("/api/sync/status").await.0, 401);
+}
+
+#[tokio::test]
+async fn a_world_readable_token_file_refuses_to_start() {
+    let secrets = tempfile::tempdir().unwrap();
+    let path = token_file(secrets.path(), 0o644);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = emis_edge::config::Config::default();
+    config.node.data_dir = dir.path().to_owned();
+    config.http.listen = "127.0.0.1:0".parse().unwrap();
+    config.http.token_file = Some(path);
+    let clock = emis_edge::clock::ManualClock::new(T0);
+    let err = emis_edge::node::start(config, clock)
+        .await
+        .err()
+        .expect("must refuse");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("readable by others") && text.contains("chmod 0640"),
+        "{text}"
+    );
+}
