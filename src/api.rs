@@ -46,6 +46,7 @@ pub struct AppState {
     pub ingest_heartbeat: Arc<crate::systemd::Heartbeat>,
     /// Bearer tokens accepted on `/api/*` (none: no authentication).
     pub tokens: Arc<Vec<String>>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Page size when `limit` is absent, and its upper bound.
@@ -103,14 +104,29 @@ pub fn router(state: AppState) -> Router {
         .route("/health/ready", get(ready))
         .route(
             "/metrics",
-            get(move || async move {
-                (
-                    [(
-                        header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    crate::metrics::render(&registry),
-                )
+            get(move |headers: axum::http::HeaderMap| async move {
+                let text = crate::metrics::render(&registry);
+                let openmetrics = headers
+                    .get(header::ACCEPT)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.contains("application/openmetrics-text"));
+                if openmetrics {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        text,
+                    )
+                } else {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        crate::metrics::to_prometheus_text(&text),
+                    )
+                }
             }),
         )
         .fallback(|| async { Problem::not_found("no such route") })
@@ -122,10 +138,37 @@ pub fn router(state: AppState) -> Router {
                 "this route does not answer that method".into(),
             )
         })
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            record_request,
+        ))
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
             state.config.http.max_concurrent_requests,
         ))
         .with_state(state)
+}
+
+/// Records each request's duration by route template and status.
+async fn record_request(
+    State(s): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let labels = vec![
+        ("route".to_owned(), route),
+        ("status".to_owned(), response.status().as_u16().to_string()),
+    ];
+    s.metrics
+        .http
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    response
 }
 
 /// Whether the request carries one of the configured bearer tokens
@@ -513,6 +556,10 @@ pub fn status_json(
                 "offset": offset,
                 "highWatermark": hw,
                 "lag": hw.map(|hw| (hw - offset.unwrap_or(0)).max(0)),
+                "lastEventReceivedAt": state
+                    .partition_last_event
+                    .get(&(topic.clone(), partition))
+                    .map(|t| format_timestamp(*t)),
             })
         })
         .collect();

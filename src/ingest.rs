@@ -410,9 +410,18 @@ impl Worker {
             match self.state.store.apply_batch(&batch, now, SyncSource::Kafka) {
                 Ok(report) => {
                     tracing::debug!(?report, "batch applied");
+                    let committed = self.state.clock.now();
+                    for (key, _) in &batch.changes {
+                        let seconds = (committed - key.timestamp).max(0) as f64 / 1e9;
+                        self.state.metrics.sync_latency.observe(seconds);
+                    }
                     self.state.sync.update(|s| {
                         s.last_event_received_at = Some(now);
                         s.store_error = None;
+                        for o in &batch.offsets {
+                            s.partition_last_event
+                                .insert((o.topic.clone(), o.partition), now);
+                        }
                     });
                     break;
                 }

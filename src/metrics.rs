@@ -1,21 +1,123 @@
-//! Prometheus exposition (`GET /metrics`). Values are read at scrape time
-//! from the store and the run-time sync state, so they cannot drift from
-//! what status reports.
+//! Prometheus exposition (`GET /metrics`). Gauges and the persisted event
+//! counters are read at scrape time from the store and the run-time sync
+//! state, so they cannot drift from what status reports; histograms and
+//! resync counters are recorded as things happen ([`Metrics`]).
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::api::AppState;
 use crate::store::counter;
 
+type Labels = Vec<(String, String)>;
+type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 100 µs … ~105 s
+    Histogram::new(exponential_buckets(0.0001, 4.0, 11))
+}
+
+/// Metrics recorded as things happen (the rest are read at scrape time).
+#[derive(Debug)]
+pub struct Metrics {
+    /// HTTP request duration by route template and status.
+    pub http: HistogramFamily,
+    /// Event `timestamp` → applied here, seconds: the key freshness signal.
+    pub sync_latency: Histogram,
+    /// Resync outcomes per school (`ok`, `failed`).
+    pub resync_schools: Family<Labels, Counter>,
+    pub resync_duration: Histogram,
+    /// Drift found by resync runs, by entity kind and category.
+    pub resync_drift: Family<Labels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            http: Family::new_with_constructor(latency_histogram),
+            sync_latency: latency_histogram(),
+            resync_schools: Family::default(),
+            resync_duration: latency_histogram(),
+            resync_drift: Family::default(),
+        }
+    }
+}
+
+pub fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 pub fn registry(state: AppState) -> Registry {
     let mut registry = Registry::with_prefix("emis_edge");
+    let m = &state.metrics;
+    registry.register(
+        "http_request_duration_seconds",
+        "HTTP request duration by route template and status",
+        m.http.clone(),
+    );
+    registry.register(
+        "sync_latency_seconds",
+        "From an event's timestamp to its commit in the local store",
+        m.sync_latency.clone(),
+    );
+    registry.register(
+        "resync_schools",
+        "Schools resynced, by outcome",
+        m.resync_schools.clone(),
+    );
+    registry.register(
+        "resync_duration_seconds",
+        "Duration of resync runs",
+        m.resync_duration.clone(),
+    );
+    registry.register(
+        "resync_drift",
+        "Drift found by resync runs, by entity kind and category",
+        m.resync_drift.clone(),
+    );
     registry.register_collector(Box::new(NodeCollector(state)));
     registry
+}
+
+/// The classic Prometheus text format (0.0.4) of an OpenMetrics
+/// exposition, for clients that do not ask for OpenMetrics (curl,
+/// promtool): counter families are named with their `_total` suffix, and
+/// the `# UNIT` and `# EOF` lines go.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    for line in openmetrics.lines() {
+        if let Some(name) = line
+            .strip_prefix("# TYPE ")
+            .and_then(|rest| rest.strip_suffix(" counter"))
+        {
+            counters.insert(name.to_owned());
+        }
+    }
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
 }
 
 pub fn render(registry: &Registry) -> String {
@@ -139,6 +241,34 @@ impl Collector for NodeCollector {
             "Messages behind the high watermark",
             &lag_refs,
         )?;
+        let now = s.clock.now();
+        let since: Vec<(String, String, f64)> = state
+            .partition_last_event
+            .iter()
+            .map(|((t, p), at)| (t.clone(), p.to_string(), (now - at).max(0) as f64 / 1e9))
+            .collect();
+        let since_values: Vec<([(&str, &str); 2], f64)> = since
+            .iter()
+            .map(|(t, p, v)| ([("topic", t.as_str()), ("partition", p.as_str())], *v))
+            .collect();
+        let since_refs: Vec<(&[(&str, &str)], f64)> = since_values
+            .iter()
+            .map(|(l, v)| (l.as_slice(), *v))
+            .collect();
+        gauge(
+            &mut encoder,
+            "partition_seconds_since_last_event",
+            "Seconds since this node last received an event of the partition",
+            &since_refs,
+        )?;
+        if let Ok(meta) = std::fs::metadata(s.config.store_path()) {
+            gauge(
+                &mut encoder,
+                "store_file_bytes",
+                "Size of the redb file",
+                &[(&[], meta.len() as f64)],
+            )?;
+        }
         let ready = crate::api::is_ready(s).unwrap_or(false);
         gauge(
             &mut encoder,

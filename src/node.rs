@@ -57,6 +57,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         resync_wanted: Arc::new(tokio::sync::Notify::new()),
         ingest_heartbeat: Arc::new(crate::systemd::Heartbeat::default()),
         tokens,
+        metrics: Arc::new(crate::metrics::Metrics::default()),
     };
     let listener = tokio::net::TcpListener::bind(state.config.http.listen)
         .await

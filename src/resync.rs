@@ -253,6 +253,34 @@ pub async fn run_for_node(
             _ => {}
         }
     }
+    let m = &state.metrics;
+    m.resync_duration
+        .observe(report.duration_ms as f64 / 1000.0);
+    for school in &report.schools {
+        let outcome = if school.error.is_none() {
+            "ok"
+        } else {
+            "failed"
+        };
+        m.resync_schools
+            .get_or_create(&crate::metrics::labels(&[("outcome", outcome)]))
+            .inc();
+        for (kind, d) in school.report.iter().flat_map(|r| r.drift.iter()) {
+            for (category, n) in [
+                ("missing", d.missing),
+                ("extra", d.extra),
+                ("older", d.older),
+                ("newer", d.newer),
+            ] {
+                m.resync_drift
+                    .get_or_create(&crate::metrics::labels(&[
+                        ("kind", kind),
+                        ("category", category),
+                    ]))
+                    .inc_by(n);
+            }
+        }
+    }
     if !dry_run {
         let ok = report.ok();
         let outcome = ResyncOutcome {

@@ -28,6 +28,8 @@ pub struct SyncSnapshot {
     pub high_watermarks: BTreeMap<(String, i32), i64>,
     /// When an event was last received (node clock).
     pub last_event_received_at: Option<Timestamp>,
+    /// The same per (topic, partition).
+    pub partition_last_event: BTreeMap<(String, i32), Timestamp>,
     /// The first catch-up (to the high watermarks seen at start) or the
     /// first resync finished.
     pub first_sync_done: bool,

@@ -389,3 +389,31 @@ fn the_systemd_unit_verifies_and_its_exposure_is_ok() {
         .unwrap_or_else(|| panic!("no exposure score in:\n{text}"));
     assert!(score <= 2.0, "exposure {score} > 2.0:\n{text}");
 }
+
+#[test]
+fn the_prometheus_alert_rules_are_valid() {
+    let rules = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/packaging/prometheus/emis-edge.rules.yml"
+    );
+    let out = match Command::new("promtool")
+        .args(["check", "rules", rules])
+        .output()
+    {
+        Ok(out) => out,
+        Err(_) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "promtool is needed in CI (apt-get install prometheus)"
+            );
+            eprintln!("promtool not installed: rules not checked");
+            return;
+        }
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("6 rules found"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

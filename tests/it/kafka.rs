@@ -259,6 +259,27 @@ async fn produced_events_reach_the_api_and_order_duplicates_and_schools_are_hand
             .all(|p| p["lag"] == 0 || p["lag"].is_null()),
         "{p:#}"
     );
+
+    // The metrics moved with the events, and the exposition is valid.
+    let (_, _, body) = node.get("/metrics").await;
+    let text = String::from_utf8(body).unwrap();
+    let value = |prefix: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{prefix} not in\n{text}"))
+    };
+    assert_eq!(
+        value("emis_edge_sync_latency_seconds_count"),
+        9.0,
+        "valid events of served schools"
+    );
+    assert!(value("emis_edge_http_request_duration_seconds_count{route=\"/api/sync/status\",status=\"200\"}") >= 1.0);
+    assert!(value("emis_edge_partition_seconds_since_last_event{topic=\"emis.class.created\",partition=\"0\"}") >= 0.0);
+    assert!(value("emis_edge_store_file_bytes") > 0.0);
+    assert_eq!(value("emis_edge_events_total{outcome=\"skipped\"}"), 2.0);
+    promtool_check(&text);
     node.node.stop().await.unwrap();
 }
 
@@ -471,4 +492,39 @@ fn the_kafka_client_is_built_with_tls_and_sasl_scram() {
         .set("sasl.password", "secret")
         .create();
     assert!(consumer.is_ok(), "{:?}", consumer.err());
+}
+
+/// `promtool check metrics` (Debian package prometheus) accepts the text.
+pub fn promtool_check(text: &str) {
+    use std::io::Write;
+    let mut child = match std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(_) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "promtool is needed in CI (apt-get install prometheus)"
+            );
+            eprintln!("promtool not installed: exposition not checked");
+            return;
+        }
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
