@@ -417,3 +417,115 @@ fn the_prometheus_alert_rules_are_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn the_debian_package_holds_the_binary_unit_config_and_maintainer_scripts() {
+    // `cargo deb` packages the binary this test run built (dev profile,
+    // unstripped, fast compression): the same metadata as a release build.
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let has_cargo_deb = Command::new(&cargo)
+        .args(["deb", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_cargo_deb {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "cargo-deb is needed in CI (cargo install cargo-deb)"
+        );
+        eprintln!("cargo-deb not installed: package not checked");
+        return;
+    }
+    let out_dir = tempfile::tempdir().unwrap();
+    let built = Command::new(&cargo)
+        .args([
+            "deb",
+            "--profile",
+            "dev",
+            "--no-build",
+            "--no-strip",
+            "--fast",
+            "-o",
+        ])
+        .arg(out_dir.path())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let deb = std::fs::read_dir(out_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .expect("a .deb");
+    let listing = Command::new("dpkg-deb")
+        .arg("-c")
+        .arg(&deb)
+        .output()
+        .unwrap();
+    let files = String::from_utf8_lossy(&listing.stdout);
+    for (path, mode) in [
+        ("./usr/bin/emis-edge", "-rwxr-xr-x"),
+        ("./etc/emis-edge/edge.toml", "-rw-r-----"),
+        ("./usr/lib/systemd/system/emis-edge.service", "-rw-r--r--"),
+        (
+            "./usr/share/emis-edge/prometheus/emis-edge.rules.yml",
+            "-rw-r--r--",
+        ),
+        ("./usr/share/doc/emis-edge/OPERATIONS.md", "-rw-r--r--"),
+    ] {
+        assert!(
+            files
+                .lines()
+                .any(|l| l.starts_with(mode) && l.ends_with(path)),
+            "{path} ({mode}) missing from:\n{files}"
+        );
+    }
+    let control = dir_with(&deb, "--ctrl-tarfile");
+    for part in ["./conffiles", "./postinst", "./postrm"] {
+        assert!(control.contains(part), "{part} missing: {control}");
+    }
+    let info = Command::new("dpkg-deb")
+        .arg("-f")
+        .arg(&deb)
+        .arg("Depends")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&info.stdout).contains("adduser"));
+    let conffiles = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "dpkg-deb --ctrl-tarfile {} | tar -xO ./conffiles",
+            deb.display()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&conffiles.stdout).trim(),
+        "/etc/emis-edge/edge.toml"
+    );
+    let postinst = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "dpkg-deb --ctrl-tarfile {} | tar -xO ./postinst",
+            deb.display()
+        ))
+        .output()
+        .unwrap();
+    let postinst = String::from_utf8_lossy(&postinst.stdout);
+    assert!(
+        postinst.contains("adduser --system") && postinst.contains("deb-systemd-helper"),
+        "{postinst}"
+    );
+}
+
+fn dir_with(deb: &Path, flag: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("dpkg-deb {flag} {} | tar -t", deb.display()))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
