@@ -54,7 +54,6 @@ pub const DEFAULT_LIMIT: usize = 100;
 pub const MAX_LIMIT: usize = 1000;
 
 pub fn router(state: AppState) -> Router {
-    let registry = Arc::new(crate::metrics::registry(state.clone()));
     let timeout = Duration::from_secs(state.config.http.request_timeout_secs);
     let limits = tower::ServiceBuilder::new()
         .layer(axum::error_handling::HandleErrorLayer::new(
@@ -97,9 +96,24 @@ pub fn router(state: AppState) -> Router {
         .route("/api/admin/resync", axum::routing::post(admin_resync))
         .route("/api/admin/import", axum::routing::post(admin_import))
         .route("/api/admin/schools", get(admin_schools));
+    let main = Router::new().merge(api).merge(admin);
+    let main = if state.config.http.ops_listen.is_none() {
+        main.merge(ops_routes(&state))
+    } else {
+        main
+    };
+    finish(main, state)
+}
+
+/// `/health/*` and `/metrics` alone, for `http.ops_listen`.
+pub fn ops_router(state: AppState) -> Router {
+    let routes = ops_routes(&state);
+    finish(routes, state)
+}
+
+fn ops_routes(state: &AppState) -> Router<AppState> {
+    let registry = Arc::new(crate::metrics::registry(state.clone()));
     Router::new()
-        .merge(api)
-        .merge(admin)
         .route("/health/live", get(|| async { "ok\n" }))
         .route("/health/ready", get(ready))
         .route(
@@ -129,6 +143,11 @@ pub fn router(state: AppState) -> Router {
                 }
             }),
         )
+}
+
+/// Fallbacks, request metrics and the concurrency limit, for every router.
+fn finish(router: Router<AppState>, state: AppState) -> Router {
+    router
         .fallback(|| async { Problem::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             Problem::new(

@@ -48,6 +48,8 @@ pub struct NodeConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
+    /// Serve `/health/*` and `/metrics` here instead of on `listen`.
+    pub ops_listen: Option<SocketAddr>,
     /// Bearer tokens for `/api/*`, one per line; unset: no authentication.
     /// The file must not be readable by others.
     pub token_file: Option<PathBuf>,
@@ -146,6 +148,7 @@ impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            ops_listen: None,
             token_file: None,
             request_timeout_secs: 30,
             max_concurrent_requests: 1024,
@@ -334,6 +337,13 @@ impl Config {
                 "node.id",
                 format!("{id:?} must be 1–64 characters of A–Z, a–z, 0–9, '-', '_', '.'"),
             ));
+        }
+        if self
+            .http
+            .ops_listen
+            .is_some_and(|o| o == self.http.listen && o.port() != 0)
+        {
+            return Err(bad("http.ops_listen", "must differ from http.listen"));
         }
         if self.http.request_timeout_secs == 0 {
             return Err(bad("http.request_timeout_secs", "must be at least 1"));

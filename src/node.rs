@@ -5,7 +5,7 @@
 //! finishes its in-flight transaction), then HTTP drains, all within
 //! [`SHUTDOWN_DEADLINE`]; the store closes when the last handle drops.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +28,8 @@ const PURGE_EVERY: Duration = Duration::from_secs(3600);
 /// A node that has started: its address, its state, and how to stop it.
 pub struct RunningNode {
     pub addr: SocketAddr,
+    /// Where `/health/*` and `/metrics` answer when `http.ops_listen` is set.
+    pub ops_addr: Option<SocketAddr>,
     pub state: AppState,
     stop: CancellationToken,
     http_stop: CancellationToken,
@@ -93,18 +95,48 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     let app = api::router(state.clone());
     let http_stop = CancellationToken::new();
     let http_stop_inner = http_stop.clone();
+    let ops = match state.config.http.ops_listen {
+        Some(ops_addr) => Some(
+            tokio::net::TcpListener::bind(ops_addr)
+                .await
+                .with_context(|| format!("cannot listen on http.ops_listen {ops_addr}"))?,
+        ),
+        None => None,
+    };
+    let ops_addr = ops.as_ref().map(|l| l.local_addr()).transpose()?;
+    let ops_app = api::ops_router(state.clone());
+    let ops_stop = http_stop.clone();
     let http = tokio::spawn(async move {
-        axum::serve(
+        let main = axum::serve(
             listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
         )
-        .with_graceful_shutdown(async move { http_stop_inner.cancelled().await })
-        .await
+        .with_graceful_shutdown(async move { http_stop_inner.cancelled().await });
+        match ops {
+            None => main.await,
+            Some(ops) => {
+                let ops = axum::serve(
+                    ops,
+                    ops_app.into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .with_graceful_shutdown(async move { ops_stop.cancelled().await });
+                tokio::try_join!(main.into_future(), ops.into_future()).map(|_| ())
+            }
+        }
     });
-    tasks.spawn(crate::systemd::supervise(state.clone(), addr, stop.clone()));
+    // The watchdog probes /health/live wherever it is served.
+    tasks.spawn(crate::systemd::supervise(
+        state.clone(),
+        ops_addr.unwrap_or(addr),
+        stop.clone(),
+    ));
+    if let Some(ops_addr) = ops_addr {
+        tracing::info!(%ops_addr, "health and metrics listening");
+    }
     tracing::info!(%addr, node = %state.config.node.id, "listening");
     Ok(RunningNode {
         addr,
+        ops_addr,
         state,
         stop,
         http_stop,

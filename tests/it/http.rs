@@ -373,3 +373,33 @@ async fn a_world_readable_token_file_refuses_to_start() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn health_and_metrics_can_move_to_their_own_listener() {
+    let node = TestNode::start(|c| c.http.ops_listen = Some("127.0.0.1:0".parse().unwrap())).await;
+    let ops = node.node.ops_addr.expect("ops listener bound");
+    assert_ne!(ops, node.node.addr);
+    assert_eq!(
+        node.get("/health/live").await.0,
+        404,
+        "still on the API port"
+    );
+    assert_eq!(node.get("/metrics").await.0, 404);
+    for path in ["/health/live", "/metrics"] {
+        let r = node
+            .http
+            .get(format!("http://{ops}{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{path}");
+    }
+    let r = node
+        .http
+        .get(format!("http://{ops}/api/sync/status"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404, "the API is not on the ops port");
+    assert_eq!(node.get("/api/sync/status").await.0, 200);
+}
