@@ -75,7 +75,12 @@ pub fn router(state: AppState) -> Router {
                 }
             },
         ))
-        .layer(tower::timeout::TimeoutLayer::new(timeout));
+        .layer(tower::timeout::TimeoutLayer::new(timeout))
+        // Only reads queue behind the limit: health checks (the systemd
+        // watchdog's probe) and metrics never wait behind API traffic.
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            state.config.http.max_concurrent_requests,
+        ));
     // Reads: bearer token when http.token_file is set, and a time limit.
     let api = Router::new()
         .route("/api/teachers/{teacher_id}", get(teacher_detail))
@@ -145,7 +150,7 @@ fn ops_routes(state: &AppState) -> Router<AppState> {
         )
 }
 
-/// Fallbacks, request metrics and the concurrency limit, for every router.
+/// Fallbacks and request metrics, for every router.
 fn finish(router: Router<AppState>, state: AppState) -> Router {
     router
         .fallback(|| async { Problem::not_found("no such route") })
@@ -160,9 +165,6 @@ fn finish(router: Router<AppState>, state: AppState) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             record_request,
-        ))
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-            state.config.http.max_concurrent_requests,
         ))
         .with_state(state)
 }
@@ -678,7 +680,7 @@ fn loopback_only(
             StatusCode::FORBIDDEN,
             "forbidden",
             "Forbidden",
-            "admin routes answer loopback clients only".into(),
+            "admin routes answer loopback clients, this host, or a valid bearer token".into(),
         )),
     }
 }

@@ -109,6 +109,9 @@ pub fn run() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            if let Err(code) = check_token_files(&config) {
+                return code;
+            }
             init_logging(&config);
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
@@ -129,6 +132,9 @@ pub fn run() -> ExitCode {
         }
         Command::CheckConfig { config } => match Config::load(Some(&config), std::env::vars()) {
             Ok(c) => {
+                if let Err(code) = check_token_files(&c) {
+                    return code;
+                }
                 print!("{}", c.to_redacted_toml());
                 eprintln!("{}: valid", config.display());
                 ExitCode::SUCCESS
@@ -268,7 +274,7 @@ fn resync(config: &Config, schools: Vec<uuid::Uuid>, dry_run: bool) -> anyhow::R
                     !schools.is_empty(),
                     "no school to resync: set schools.ids or name --school"
                 );
-                let client = crate::resync::http_client(config);
+                let client = crate::resync::http_client(config)?;
                 let report = crate::resync::run(
                     &store,
                     &client,
@@ -427,6 +433,23 @@ impl<R: std::io::Read, F: FnMut(u64)> std::io::Read for CountingReader<'_, R, F>
         (self.tick)(self.read);
         Ok(n)
     }
+}
+
+/// Token files are configuration: a missing, empty or world-readable one
+/// is exit code 2 naming the key (systemd does not restart on it).
+fn check_token_files(c: &Config) -> Result<(), ExitCode> {
+    for (key, check) in [
+        ("http.token_file", c.load_tokens().map(|_| ())),
+        ("resync.token_file", c.resync_token().map(|_| ())),
+    ] {
+        if let Err(e) = check {
+            return Err(config_error(&crate::config::ConfigError {
+                key: key.into(),
+                message: format!("{e:#}"),
+            }));
+        }
+    }
+    Ok(())
 }
 
 fn fail(e: &anyhow::Error) -> ExitCode {

@@ -115,6 +115,9 @@ pub struct ResyncConfig {
     /// Scheduled runs only audit ("shadow mode"): they log the drift per
     /// school and entity kind and change nothing.
     pub dry_run: bool,
+    /// Bearer token for `central_url` (e.g. a provincial node with
+    /// `http.token_file`): the first token of this file is sent.
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -213,6 +216,7 @@ impl Default for ResyncConfig {
             interval_secs: 86_400,
             timeout_secs: 300,
             dry_run: false,
+            token_file: None,
         }
     }
 }
@@ -370,11 +374,8 @@ impl Config {
                 "must be between 1 and 100000",
             ));
         }
-        if !(1..=10_000).contains(&k.batch_max_wait_ms) {
-            return Err(bad(
-                "kafka.batch_max_wait_ms",
-                "must be between 1 and 10000",
-            ));
+        if !(1..=1_000).contains(&k.batch_max_wait_ms) {
+            return Err(bad("kafka.batch_max_wait_ms", "must be between 1 and 1000"));
         }
         if k.stale_after_secs == 0 {
             return Err(bad("kafka.stale_after_secs", "must be at least 1"));
@@ -440,38 +441,18 @@ impl Config {
         Ok(())
     }
 
-    /// The API tokens of `http.token_file` (empty when unset). Refuses a
-    /// file others can read, and one without a token of 16+ characters.
+    /// The API tokens of `http.token_file` (empty when unset).
     pub fn load_tokens(&self) -> anyhow::Result<Vec<String>> {
-        let Some(path) = &self.http.token_file else {
-            return Ok(Vec::new());
-        };
-        let shown = path.display();
-        let meta =
-            std::fs::metadata(path).map_err(|e| anyhow::anyhow!("http.token_file {shown}: {e}"))?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = meta.permissions().mode() & 0o777;
-            anyhow::ensure!(
-                mode & 0o007 == 0,
-                "http.token_file {shown} is readable by others (mode {mode:04o}); run `chmod 0640 {shown}`"
-            );
-        }
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("http.token_file {shown}: {e}"))?;
-        let tokens: Vec<String> = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .map(str::to_owned)
-            .collect();
-        anyhow::ensure!(!tokens.is_empty(), "http.token_file {shown} holds no token");
-        anyhow::ensure!(
-            tokens.iter().all(|t| t.len() >= 16),
-            "http.token_file {shown}: every token must be at least 16 characters"
-        );
-        Ok(tokens)
+        read_tokens("http.token_file", self.http.token_file.as_deref())
+    }
+
+    /// The token sent to `resync.central_url`, if `resync.token_file` is set.
+    pub fn resync_token(&self) -> anyhow::Result<Option<String>> {
+        Ok(
+            read_tokens("resync.token_file", self.resync.token_file.as_deref())?
+                .into_iter()
+                .next(),
+        )
     }
 
     pub fn store_path(&self) -> PathBuf {
@@ -525,4 +506,36 @@ fn parse_env_value(raw: &str) -> toml::Value {
             .unwrap_or_else(|| toml::Value::String(raw.into())),
         Err(_) => toml::Value::String(raw.to_owned()),
     }
+}
+
+/// Tokens of a token file, one per line (`#` comments): refuses a file
+/// others can read, and one without a token of 16+ characters.
+fn read_tokens(key: &str, path: Option<&Path>) -> anyhow::Result<Vec<String>> {
+    let Some(path) = path else {
+        return Ok(Vec::new());
+    };
+    let shown = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| anyhow::anyhow!("{key} {shown}: {e}"))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        anyhow::ensure!(
+            mode & 0o007 == 0,
+            "{key} {shown} is readable by others (mode {mode:04o}); run `chmod 0640 {shown}`"
+        );
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{key} {shown}: {e}"))?;
+    let tokens: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    anyhow::ensure!(!tokens.is_empty(), "{key} {shown} holds no token");
+    anyhow::ensure!(
+        tokens.iter().all(|t| t.len() >= 16),
+        "{key} {shown}: every token must be at least 16 characters"
+    );
+    Ok(tokens)
 }

@@ -1,6 +1,8 @@
 //! Startup and teardown of a running node, in a fixed order with a deadline.
 //!
-//! Start: data directory → store (format check) → HTTP listener → workers.
+//! Start: token files → data directory → store (format check) → HTTP
+//! listeners (API, and `http.ops_listen` if set) → workers (tombstone
+//! purge, ingest, resync, systemd supervision) → serving.
 //! Stop (the injected `shutdown` future resolves): workers first (each
 //! finishes its in-flight transaction), then HTTP drains, all within
 //! [`SHUTDOWN_DEADLINE`]; the store closes when the last handle drops.
@@ -65,6 +67,15 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         .await
         .with_context(|| format!("cannot listen on http.listen {}", state.config.http.listen))?;
     let addr = listener.local_addr()?;
+    let ops = match state.config.http.ops_listen {
+        Some(ops_addr) => Some(
+            tokio::net::TcpListener::bind(ops_addr)
+                .await
+                .with_context(|| format!("cannot listen on http.ops_listen {ops_addr}"))?,
+        ),
+        None => None,
+    };
+    let ops_addr = ops.as_ref().map(|l| l.local_addr()).transpose()?;
 
     let stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
@@ -95,15 +106,6 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     let app = api::router(state.clone());
     let http_stop = CancellationToken::new();
     let http_stop_inner = http_stop.clone();
-    let ops = match state.config.http.ops_listen {
-        Some(ops_addr) => Some(
-            tokio::net::TcpListener::bind(ops_addr)
-                .await
-                .with_context(|| format!("cannot listen on http.ops_listen {ops_addr}"))?,
-        ),
-        None => None,
-    };
-    let ops_addr = ops.as_ref().map(|l| l.local_addr()).transpose()?;
     let ops_app = api::ops_router(state.clone());
     let ops_stop = http_stop.clone();
     let http = tokio::spawn(async move {

@@ -97,12 +97,19 @@ pub fn schools_to_sync(
     })
 }
 
-pub fn http_client(config: &Config) -> reqwest::Client {
-    reqwest::Client::builder()
+/// The client for `resync.central_url`, sending `resync.token_file`'s token.
+pub fn http_client(config: &Config) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = config.resync_token()? {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    Ok(reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
         .timeout(Duration::from_secs(config.resync.timeout_secs))
-        .build()
-        .expect("a TLS backend is built in")
+        .default_headers(headers)
+        .build()?)
 }
 
 /// Fetches and validates one school's snapshot; nothing is applied.
@@ -234,7 +241,7 @@ pub async fn run_for_node(
     let clock = state.clock.clone();
     let report = run(
         &state.store,
-        &http_client(&state.config),
+        &http_client(&state.config)?,
         &base,
         schools,
         || clock.now(),

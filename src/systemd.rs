@@ -101,7 +101,10 @@ pub async fn supervise(state: AppState, addr: SocketAddr, stop: CancellationToke
     });
     let mut addr = addr;
     if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
     }
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))

@@ -463,3 +463,39 @@ async fn a_snapshot_without_event_ids_counts_the_versions_applied_here_as_the_sa
         "only the class created after asOf: {r:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_school_node_resyncs_from_a_provincial_node_that_requires_a_token() {
+    use std::os::unix::fs::PermissionsExt;
+    let secrets = tempfile::tempdir().unwrap();
+    let token = secrets.path().join("token");
+    std::fs::write(&token, "province-token-0123456789\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let province = TestNode::start(|c| c.http.token_file = Some(token.clone())).await;
+    province.apply(vec![ev(
+        EventType::ClassCreated,
+        1,
+        1,
+        1,
+        class_fields(id(1), "Lớp 10A1"),
+    )]);
+    let without = edge(province.url("")).await;
+    let report = resync::run_for_node(&without.node.state, None, false)
+        .await
+        .unwrap();
+    assert!(
+        report.schools[0].error.as_deref().unwrap().contains("401"),
+        "{report:?}"
+    );
+    let with = TestNode::start_seeded(vec![], |c| {
+        c.schools.ids = vec![school(1)];
+        c.resync.central_url = Some(province.url(""));
+        c.resync.token_file = Some(token.clone());
+    })
+    .await;
+    let report = resync::run_for_node(&with.node.state, None, false)
+        .await
+        .unwrap();
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(with.get(&format!("/api/classes/{}", id(1))).await.0, 200);
+}
