@@ -389,9 +389,13 @@ impl Worker {
         };
         match parsed {
             Ok(e) if self.filter.serves(e.change.school_id()) => {
-                batch.changes.push((e.key, e.change))
+                batch.changes.push((e.key, e.change));
+                batch.change_topics.push(topic.to_owned());
             }
-            Ok(_) => batch.skipped += 1,
+            Ok(_) => {
+                batch.skipped += 1;
+                batch.skipped_topics.push(topic.to_owned());
+            }
             Err(reason) => {
                 tracing::warn!(topic, partition, offset, %reason, "event dead-lettered");
                 batch
@@ -407,9 +411,15 @@ impl Worker {
         let mut backoff = BACKOFF_MIN;
         loop {
             let now = self.state.clock.now();
+            let started = Instant::now();
             match self.state.store.apply_batch(&batch, now, SyncSource::Kafka) {
                 Ok(report) => {
-                    tracing::debug!(?report, "batch applied");
+                    tracing::debug!(
+                        applied = report.applied,
+                        stale = report.stale,
+                        "batch applied"
+                    );
+                    self.record(&batch, &report, started.elapsed());
                     let committed = self.state.clock.now();
                     for (key, _) in &batch.changes {
                         let seconds = (committed - key.timestamp).max(0) as f64 / 1e9;
@@ -451,6 +461,31 @@ impl Worker {
             tracing::debug!(error = %e, "offset commit to Kafka failed (lag display only)");
         }
         true
+    }
+
+    /// Per-topic outcomes, batch size and commit time, for /metrics.
+    fn record(&self, batch: &Batch, report: &crate::store::ApplyReport, took: Duration) {
+        let m = &self.state.metrics;
+        m.commit_duration.observe(took.as_secs_f64());
+        let messages = batch.changes.len() + batch.dead_letters.len() + batch.skipped as usize;
+        m.batch_size.observe(messages as f64);
+        let count = |topic: &str, outcome: &str| {
+            m.topic_events
+                .get_or_create(&crate::metrics::labels(&[
+                    ("topic", topic),
+                    ("outcome", outcome),
+                ]))
+                .inc();
+        };
+        for (topic, applied) in batch.change_topics.iter().zip(&report.outcomes) {
+            count(topic, if *applied { "applied" } else { "stale" });
+        }
+        for topic in &batch.skipped_topics {
+            count(topic, "skipped");
+        }
+        for d in &batch.dead_letters {
+            count(&d.topic, "dead_lettered");
+        }
     }
 
     /// Marks the first sync done once every partition reached the high

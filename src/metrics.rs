@@ -30,6 +30,13 @@ pub struct Metrics {
     pub http: HistogramFamily,
     /// Event `timestamp` → applied here, seconds: the key freshness signal.
     pub sync_latency: Histogram,
+    /// Events handled by the ingest loop, by topic and outcome (`applied`,
+    /// `stale`, `skipped`, `dead_lettered`), since this process started.
+    pub topic_events: Family<Labels, Counter>,
+    /// Messages per committed ingest batch.
+    pub batch_size: Histogram,
+    /// Duration of an ingest batch's store commit.
+    pub commit_duration: Histogram,
     /// Resync outcomes per school (`ok`, `failed`).
     pub resync_schools: Family<Labels, Counter>,
     pub resync_duration: Histogram,
@@ -42,6 +49,9 @@ impl Default for Metrics {
         Metrics {
             http: Family::new_with_constructor(latency_histogram),
             sync_latency: latency_histogram(),
+            topic_events: Family::default(),
+            batch_size: Histogram::new(exponential_buckets(1.0, 4.0, 9)),
+            commit_duration: latency_histogram(),
             resync_schools: Family::default(),
             resync_duration: latency_histogram(),
             resync_drift: Family::default(),
@@ -70,6 +80,21 @@ pub fn registry(state: AppState) -> Registry {
         m.sync_latency.clone(),
     );
     registry.register(
+        "topic_events",
+        "Events handled since start, by topic and outcome",
+        m.topic_events.clone(),
+    );
+    registry.register(
+        "batch_size_messages",
+        "Messages per committed ingest batch",
+        m.batch_size.clone(),
+    );
+    registry.register(
+        "batch_commit_duration_seconds",
+        "Duration of an ingest batch's store commit",
+        m.commit_duration.clone(),
+    );
+    registry.register(
         "resync_schools",
         "Schools resynced, by outcome",
         m.resync_schools.clone(),
@@ -84,7 +109,10 @@ pub fn registry(state: AppState) -> Registry {
         "Drift found by resync runs, by entity kind and category",
         m.resync_drift.clone(),
     );
-    registry.register_collector(Box::new(NodeCollector(state)));
+    registry.register_collector(Box::new(NodeCollector {
+        state,
+        freshness: std::sync::Mutex::new(None),
+    }));
     registry
 }
 
@@ -127,7 +155,39 @@ pub fn render(registry: &Registry) -> String {
     out
 }
 
-struct NodeCollector(AppState);
+/// How long a computed per-school freshness is reused: computing it walks
+/// every served school's records.
+const FRESHNESS_TTL: std::time::Duration = std::time::Duration::from_secs(300);
+
+type Freshness = Vec<(uuid::Uuid, crate::domain::Timestamp)>;
+
+struct NodeCollector {
+    state: AppState,
+    freshness: std::sync::Mutex<Option<(std::time::Instant, Freshness)>>,
+}
+
+impl NodeCollector {
+    fn freshness(&self) -> Freshness {
+        let mut cached = self.freshness.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, value)) = cached.as_ref() {
+            if at.elapsed() < FRESHNESS_TTL {
+                return value.clone();
+            }
+        }
+        let s = &self.state;
+        let value = crate::resync::schools_to_sync(&s.store, &s.config, Vec::new())
+            .and_then(|schools| Ok(s.store.read()?.oldest_synced(&schools)?))
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %format!("{e:#}"), "metrics: freshness not computed");
+                Vec::new()
+            });
+        // Nothing to report yet is not worth caching.
+        if !value.is_empty() {
+            *cached = Some((std::time::Instant::now(), value.clone()));
+        }
+        value
+    }
+}
 
 impl std::fmt::Debug for NodeCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -157,7 +217,7 @@ fn gauge(
 
 impl Collector for NodeCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-        let s = &self.0;
+        let s = &self.state;
         let (stats, watermark, offsets) = match s
             .store
             .read()
@@ -260,6 +320,25 @@ impl Collector for NodeCollector {
             "partition_seconds_since_last_event",
             "Seconds since this node last received an event of the partition",
             &since_refs,
+        )?;
+        let fresh: Vec<(String, f64)> = self
+            .freshness()
+            .iter()
+            .map(|(school, t)| (school.to_string(), *t as f64 / 1e9))
+            .collect();
+        let fresh_values: Vec<([(&str, &str); 1], f64)> = fresh
+            .iter()
+            .map(|(school, v)| ([("school", school.as_str())], *v))
+            .collect();
+        let fresh_refs: Vec<(&[(&str, &str)], f64)> = fresh_values
+            .iter()
+            .map(|(l, v)| (l.as_slice(), *v))
+            .collect();
+        gauge(
+            &mut encoder,
+            "school_oldest_synced_timestamp_seconds",
+            "Oldest lastSyncedAt among a served school's live records (refreshed every 5 minutes)",
+            &fresh_refs,
         )?;
         if let Ok(meta) = std::fs::metadata(s.config.store_path()) {
             gauge(

@@ -168,15 +168,21 @@ pub struct Batch {
     pub skipped: u64,
     /// Positions consumed up to and including this batch.
     pub offsets: Vec<PartitionOffset>,
+    /// The topic of each change (same order), and of each skipped event:
+    /// for per-topic metrics only; not stored.
+    pub change_topics: Vec<String>,
+    pub skipped_topics: Vec<String>,
 }
 
 /// What a batch did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ApplyReport {
     pub applied: u64,
     pub stale: u64,
     pub dead_lettered: u64,
     pub skipped: u64,
+    /// For each change of the batch, in order: whether it was applied.
+    pub outcomes: Vec<bool>,
 }
 
 /// Persistent counters, in the store so that they survive restarts and
@@ -415,7 +421,9 @@ impl Store {
         {
             let mut tables = WriteTables::open(&txn)?;
             for (key, change) in &batch.changes {
-                if tables.apply(key, change, now, source)? {
+                let applied = tables.apply(key, change, now, source)?;
+                report.outcomes.push(applied);
+                if applied {
                     report.applied += 1;
                 } else {
                     report.stale += 1;
@@ -1018,6 +1026,23 @@ impl Reader {
             ControlFlow::Continue(()) => Ok(Some(count)),
             ControlFlow::Break(()) => Ok(None),
         }
+    }
+
+    /// The oldest `lastSyncedAt` of each school's live records: how long the
+    /// least recently refreshed data of the school has gone unchanged here.
+    pub fn oldest_synced(&self, schools: &[Uuid]) -> Result<Vec<(Uuid, Timestamp)>> {
+        let mut out = Vec::new();
+        for &school in schools {
+            let mut oldest: Option<Timestamp> = None;
+            self.for_each_in_school(school, |_, r| {
+                oldest = Some(oldest.map_or(r.last_synced_at, |o| o.min(r.last_synced_at)));
+                ControlFlow::Continue(())
+            })?;
+            if let Some(t) = oldest {
+                out.push((school, t));
+            }
+        }
+        Ok(out)
     }
 
     /// Every school with a live class, teacher or assignment here.

@@ -279,6 +279,29 @@ async fn produced_events_reach_the_api_and_order_duplicates_and_schools_are_hand
     assert!(value("emis_edge_partition_seconds_since_last_event{topic=\"emis.class.created\",partition=\"0\"}") >= 0.0);
     assert!(value("emis_edge_store_file_bytes") > 0.0);
     assert_eq!(value("emis_edge_events_total{outcome=\"skipped\"}"), 2.0);
+    let synced = (T0 + 3600 * SEC) as f64 / 1e9; // the test clock
+    assert_eq!(
+        value(&format!(
+            "emis_edge_school_oldest_synced_timestamp_seconds{{school=\"{}\"}}",
+            school(1)
+        )),
+        synced
+    );
+    assert_eq!(
+        value("emis_edge_topic_events_total{topic=\"emis.teacher.created\",outcome=\"skipped\"}"),
+        1.0
+    );
+    let teacher_applied =
+        value("emis_edge_topic_events_total{topic=\"emis.teacher.created\",outcome=\"applied\"}");
+    let teacher_stale =
+        value("emis_edge_topic_events_total{topic=\"emis.teacher.created\",outcome=\"stale\"}");
+    assert_eq!(
+        (teacher_applied, teacher_stale),
+        (1.0, 2.0),
+        "the same teacher three times"
+    );
+    assert!(value("emis_edge_batch_size_messages_count") >= 1.0);
+    assert!(value("emis_edge_batch_commit_duration_seconds_count") >= 1.0);
     promtool_check(&text);
     node.node.stop().await.unwrap();
 }
