@@ -195,24 +195,27 @@ impl std::fmt::Debug for NodeCollector {
     }
 }
 
+/// One gauge family; a single value without labels is written bare.
 fn gauge(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
-    values: &[(&[(&str, &str)], f64)],
+    values: Vec<(Labels, f64)>,
 ) -> std::fmt::Result {
     let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-    if let [(&[], value)] = values {
-        return ConstGauge::new(*value).encode(metric);
+    if let [(labels, value)] = values.as_slice() {
+        if labels.is_empty() {
+            return ConstGauge::new(*value).encode(metric);
+        }
     }
-    for (labels, value) in values {
-        let labels: Vec<(String, String)> = labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        ConstGauge::new(*value).encode(metric.encode_family(&labels)?)?;
+    for (labels, value) in &values {
+        ConstGauge::new(*value).encode(metric.encode_family(labels)?)?;
     }
     Ok(())
+}
+
+fn bare(value: f64) -> Vec<(Labels, f64)> {
+    vec![(Vec::new(), value)]
 }
 
 impl Collector for NodeCollector {
@@ -252,100 +255,79 @@ impl Collector for NodeCollector {
             &mut encoder,
             "entities",
             "Live entities in the local store",
-            &[
-                (&[("kind", "class")], stats.classes as f64),
-                (&[("kind", "teacher")], stats.teachers as f64),
-                (&[("kind", "assignment")], stats.assignments as f64),
+            vec![
+                (labels(&[("kind", "class")]), stats.classes as f64),
+                (labels(&[("kind", "teacher")]), stats.teachers as f64),
+                (labels(&[("kind", "assignment")]), stats.assignments as f64),
             ],
         )?;
         gauge(
             &mut encoder,
             "tombstones",
             "Tombstones kept",
-            &[(&[], stats.tombstones as f64)],
+            bare(stats.tombstones as f64),
         )?;
         gauge(
             &mut encoder,
             "dead_letters",
             "Dead-lettered events kept in the store",
-            &[(&[], stats.dead_letters as f64)],
+            bare(stats.dead_letters as f64),
         )?;
         if let Some(w) = watermark {
             gauge(
                 &mut encoder,
                 "last_event_timestamp_seconds",
                 "Source timestamp of the newest event or snapshot record seen",
-                &[(&[], w as f64 / 1e9)],
+                bare(w as f64 / 1e9),
             )?;
         }
-        let lags: Vec<(String, String, f64)> = offsets
+        let partition =
+            |topic: &str, p: i32| labels(&[("topic", topic), ("partition", &p.to_string())]);
+        let lags = offsets
             .iter()
             .filter_map(|o| {
                 let hw = state.high_watermarks.get(&(o.topic.clone(), o.partition))?;
                 Some((
-                    o.topic.clone(),
-                    o.partition.to_string(),
+                    partition(&o.topic, o.partition),
                     (hw - o.next_offset).max(0) as f64,
                 ))
             })
             .collect();
-        let lag_values: Vec<([(&str, &str); 2], f64)> = lags
-            .iter()
-            .map(|(t, p, v)| ([("topic", t.as_str()), ("partition", p.as_str())], *v))
-            .collect();
-        let lag_refs: Vec<(&[(&str, &str)], f64)> =
-            lag_values.iter().map(|(l, v)| (l.as_slice(), *v)).collect();
         gauge(
             &mut encoder,
             "partition_lag",
             "Messages behind the high watermark",
-            &lag_refs,
+            lags,
         )?;
         let now = s.clock.now();
-        let since: Vec<(String, String, f64)> = state
+        let since = state
             .partition_last_event
             .iter()
-            .map(|((t, p), at)| (t.clone(), p.to_string(), (now - at).max(0) as f64 / 1e9))
-            .collect();
-        let since_values: Vec<([(&str, &str); 2], f64)> = since
-            .iter()
-            .map(|(t, p, v)| ([("topic", t.as_str()), ("partition", p.as_str())], *v))
-            .collect();
-        let since_refs: Vec<(&[(&str, &str)], f64)> = since_values
-            .iter()
-            .map(|(l, v)| (l.as_slice(), *v))
+            .map(|((t, p), at)| (partition(t, *p), (now - at).max(0) as f64 / 1e9))
             .collect();
         gauge(
             &mut encoder,
             "partition_seconds_since_last_event",
             "Seconds since this node last received an event of the partition",
-            &since_refs,
+            since,
         )?;
-        let fresh: Vec<(String, f64)> = self
+        let fresh = self
             .freshness()
             .iter()
-            .map(|(school, t)| (school.to_string(), *t as f64 / 1e9))
-            .collect();
-        let fresh_values: Vec<([(&str, &str); 1], f64)> = fresh
-            .iter()
-            .map(|(school, v)| ([("school", school.as_str())], *v))
-            .collect();
-        let fresh_refs: Vec<(&[(&str, &str)], f64)> = fresh_values
-            .iter()
-            .map(|(l, v)| (l.as_slice(), *v))
+            .map(|(school, t)| (labels(&[("school", &school.to_string())]), *t as f64 / 1e9))
             .collect();
         gauge(
             &mut encoder,
             "school_oldest_synced_timestamp_seconds",
             "Oldest lastSyncedAt among a served school's live records (refreshed every 5 minutes)",
-            &fresh_refs,
+            fresh,
         )?;
         if let Ok(meta) = std::fs::metadata(s.config.store_path()) {
             gauge(
                 &mut encoder,
                 "store_file_bytes",
                 "Size of the redb file",
-                &[(&[], meta.len() as f64)],
+                bare(meta.len() as f64),
             )?;
         }
         let ready = crate::api::is_ready(s).unwrap_or(false);
@@ -353,13 +335,13 @@ impl Collector for NodeCollector {
             &mut encoder,
             "ready",
             "1 when /health/ready answers 200",
-            &[(&[], f64::from(u8::from(ready)))],
+            bare(f64::from(u8::from(ready))),
         )?;
         gauge(
             &mut encoder,
             "kafka_connected",
             "1 when the last contact with the broker succeeded",
-            &[(&[], f64::from(u8::from(state.kafka_connected)))],
+            bare(f64::from(u8::from(state.kafka_connected))),
         )?;
         Ok(())
     }
