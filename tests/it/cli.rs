@@ -519,6 +519,53 @@ fn the_debian_package_holds_the_binary_unit_config_and_maintainer_scripts() {
         postinst.contains("adduser --system") && postinst.contains("deb-systemd-helper"),
         "{postinst}"
     );
+
+    // In CI (a throwaway machine, as root): install it as a user would, and
+    // check what the maintainer scripts did; then purge it.
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    if std::env::var_os("CI").is_none() || !root {
+        eprintln!("not installing the package outside CI");
+        return;
+    }
+    let sh = |script: &str| {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let (ok, log) = sh(&format!("apt-get install -y {}", deb.display()));
+    assert!(ok, "apt install failed:\n{log}");
+    let checks = [
+        ("id -u emis-edge", ""),
+        ("stat -c '%U:%G %a' /var/lib/emis-edge", "emis-edge:emis-edge 750"),
+        ("stat -c '%U:%G %a' /etc/emis-edge/edge.toml", "root:emis-edge 640"),
+        (
+            "test -L /etc/systemd/system/multi-user.target.wants/emis-edge.service && echo enabled",
+            "enabled",
+        ),
+        (
+            "su -s /bin/sh emis-edge -c 'emis-edge check-config --config /etc/emis-edge/edge.toml' >/dev/null && echo valid",
+            "valid",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (script, expect) in checks {
+        let (ok, out) = sh(script);
+        if !ok || !out.contains(expect) {
+            failures.push(format!("{script}: {out}"));
+        }
+    }
+    let (purged, log) = sh("apt-get purge -y emis-edge");
+    assert!(failures.is_empty(), "after apt install: {failures:#?}");
+    assert!(purged, "purge failed:\n{log}");
 }
 
 fn dir_with(deb: &Path, flag: &str) -> String {
