@@ -735,6 +735,22 @@ async fn admin_schools(
     Ok(Json(json!({ "schools": schools })).into_response())
 }
 
+#[derive(Debug, thiserror::Error)]
+#[error("request body exceeds http.max_import_bytes")]
+struct BodyTooLarge;
+
+fn too_large(limit: u64) -> Problem {
+    Problem::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too-large",
+        "Payload too large",
+        format!(
+            "the import exceeds http.max_import_bytes ({limit} bytes): schools already committed stay, \
+             the rest was not imported; raise the limit, or import with the node stopped"
+        ),
+    )
+}
+
 /// Imports an NDJSON snapshot file streamed in the request body.
 async fn admin_import(
     State(s): State<AppState>,
@@ -743,9 +759,23 @@ async fn admin_import(
     body: Body,
 ) -> Result<Response, Problem> {
     loopback_only(&s, peer, &headers)?;
-    let stream = body
-        .into_data_stream()
-        .map(|r| r.map_err(std::io::Error::other));
+    let limit = s.config.http.max_import_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large(limit));
+    }
+    let mut received = 0u64;
+    let stream = body.into_data_stream().map(move |r| {
+        let chunk = r.map_err(std::io::Error::other)?;
+        received += chunk.len() as u64;
+        if received > limit {
+            return Err(std::io::Error::other(BodyTooLarge));
+        }
+        Ok(chunk)
+    });
     let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
     let store = s.store.clone();
     let filter = s.config.school_filter();
@@ -769,6 +799,13 @@ async fn admin_import(
         )
     })?
     .map_err(|e| {
+        let over = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .is_some_and(|inner| inner.is::<BodyTooLarge>());
+        if over {
+            return too_large(limit);
+        }
         Problem::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "import-failed",

@@ -57,6 +57,9 @@ pub struct HttpConfig {
     pub request_timeout_secs: u64,
     /// Requests served at once; more wait their turn.
     pub max_concurrent_requests: usize,
+    /// The largest snapshot file `POST /api/admin/import` accepts (the only
+    /// route that takes a request body).
+    pub max_import_bytes: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -155,6 +158,7 @@ impl Default for HttpConfig {
             token_file: None,
             request_timeout_secs: 30,
             max_concurrent_requests: 1024,
+            max_import_bytes: 16 << 30,
         }
     }
 }

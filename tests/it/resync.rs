@@ -499,3 +499,60 @@ async fn a_school_node_resyncs_from_a_provincial_node_that_requires_a_token() {
     assert!(report.ok(), "{report:?}");
     assert_eq!(with.get(&format!("/api/classes/{}", id(1))).await.0, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_beyond_the_body_size_limit_gets_a_clean_413_and_changes_nothing() {
+    let a = central().await;
+    let schools = a.node.state.store.read().unwrap().schools().unwrap();
+    let mut file = Vec::new();
+    resync::export(&a.node.state.store, &schools, &mut file, |_| {}).unwrap();
+    assert!(file.len() > 1000);
+    let b = TestNode::start(|c| c.http.max_import_bytes = 1000).await;
+    let declared = b.http.post(b.url("/api/admin/import")).body(file.clone());
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        file.chunks(300).map(|c| Ok(c.to_vec())).collect();
+    let streamed = b
+        .http
+        .post(b.url("/api/admin/import"))
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)));
+    for (how, request) in [("with Content-Length", declared), ("streamed", streamed)] {
+        let r = request.send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 413, "{how}");
+        assert_eq!(
+            r.headers()["content-type"],
+            "application/problem+json",
+            "{how}"
+        );
+        let v: Value = r.json().await.unwrap();
+        assert!(
+            v["detail"]
+                .as_str()
+                .unwrap()
+                .contains("http.max_import_bytes"),
+            "{how}: {v}"
+        );
+    }
+    assert!(b
+        .node
+        .state
+        .store
+        .read()
+        .unwrap()
+        .schools()
+        .unwrap()
+        .is_empty());
+    // Within the limit the same file imports.
+    let c = TestNode::start(|_| {}).await;
+    let r = c
+        .http
+        .post(c.url("/api/admin/import"))
+        .body(file)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        c.node.state.store.read().unwrap().schools().unwrap().len(),
+        2
+    );
+}
