@@ -599,6 +599,12 @@ fn raise_watermark(txn: &WriteTransaction, t: Timestamp) -> Result<()> {
     Ok(())
 }
 
+/// What is stored for one entity, as [`WriteTables::prior`] finds it.
+struct Prior {
+    live: Option<Record<Entity>>,
+    key: Option<OrderKey>,
+}
+
 /// The tables a write transaction changes, opened once per batch.
 struct WriteTables<'t> {
     entities: [Table<'t, Id, &'static [u8]>; 3],
@@ -661,7 +667,8 @@ impl<'t> WriteTables<'t> {
             seen[i].insert((kind, id));
             let report = &mut reports[i];
             let drift = report.drift.get_mut(kind.as_str()).expect("every kind");
-            match self.stored_key(kind, id)? {
+            let prior = self.prior(kind, id)?;
+            match (prior.key, prior.live.is_some()) {
                 (None, _) => drift.missing += 1,
                 // A snapshot without eventIds (central's) describes the same
                 // version as the event applied here when all else is equal.
@@ -679,7 +686,7 @@ impl<'t> WriteTables<'t> {
                     std::cmp::Ordering::Equal => drift.same += 1,
                 },
             }
-            if self.apply(key, &Change::Upsert(entity.clone()), now, source)? {
+            if self.apply_over(prior, key, &Change::Upsert(entity.clone()), now, source)? {
                 report.applied += 1;
             }
         }
@@ -714,7 +721,8 @@ impl<'t> WriteTables<'t> {
                 ids
             };
             for id in local {
-                let Some(live) = self.live(kind, id)? else {
+                let prior = self.prior(kind, id)?;
+                let Some(live) = &prior.live else {
                     continue;
                 };
                 let drift = report.drift.get_mut(kind.as_str()).expect("every kind");
@@ -736,7 +744,7 @@ impl<'t> WriteTables<'t> {
                     id: Uuid::from_u128(id),
                     school_id: school,
                 };
-                if self.apply(&key, &change, now, source)? {
+                if self.apply_over(prior, &key, &change, now, source)? {
                     report.deleted += 1;
                 }
             }
@@ -744,23 +752,23 @@ impl<'t> WriteTables<'t> {
         Ok(())
     }
 
-    fn live(&self, kind: EntityKind, id: Id) -> Result<Option<Record<Entity>>> {
-        let table = &self.entities[kind.code() as usize - 1];
-        let v = table.get(id)?;
-        v.map(|v| decode(v.value())).transpose()
-    }
-
-    /// The stored key (live or tombstone) and whether it is live.
-    fn stored_key(&self, kind: EntityKind, id: Id) -> Result<(Option<OrderKey>, bool)> {
-        if let Some(r) = self.live(kind, id)? {
-            return Ok((Some(r.key), true));
-        }
-        let tomb = self.tombstones.get((kind.code(), id))?;
-        let key = tomb
-            .map(|v| decode::<Tombstone>(v.value()))
-            .transpose()?
-            .map(|t| t.key);
-        Ok((key, false))
+    /// What is stored for an entity: its live record, and the order key the
+    /// convergence rule compares against (the live record's, else its
+    /// tombstone's).
+    fn prior(&self, kind: EntityKind, id: Id) -> Result<Prior> {
+        let entities = &self.entities[kind.code() as usize - 1];
+        let live: Option<Record<Entity>> =
+            entities.get(id)?.map(|v| decode(v.value())).transpose()?;
+        let key = match &live {
+            Some(r) => Some(r.key),
+            None => {
+                let tomb = self.tombstones.get((kind.code(), id))?;
+                tomb.map(|v| decode::<Tombstone>(v.value()))
+                    .transpose()?
+                    .map(|t| t.key)
+            }
+        };
+        Ok(Prior { live, key })
     }
 
     /// Applies one change if the convergence rule lets it; returns whether
@@ -772,20 +780,25 @@ impl<'t> WriteTables<'t> {
         now: Timestamp,
         source: SyncSource,
     ) -> Result<bool> {
+        let prior = self.prior(change.kind(), change.id().as_u128())?;
+        self.apply_over(prior, key, change, now, source)
+    }
+
+    /// [`WriteTables::apply`] with what is stored already looked up.
+    fn apply_over(
+        &mut self,
+        Prior {
+            live,
+            key: stored_key,
+        }: Prior,
+        key: &OrderKey,
+        change: &Change,
+        now: Timestamp,
+        source: SyncSource,
+    ) -> Result<bool> {
         let kind = change.kind();
         let id = change.id().as_u128();
         let entities = &mut self.entities[kind.code() as usize - 1];
-        let live: Option<Record<Entity>> =
-            entities.get(id)?.map(|v| decode(v.value())).transpose()?;
-        let stored_key = match &live {
-            Some(r) => Some(r.key),
-            None => {
-                let tomb = self.tombstones.get((kind.code(), id))?;
-                tomb.map(|v| decode::<Tombstone>(v.value()))
-                    .transpose()?
-                    .map(|t| t.key)
-            }
-        };
         if !key.supersedes(stored_key.as_ref()) {
             return Ok(false);
         }
