@@ -193,26 +193,44 @@ fn open_store(config: &Config) -> anyhow::Result<Arc<Store>> {
     Ok(Arc::new(Store::open(&path, &options)?))
 }
 
-/// POSTs to the running node's admin API; `Ok(None)` when no node listens.
-async fn post_admin(
+/// How the CLI reaches the running node.
+enum Ask {
+    /// A read route (`/api/…`): sends the node's token, short timeout.
+    Read,
+    /// An admin route: loopback needs no token; may run for long.
+    Admin,
+}
+
+/// Asks the running node at `http.listen`; `Ok(None)` when none listens
+/// there, so the caller opens the store itself.
+async fn ask_node(
     config: &Config,
+    ask: Ask,
+    method: reqwest::Method,
     path: &str,
     body: Option<reqwest::Body>,
 ) -> anyhow::Result<Option<serde_json::Value>> {
     let url = format!("http://{}{path}", local_addr(config));
-    let mut request = reqwest::Client::new().post(&url);
+    let client = match ask {
+        Ask::Read => node_client(config, Duration::from_secs(5))?,
+        Ask::Admin => reqwest::Client::new(),
+    };
+    let mut request = client.request(method, &url);
     if let Some(body) = body {
         request = request.body(body);
     }
     match request.send().await {
         Ok(r) => {
             let status = r.status();
-            let doc: serde_json::Value = r.json().await?;
+            let doc: serde_json::Value = r
+                .json()
+                .await
+                .map_err(|e| anyhow::anyhow!("{url}: {status}: {e}"))?;
             anyhow::ensure!(status.is_success(), "{url}: {status}: {}", doc["detail"]);
             Ok(Some(doc))
         }
         Err(e) if e.is_connect() => Ok(None),
-        Err(e) => Err(e.into()),
+        Err(e) => Err(anyhow::anyhow!("asking {url}: {e}")),
     }
 }
 
@@ -265,7 +283,7 @@ fn resync(config: &Config, schools: Vec<uuid::Uuid>, dry_run: bool) -> anyhow::R
             let ids: Vec<String> = schools.iter().map(|s| s.to_string()).collect();
             path.push_str(&format!("&school={}", ids.join(",")));
         }
-        let doc = match post_admin(config, &path, None).await? {
+        let doc = match ask_node(config, Ask::Admin, reqwest::Method::POST, &path, None).await? {
             Some(doc) => doc,
             None => {
                 let store = open_store(config)?;
@@ -329,7 +347,13 @@ fn export(config: &Config, schools: Vec<uuid::Uuid>, out: &Path) -> anyhow::Resu
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
     let mut writer = std::io::BufWriter::with_capacity(1 << 20, file);
     let mut tick = progress(None, "records exported");
-    let schools_doc = rt.block_on(post_admin_get(config, "/api/admin/schools"))?;
+    let schools_doc = rt.block_on(ask_node(
+        config,
+        Ask::Admin,
+        reqwest::Method::GET,
+        "/api/admin/schools",
+        None,
+    ))?;
     let total = match schools_doc {
         Some(doc) => {
             // Through the running node: its public snapshot route, per school.
@@ -371,16 +395,6 @@ fn export(config: &Config, schools: Vec<uuid::Uuid>, out: &Path) -> anyhow::Resu
     Ok(true)
 }
 
-/// GETs an admin document from the running node; `Ok(None)` when none runs.
-async fn post_admin_get(config: &Config, path: &str) -> anyhow::Result<Option<serde_json::Value>> {
-    let url = format!("http://{}{path}", local_addr(config));
-    match reqwest::Client::new().get(&url).send().await {
-        Ok(r) => Ok(Some(r.error_for_status()?.json().await?)),
-        Err(e) if e.is_connect() => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
-
 fn import(config: &Config, file: &Path) -> anyhow::Result<bool> {
     let size = std::fs::metadata(file)
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?
@@ -389,8 +403,10 @@ fn import(config: &Config, file: &Path) -> anyhow::Result<bool> {
     let via_node = rt.block_on(async {
         let f = tokio::fs::File::open(file).await?;
         let stream = tokio_util::io::ReaderStream::with_capacity(f, 1 << 20);
-        post_admin(
+        ask_node(
             config,
+            Ask::Admin,
+            reqwest::Method::POST,
             "/api/admin/import",
             Some(reqwest::Body::wrap_stream(stream)),
         )
@@ -517,20 +533,21 @@ fn status(config: &Config, as_json: bool) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let url = format!("http://{}/api/sync/status", local_addr(config));
-    let from_node = runtime.block_on(async {
-        let client = node_client(config, Duration::from_secs(5))
-            .map_err(|e| ClientError::Setup(e.to_string()))?;
-        let response = client.get(&url).send().await?.error_for_status()?;
-        Ok::<_, ClientError>(response.json::<serde_json::Value>().await?)
-    });
+    let from_node = runtime.block_on(ask_node(
+        config,
+        Ask::Read,
+        reqwest::Method::GET,
+        "/api/sync/status",
+        None,
+    ))?;
     let (doc, source) = match from_node {
-        Ok(doc) => (doc, format!("running node at {}", local_addr(config))),
-        Err(ClientError::Http(e)) if e.is_connect() => {
+        Some(doc) => (doc, format!("running node at {}", local_addr(config))),
+        None => {
             let path = config.store_path();
             anyhow::ensure!(
                 path.exists(),
-                "no node answers at {url} and there is no store at {}",
+                "no node answers at {} and there is no store at {}",
+                local_addr(config),
                 path.display()
             );
             let store = Store::open(
@@ -546,7 +563,6 @@ fn status(config: &Config, as_json: bool) -> anyhow::Result<()> {
                 format!("store file {} (node not running)", path.display()),
             )
         }
-        Err(e) => return Err(anyhow::anyhow!("asking {url}: {e}")),
     };
     if as_json {
         println!("{}", serde_json::to_string_pretty(&doc)?);
@@ -554,14 +570,6 @@ fn status(config: &Config, as_json: bool) -> anyhow::Result<()> {
         print!("{}", render_status(&doc, &source));
     }
     Ok(())
-}
-
-#[derive(Debug, thiserror::Error)]
-enum ClientError {
-    #[error("{0}")]
-    Setup(String),
-    #[error(transparent)]
-    Http(#[from] reqwest::Error),
 }
 
 /// The human summary of a status document, most urgent first.
