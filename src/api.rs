@@ -576,7 +576,7 @@ pub fn status_json(
                 "partition": partition,
                 "offset": offset,
                 "highWatermark": hw,
-                "lag": hw.map(|hw| (hw - offset.unwrap_or(0)).max(0)),
+                "lag": state.lag(&topic, partition, offset.unwrap_or(0)),
                 "lastEventReceivedAt": state
                     .partition_last_event
                     .get(&(topic.clone(), partition))

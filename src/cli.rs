@@ -505,14 +505,7 @@ fn init_logging(config: &Config) {
 /// The address a local client reaches the node at: a wildcard listen
 /// address is reached over loopback.
 fn local_addr(config: &Config) -> std::net::SocketAddr {
-    let mut addr = config.http.listen;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(match addr {
-            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
-    }
-    addr
+    crate::node::reachable(config.http.listen)
 }
 
 /// A client that sends the node's first API token, when it has any.

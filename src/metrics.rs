@@ -286,11 +286,8 @@ impl Collector for NodeCollector {
         let lags = offsets
             .iter()
             .filter_map(|o| {
-                let hw = state.high_watermarks.get(&(o.topic.clone(), o.partition))?;
-                Some((
-                    partition(&o.topic, o.partition),
-                    (hw - o.next_offset).max(0) as f64,
-                ))
+                let lag = state.lag(&o.topic, o.partition, o.next_offset)?;
+                Some((partition(&o.topic, o.partition), lag as f64))
             })
             .collect();
         gauge(

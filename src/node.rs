@@ -199,6 +199,18 @@ pub async fn serve(
     node.stop().await
 }
 
+/// The address a client on this machine reaches a listener at: a wildcard
+/// listen address is reached over loopback.
+pub fn reachable(mut addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    addr
+}
+
 /// Resolves on SIGTERM (systemd stop) or SIGINT (Ctrl-C).
 pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();

@@ -62,6 +62,13 @@ impl SyncState {
 }
 
 impl SyncSnapshot {
+    /// Messages a partition is behind the high watermark last seen, for a
+    /// consumer whose next offset is `next` (`None`: watermark unknown).
+    pub fn lag(&self, topic: &str, partition: i32, next: i64) -> Option<i64> {
+        let hw = self.high_watermarks.get(&(topic.to_owned(), partition))?;
+        Some((hw - next).max(0))
+    }
+
     /// Whether the node cannot currently vouch that its data is fresh: the
     /// broker has not been reached for `stale_after`, or there is no broker
     /// and no successful resync within `resync_window`.

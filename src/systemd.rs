@@ -63,10 +63,7 @@ fn status_line(state: &AppState) -> String {
         .map(|offsets| {
             offsets
                 .iter()
-                .filter_map(|o| {
-                    let hw = sync.high_watermarks.get(&(o.topic.clone(), o.partition))?;
-                    Some((hw - o.next_offset).max(0))
-                })
+                .filter_map(|o| sync.lag(&o.topic, o.partition, o.next_offset))
                 .sum()
         })
         .unwrap_or(0);
@@ -99,13 +96,7 @@ pub async fn supervise(state: AppState, addr: SocketAddr, stop: CancellationToke
     let period = watchdog.map_or(Duration::from_secs(5), |w| {
         (w / 2).min(Duration::from_secs(5))
     });
-    let mut addr = addr;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(match addr {
-            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
-    }
+    let addr = crate::node::reachable(addr);
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()
