@@ -87,6 +87,77 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
+    /// DEMO: run a node against an in-process Kafka cluster fed with a
+    /// generated province; prints curl commands with real ids and keeps
+    /// publishing changes (and a few malformed events) until Ctrl-C. Needs
+    /// nothing installed; not for production.
+    Demo {
+        /// Data-set size: tiny, demo (1,000 teachers), province (100,000
+        /// teachers, 1.1 M events), national.
+        #[arg(long, default_value = "demo", value_parser = clap::builder::PossibleValuesParser::new(crate::gen::Spec::SCALES))]
+        scale: String,
+        /// Seed of the generator; the same seed gives the same ids.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Where the demo node answers HTTP (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+        listen: std::net::SocketAddr,
+        /// Keep the store in this directory (default: a temporary directory
+        /// removed at the end).
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// Changes published per second after the initial load (0: none).
+        #[arg(long, default_value_t = 20, value_name = "PER_SEC")]
+        rate: u32,
+        /// Of every thousand changes published, how many are malformed.
+        #[arg(long, default_value_t = 20, value_name = "N")]
+        malformed_per_mille: u32,
+    },
+    /// Generate realistic Vietnamese EMIS data, deterministically from a seed:
+    /// a snapshot file for `import` (--out), every entity's `created` event
+    /// published to a broker (--brokers), then optionally a steady trickle of
+    /// changes (--trickle), and the teacher ids for load scripts
+    /// (--teacher-ids). For tests, benchmarks and load tests.
+    Gen {
+        /// Data-set size: tiny (3 schools), demo (25 schools, 1,000
+        /// teachers), province (1,000 schools: 100,000 teachers and classes,
+        /// ~1 M assignments), national (10,000 schools).
+        #[arg(long, default_value = "demo", value_parser = clap::builder::PossibleValuesParser::new(crate::gen::Spec::SCALES))]
+        scale: String,
+        /// Seed of the generator; the same seed gives the same data.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Override the scale's number of schools.
+        #[arg(long, value_name = "N")]
+        schools: Option<u32>,
+        /// Override the scale's classes per school.
+        #[arg(long, value_name = "N")]
+        classes_per_school: Option<u32>,
+        /// Override the scale's teachers per school.
+        #[arg(long, value_name = "N")]
+        teachers_per_school: Option<u32>,
+        /// Write a snapshot file (contract §3) of every school.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Write every teacher id, one per line.
+        #[arg(long, value_name = "FILE")]
+        teacher_ids: Option<PathBuf>,
+        /// Publish to these Kafka brokers (the contract's default topics).
+        #[arg(long, value_name = "HOST:PORT,…")]
+        brokers: Option<String>,
+        /// With --brokers: do not publish the data set, only the trickle.
+        #[arg(long)]
+        skip_initial: bool,
+        /// With --brokers: then publish this many changes per second.
+        #[arg(long, default_value_t = 0, value_name = "PER_SEC")]
+        trickle: u32,
+        /// Stop the trickle after this many seconds (default: at Ctrl-C).
+        #[arg(long, value_name = "SECS")]
+        duration_secs: Option<u64>,
+        /// Of every thousand trickled changes, how many are malformed.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        malformed_per_mille: u32,
+    },
     /// Load a snapshot file (from `export` or central) into the store: all or
     /// nothing per school; a truncated or corrupt school changes nothing and
     /// its line is named. Through the running node if there is one.
@@ -162,7 +233,183 @@ pub fn run() -> ExitCode {
             out,
         } => with_config(&config, |c| export(c, schools, &out)),
         Command::Import { config, file } => with_config(&config, |c| import(c, &file)),
+        Command::Demo {
+            scale,
+            seed,
+            listen,
+            data_dir,
+            rate,
+            malformed_per_mille,
+        } => {
+            init_logging(&Config::default());
+            let options = crate::demo::Options {
+                spec: crate::gen::Spec::scale(&scale, seed).expect("clap checked the scale"),
+                data_dir,
+                listen,
+                rate,
+                malformed_per_mille,
+            };
+            let result = tokio::runtime::Runtime::new()
+                .map_err(anyhow::Error::new)
+                .and_then(|rt| {
+                    rt.block_on(crate::demo::run(options, crate::node::shutdown_signal()))
+                });
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Gen {
+            scale,
+            seed,
+            schools,
+            classes_per_school,
+            teachers_per_school,
+            out,
+            teacher_ids,
+            brokers,
+            skip_initial,
+            trickle,
+            duration_secs,
+            malformed_per_mille,
+        } => {
+            let mut spec = crate::gen::Spec::scale(&scale, seed).expect("clap checked the scale");
+            spec.schools = schools.unwrap_or(spec.schools);
+            spec.classes_per_school = classes_per_school.unwrap_or(spec.classes_per_school);
+            spec.teachers_per_school = teachers_per_school.unwrap_or(spec.teachers_per_school);
+            if out.is_none() && teacher_ids.is_none() && brokers.is_none() {
+                eprintln!("emis-edge gen: nothing to do: give --out, --teacher-ids or --brokers");
+                return ExitCode::from(2);
+            }
+            if brokers.is_none() && (trickle > 0 || skip_initial) {
+                eprintln!("emis-edge gen: --trickle and --skip-initial need --brokers");
+                return ExitCode::from(2);
+            }
+            let job = GenJob {
+                province: crate::gen::Province::new(spec),
+                out,
+                teacher_ids,
+                brokers,
+                skip_initial,
+                trickle,
+                duration: duration_secs.map(Duration::from_secs),
+                malformed_per_mille,
+            };
+            match generate(job) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
+        }
     }
+}
+
+struct GenJob {
+    province: crate::gen::Province,
+    out: Option<PathBuf>,
+    teacher_ids: Option<PathBuf>,
+    brokers: Option<String>,
+    skip_initial: bool,
+    trickle: u32,
+    duration: Option<Duration>,
+    malformed_per_mille: u32,
+}
+
+fn generate(job: GenJob) -> anyhow::Result<()> {
+    use std::io::Write;
+    let p = &job.province;
+    let schools = u64::from(p.spec.schools);
+    if let Some(path) = &job.teacher_ids {
+        let mut w = std::io::BufWriter::new(create(path)?);
+        for s in 0..p.spec.schools {
+            for t in 0..p.spec.teachers_per_school {
+                writeln!(w, "{}", p.teacher_id(s, t))?;
+            }
+        }
+        w.flush()?;
+        eprintln!(
+            "emis-edge gen: {} teacher ids written to {}",
+            p.spec.teachers(),
+            path.display()
+        );
+    }
+    if let Some(path) = &job.out {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, create(path)?);
+        let mut tick = progress(Some(schools), "schools written");
+        let mut records = 0u64;
+        for s in 0..p.spec.schools {
+            let entities = p.school(s);
+            let count = entities.len() as u64;
+            for e in entities {
+                w.write_all(&crate::domain::snapshot::record_line(&p.record(e)))?;
+            }
+            w.write_all(&crate::domain::snapshot::end_line(
+                p.school_id(s),
+                count,
+                crate::gen::T_BASE,
+            ))?;
+            records += count;
+            tick(u64::from(s) + 1);
+        }
+        w.flush()?;
+        eprintln!(
+            "emis-edge gen: {records} records of {schools} schools written to {}",
+            path.display()
+        );
+    }
+    let Some(brokers) = &job.brokers else {
+        return Ok(());
+    };
+    let publisher = crate::gen::Publisher::connect(brokers, &Default::default())?;
+    if !job.skip_initial {
+        let mut tick = progress(Some(schools), "schools published");
+        let mut sent = 0u64;
+        for s in 0..p.spec.schools {
+            for e in p.school(s) {
+                publisher.send(&crate::gen::Message::of(&p.created_event(e)))?;
+                sent += 1;
+            }
+            tick(u64::from(s) + 1);
+        }
+        publisher.flush(Duration::from_secs(300))?;
+        eprintln!("emis-edge gen: {sent} events published to {brokers}");
+    }
+    if job.trickle > 0 {
+        let rt = runtime()?;
+        let (sent, malformed) = rt.block_on(async {
+            let mut trickle =
+                crate::gen::Trickle::new(p.clone(), SystemClock.now(), job.malformed_per_mille);
+            let started = tokio::time::Instant::now();
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            let mut shutdown = std::pin::pin!(crate::node::shutdown_signal());
+            let (mut sent, mut malformed) = (0u64, 0u64);
+            loop {
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = tick.tick() => {}
+                }
+                let elapsed = started.elapsed();
+                if job.duration.is_some_and(|d| elapsed >= d) {
+                    break;
+                }
+                let due = (elapsed.as_secs_f64() * f64::from(job.trickle)) as u64;
+                while sent < due {
+                    let m = trickle.next_message();
+                    malformed += u64::from(m.malformed);
+                    publisher.send(&m)?;
+                    sent += 1;
+                }
+            }
+            anyhow::Ok((sent, malformed))
+        })?;
+        publisher.flush(Duration::from_secs(60))?;
+        eprintln!("emis-edge gen: {sent} changes published ({malformed} malformed)");
+    }
+    Ok(())
+}
+
+fn create(path: &Path) -> anyhow::Result<std::fs::File> {
+    std::fs::File::create(path)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))
 }
 
 fn with_config(path: &Path, f: impl FnOnce(&Config) -> anyhow::Result<bool>) -> ExitCode {

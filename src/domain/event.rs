@@ -150,6 +150,56 @@ impl Event {
     }
 }
 
+impl Event {
+    /// The payload the central services would publish for this event: the
+    /// inverse of [`Event::parse`], optional fields that are absent left out.
+    /// The generator and the demo publish through it.
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut map = match &self.change {
+            Change::Upsert(entity) => {
+                let value = match entity {
+                    Entity::Class(c) => serde_json::to_value(c),
+                    Entity::Teacher(t) => serde_json::to_value(t),
+                    Entity::Assignment(a) => serde_json::to_value(a),
+                };
+                match value.expect("entities always serialize") {
+                    Value::Object(mut m) => {
+                        m.retain(|_, v| !v.is_null());
+                        m
+                    }
+                    _ => unreachable!("entities serialize as objects"),
+                }
+            }
+            Change::Delete {
+                kind,
+                id,
+                school_id,
+            } => {
+                let mut m = Map::new();
+                m.insert(kind.id_field().into(), Value::String(id.to_string()));
+                m.insert("schoolId".into(), Value::String(school_id.to_string()));
+                m
+            }
+        };
+        map.insert(
+            "eventId".into(),
+            Value::String(self.key.event_id.to_string()),
+        );
+        map.insert(
+            "eventType".into(),
+            Value::String(self.event_type.name().into()),
+        );
+        map.insert(
+            "timestamp".into(),
+            Value::String(super::entity::format_timestamp(self.key.timestamp)),
+        );
+        if let Some(v) = self.key.version {
+            map.insert("version".into(), Value::from(v));
+        }
+        serde_json::to_vec(&map).expect("a JSON map always serializes")
+    }
+}
+
 pub(crate) fn parse_object(raw: &[u8]) -> Result<Map<String, Value>, EventError> {
     if raw.len() > MAX_EVENT_BYTES {
         return Err(EventError::TooLarge(raw.len()));

@@ -4,6 +4,7 @@
 
 mod cli;
 mod convergence;
+mod demo;
 mod e2e;
 mod http;
 mod kafka;

@@ -1,0 +1,231 @@
+//! `emis-edge demo`: the whole product on a laptop with nothing installed.
+//!
+//! Why it exists: a newcomer should see a node replicate a province and
+//! answer teacher lookups within a minute, without a Kafka cluster or a
+//! central server. The demo starts librdkafka's in-process mock cluster on
+//! loopback, publishes a generated province through it over the Kafka
+//! protocol, runs the *real* node (the same `node::start` as `serve`)
+//! against it, prints `curl` commands with real ids, and keeps publishing a
+//! trickle of updates, deletes and a few malformed events so that the
+//! status, the metrics and the dead-letter list move. Nothing here is used
+//! by `serve`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use rdkafka::mocking::MockCluster;
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::Config;
+use crate::domain::EventType;
+use crate::gen::{Message, Province, Publisher, Spec, Trickle};
+
+/// What `emis-edge demo` was asked for.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub spec: Spec,
+    /// Where the store lives; a fresh temporary directory (removed at the
+    /// end) when `None`.
+    pub data_dir: Option<PathBuf>,
+    pub listen: SocketAddr,
+    /// Changes published per second after the initial load.
+    pub rate: u32,
+    /// Of every thousand trickled events, how many are malformed.
+    pub malformed_per_mille: u32,
+}
+
+/// Runs the demo until `shutdown` resolves.
+pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let (dir, temporary) = match &options.data_dir {
+        Some(d) => (d.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("emis-edge-demo-{}", std::process::id())),
+            true,
+        ),
+    };
+    let result = run_in(&options, dir.clone(), shutdown).await;
+    if temporary {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+async fn run_in(
+    options: &Options,
+    dir: PathBuf,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let cluster = MockCluster::new(1).context("cannot start the in-process Kafka cluster")?;
+    for t in EventType::ALL {
+        cluster
+            .create_topic(t.name(), 3, 1)
+            .with_context(|| format!("cannot create topic {}", t.name()))?;
+    }
+    let brokers = cluster.bootstrap_servers();
+    let province = Province::new(options.spec.clone());
+    let publisher = Publisher::connect(&brokers, &Default::default())?;
+
+    tracing::info!(
+        brokers = %brokers,
+        schools = province.spec.schools,
+        teachers = province.spec.teachers(),
+        classes = province.spec.classes(),
+        "DEMO: publishing a generated province to the in-process Kafka cluster"
+    );
+    let p = province.clone();
+    let publisher = tokio::task::spawn_blocking(move || -> anyhow::Result<(Publisher, u64)> {
+        let mut sent = 0u64;
+        for s in 0..p.spec.schools {
+            for entity in p.school(s) {
+                publisher.send(&Message::of(&p.created_event(entity)))?;
+                sent += 1;
+            }
+        }
+        publisher.flush(Duration::from_secs(60))?;
+        Ok((publisher, sent))
+    })
+    .await??;
+    let (publisher, sent) = publisher;
+    tracing::info!(events = sent, "DEMO: province published");
+
+    let mut config = Config::default();
+    config.node.id = "demo".into();
+    config.node.data_dir = dir.clone();
+    config.http.listen = options.listen;
+    config.kafka.brokers = brokers.clone();
+    config.schools.all = true;
+    config.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let node = crate::node::start(config.clone(), clock.clone()).await?;
+
+    // The configuration of this demo node, so that the other commands
+    // (`status`, `export`, …) can talk to it.
+    let mut shown = config.clone();
+    shown.http.listen = node.addr;
+    let config_path = dir.join("demo.toml");
+    std::fs::write(&config_path, shown.to_redacted_toml())
+        .with_context(|| format!("cannot write {}", config_path.display()))?;
+
+    let mut shutdown = std::pin::pin!(shutdown);
+    let loaded = tokio::select! {
+        _ = &mut shutdown => false,
+        loaded = wait_for_first_sync(&node.state) => loaded,
+    };
+    if loaded {
+        print_hints(&province, node.addr, &config_path);
+        trickle(options, province, &publisher, clock.as_ref(), shutdown).await;
+    }
+    tracing::info!("DEMO: stopping");
+    node.stop().await?;
+    drop(publisher);
+    drop(cluster);
+    Ok(())
+}
+
+async fn wait_for_first_sync(state: &crate::api::AppState) -> bool {
+    loop {
+        if state.sync.get().first_sync_done {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn trickle(
+    options: &Options,
+    province: Province,
+    publisher: &Publisher,
+    clock: &dyn Clock,
+    shutdown: impl Future<Output = ()>,
+) {
+    if options.rate == 0 {
+        shutdown.await;
+        return;
+    }
+    let mut trickle = Trickle::new(province, clock.now(), options.malformed_per_mille);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let per_tick = options.rate.div_ceil(10);
+    let mut shutdown = std::pin::pin!(shutdown);
+    let (mut sent, mut malformed) = (0u64, 0u64);
+    let mut report = tokio::time::interval(Duration::from_secs(30));
+    report.tick().await;
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = report.tick() => tracing::info!(
+                sent, malformed, "DEMO: trickle of changes published so far"
+            ),
+            _ = tick.tick() => {
+                for _ in 0..per_tick {
+                    let m = trickle.next_message();
+                    malformed += u64::from(m.malformed);
+                    sent += 1;
+                    if let Err(e) = publisher.send(&m) {
+                        tracing::warn!(error = %e, "DEMO: cannot publish");
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn print_hints(province: &Province, addr: SocketAddr, config: &std::path::Path) {
+    let base = format!("http://{}", crate::node::reachable(addr));
+    let teacher = province.teacher(0, 0);
+    let school = province.school_id(0);
+    let class = province.class_id(0, 0);
+    let exe = std::env::args()
+        .next()
+        .unwrap_or_else(|| "emis-edge".into());
+    let curl = [
+        (
+            format!("curl -s {base}/api/teachers/{}", teacher.teacher_id),
+            format!("{}: detail with classes", teacher.full_name),
+        ),
+        (
+            format!("curl -s {base}/api/classes/{class}"),
+            "one class".into(),
+        ),
+        (
+            format!("curl -s '{base}/api/schools/{school}/teachers?limit=5'"),
+            "a school's teachers, paged".into(),
+        ),
+        (
+            format!("curl -s {base}/api/sync/status"),
+            "lag, last event, staleness".into(),
+        ),
+        (
+            format!("curl -s {base}/api/sync/dead-letters"),
+            "the malformed events, with reasons".into(),
+        ),
+        (
+            format!("curl -s {base}/metrics | grep emis_edge_events"),
+            "counters by outcome".into(),
+        ),
+        (
+            format!("curl -si {base}/api/teachers/00000000-0000-4000-8000-000000000000"),
+            "a 404 problem+json".into(),
+        ),
+        (
+            format!("{exe} status --config {}", config.display()),
+            "the operator's view".into(),
+        ),
+    ];
+    let rule = "=".repeat(78);
+    println!("\n{rule}\n emis-edge DEMO: generated data, not for production\n{rule}");
+    println!(
+        "The node replicated {} schools ({} teachers, {} classes) from an in-process\n\
+         Kafka cluster and serves them on {base}. Try:\n",
+        province.spec.schools,
+        province.spec.teachers(),
+        province.spec.classes(),
+    );
+    for (command, what) in curl {
+        println!("  {command}\n      # {what}");
+    }
+    println!("\nUpdates, deletes and a few malformed events keep arriving. Ctrl-C stops the demo.\n{rule}");
+}
