@@ -25,10 +25,7 @@ use uuid::Uuid;
 
 use crate::clock::Clock;
 use crate::config::{Config, SchoolFilter};
-use crate::domain::{
-    format_timestamp, Assignment, AssignmentView, Class, Entity, EntityKind, Record, Role, Teacher,
-    TeacherDetail,
-};
+use crate::domain::{format_timestamp, Entity, EntityKind, Record, TeacherDetail};
 use crate::status::SyncState;
 use crate::store::{Store, StoreError};
 
@@ -357,68 +354,14 @@ fn entity_dto<'a, T>(record: &Record<Entity>, data: &'a T) -> EntityDto<'a, T> {
     }
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct TeacherDetailDto<'a> {
-    #[serde(flatten)]
-    teacher: &'a Teacher,
-    last_synced_at: String,
-    class_assignments: Vec<AssignmentDto<'a>>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct AssignmentDto<'a> {
-    assignment_id: Uuid,
-    class_id: Uuid,
-    class_name: Option<&'a str>,
-    grade: Option<&'a str>,
-    academic_year: Option<&'a str>,
-    total_students: Option<u32>,
-    school_id: Uuid,
-    subject: Option<&'a str>,
-    role: Role,
-    last_synced_at: String,
-}
-
-fn assignment_dto(view: &AssignmentView) -> AssignmentDto<'_> {
-    let a: &Assignment = &view.assignment.data;
-    let c: Option<&Class> = view.class.as_ref().map(|c| &c.data);
-    AssignmentDto {
-        assignment_id: a.assignment_id,
-        class_id: a.class_id,
-        class_name: c.map(|c| c.class_name.as_str()),
-        grade: c.and_then(|c| c.grade.as_deref()),
-        // The assignment's own year, else its class's.
-        academic_year: a
-            .academic_year
-            .as_deref()
-            .or(c.and_then(|c| c.academic_year.as_deref())),
-        total_students: c.and_then(|c| c.total_students),
-        school_id: a.school_id,
-        subject: a.subject.as_deref(),
-        role: a.role,
-        last_synced_at: format_timestamp(view.assignment.last_synced_at),
-    }
-}
-
-fn teacher_detail_dto(detail: &TeacherDetail) -> TeacherDetailDto<'_> {
-    TeacherDetailDto {
-        teacher: &detail.teacher.data,
-        last_synced_at: format_timestamp(detail.teacher.last_synced_at),
-        class_assignments: detail.assignments.iter().map(assignment_dto).collect(),
-    }
-}
-
-/// The teacher-detail answer, serialized straight from the records (the
-/// hot path: no intermediate JSON tree).
+/// The teacher-detail answer (contract §4) as JSON bytes.
 pub fn teacher_detail_body(detail: &TeacherDetail) -> Vec<u8> {
-    serde_json::to_vec(&teacher_detail_dto(detail)).expect("teacher detail always serializes")
+    crate::domain::detail::render(detail)
 }
 
 /// The same answer as a JSON value, for comparing answers in tests.
 pub fn teacher_detail_json(detail: &TeacherDetail) -> serde_json::Value {
-    serde_json::to_value(teacher_detail_dto(detail)).expect("teacher detail always serializes")
+    serde_json::from_slice(&teacher_detail_body(detail)).expect("rendered JSON parses")
 }
 
 /// A class or teacher as listed and served by id.
@@ -438,14 +381,9 @@ async fn teacher_detail(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Problem> {
     let id = path_id("teacherId", path)?;
-    let detail = s.store.read()?.teacher_detail(id)?;
-    let detail =
-        detail.ok_or_else(|| Problem::not_found(format!("teacher {id} is not known here")))?;
-    Ok((
-        [(header::CONTENT_TYPE, "application/json")],
-        teacher_detail_body(&detail),
-    )
-        .into_response())
+    let body = s.store.read()?.teacher_detail_body(id)?;
+    let body = body.ok_or_else(|| Problem::not_found(format!("teacher {id} is not known here")))?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 async fn class(

@@ -80,6 +80,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     let stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
     tasks.spawn(purge_tombstones(state.clone(), stop.clone()));
+    tasks.spawn(render_docs(state.clone(), stop.clone()));
     if state.config.kafka.brokers.trim().is_empty() {
         tracing::warn!(
             "kafka.brokers is empty: no events will be consumed; serving the store as it is"
@@ -225,6 +226,34 @@ pub async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// Worker: renders the teacher documents that changes queued (see
+/// `Store::materialize`), in chunks, so that a lookup is one read. Reads
+/// never wait for it: a queued teacher's document is rendered on the fly.
+async fn render_docs(state: AppState, stop: CancellationToken) {
+    const CHUNK: usize = 2_000;
+    let mut idle = Duration::ZERO;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(idle) => {}
+        }
+        let store = state.store.clone();
+        match tokio::task::spawn_blocking(move || store.materialize(CHUNK)).await {
+            // More may wait: go on after letting other writers in.
+            Ok(Ok(n)) if n == CHUNK => idle = Duration::from_millis(5),
+            Ok(Ok(_)) => idle = Duration::from_millis(200),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "rendering teacher documents failed");
+                idle = Duration::from_secs(5);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "rendering teacher documents: task failed");
+                idle = Duration::from_secs(5);
+            }
+        }
+    }
 }
 
 /// Worker: purges tombstones past `store.tombstone_retention`, hourly.

@@ -29,7 +29,7 @@ use crate::domain::{
 
 /// The layout of tables and keys. Bump it (and add a migration in
 /// [`Store::open`]) when a release changes them.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// First byte of every encoded value: how the rest is encoded.
 const VALUE_FORMAT: u8 = 1;
 /// Dead letters keep at most this much of the raw payload.
@@ -51,6 +51,19 @@ const ASSIGNMENT_BY_SCHOOL: TableDefinition<(Id, Id), ()> =
 /// with one range scan instead of one look-up each.
 const ASSIGNMENT_BY_TEACHER: TableDefinition<(Id, Id), &[u8]> =
     TableDefinition::new("assignment_by_teacher");
+/// (class, assignment) → the assignment's teacher: whose documents a change
+/// of the class invalidates.
+const ASSIGNMENT_BY_CLASS: TableDefinition<(Id, Id), Id> =
+    TableDefinition::new("assignment_by_class");
+/// teacher → the rendered teacher-detail document (JSON), so that a lookup
+/// is one read. A change to the teacher, one of its assignments or one of
+/// their classes removes the document and queues the teacher in
+/// `pending_docs` in the same transaction; [`Store::materialize`] renders
+/// it again. Until then a read assembles the document from the records, so
+/// answers never lag behind the data.
+const TEACHER_DOCS: TableDefinition<Id, &[u8]> = TableDefinition::new("teacher_docs");
+/// teacher → (): documents to render.
+const PENDING_DOCS: TableDefinition<Id, ()> = TableDefinition::new("pending_docs");
 /// (topic, partition) → next offset to consume.
 const OFFSETS: TableDefinition<(&str, i32), i64> = TableDefinition::new("offsets");
 /// sequence number → dead letter.
@@ -362,7 +375,13 @@ impl Store {
     fn init(db: Database, path: &Path) -> Result<Store> {
         let found = check_format(&db.begin_read()?, path)?;
         match found {
-            Some(_) => {} // FORMAT_VERSION is the first: nothing to migrate yet.
+            Some(FORMAT_VERSION) => {}
+            Some(1) => migrate_from_1(&db, path)?,
+            Some(other) => {
+                return Err(StoreError::Corrupt(format!(
+                    "unknown store format version {other}"
+                )))
+            }
             None => {
                 let txn = db.begin_write()?;
                 {
@@ -377,6 +396,9 @@ impl Store {
                         txn.open_table(index)?;
                     }
                     txn.open_table(ASSIGNMENT_BY_TEACHER)?;
+                    txn.open_table(ASSIGNMENT_BY_CLASS)?;
+                    txn.open_table(TEACHER_DOCS)?;
+                    txn.open_table(PENDING_DOCS)?;
                     txn.open_table(OFFSETS)?;
                     txn.open_table(DEAD_LETTERS)?;
                     txn.open_table(COUNTERS)?;
@@ -520,12 +542,16 @@ impl Store {
     pub fn purge_tombstones(&self, now: Timestamp, retention_nanos: i64) -> Result<u64> {
         let txn = self.db.begin_write()?;
         let mut purged = 0u64;
+        let mut classes = Vec::new();
         {
             let mut table = txn.open_table(TOMBSTONES)?;
             let mut corrupt = None;
-            table.retain(|_, v| match decode::<Tombstone>(v) {
+            table.retain(|(kind, id), v| match decode::<Tombstone>(v) {
                 Ok(t) if t.expired(now, retention_nanos) => {
                     purged += 1;
+                    if kind == EntityKind::Class.code() {
+                        classes.push(id);
+                    }
                     false
                 }
                 Ok(_) => true,
@@ -538,10 +564,138 @@ impl Store {
                 return Err(e);
             }
         }
+        // A class without a tombstone is "not replicated" again: its
+        // assignments reappear in their teachers' documents.
+        let mut tables = WriteTables::open(&txn)?;
+        for class in classes {
+            tables.invalidate_class(class)?;
+        }
+        drop(tables);
         add_counters(&txn, &[(counter::TOMBSTONES_PURGED, purged)])?;
         txn.commit()?;
         Ok(purged)
     }
+}
+
+impl Store {
+    /// Renders up to `limit` queued teacher documents in one write
+    /// transaction; returns how many it took from the queue (0: none
+    /// left). The node's `docs` worker calls it after every change.
+    pub fn materialize(&self, limit: usize) -> Result<usize> {
+        let txn = self.db.begin_write()?;
+        let n = {
+            let mut pending = txn.open_table(PENDING_DOCS)?;
+            let ids = pending
+                .iter()?
+                .take(limit)
+                .map(|e| e.map(|(k, _)| k.value()))
+                .collect::<Result<Vec<Id>, _>>()?;
+            let teachers = txn.open_table(TEACHERS)?;
+            let by_teacher = txn.open_table(ASSIGNMENT_BY_TEACHER)?;
+            let classes = txn.open_table(CLASSES)?;
+            let tombstones = txn.open_table(TOMBSTONES)?;
+            let mut docs = txn.open_table(TEACHER_DOCS)?;
+            for &id in &ids {
+                pending.remove(id)?;
+                if let Some(detail) = assemble(&teachers, &by_teacher, &classes, &tombstones, id)? {
+                    docs.insert(id, crate::domain::detail::render(&detail).as_slice())?;
+                }
+            }
+            ids.len()
+        };
+        if n == 0 {
+            txn.abort()?;
+        } else {
+            txn.commit()?;
+        }
+        Ok(n)
+    }
+}
+
+/// Format 1 → 2: the class → assignments index and the rendered teacher
+/// documents are new. Builds the index and queues every teacher, in one
+/// transaction.
+fn migrate_from_1(db: &Database, path: &Path) -> Result<()> {
+    tracing::info!(path = %path.display(), "upgrading the store from format 1 to 2");
+    let txn = db.begin_write()?;
+    {
+        let assignments = txn.open_table(ASSIGNMENTS)?;
+        let mut by_class = txn.open_table(ASSIGNMENT_BY_CLASS)?;
+        for entry in assignments.iter()? {
+            let (id, value) = entry?;
+            if let Entity::Assignment(a) = decode::<Record<Entity>>(value.value())?.data {
+                by_class.insert((a.class_id.as_u128(), id.value()), a.teacher_id.as_u128())?;
+            }
+        }
+        let teachers = txn.open_table(TEACHERS)?;
+        let mut pending = txn.open_table(PENDING_DOCS)?;
+        for entry in teachers.iter()? {
+            pending.insert(entry?.0.value(), ())?;
+        }
+        txn.open_table(TEACHER_DOCS)?;
+        txn.open_table(META)?
+            .insert(META_FORMAT, FORMAT_VERSION.to_le_bytes().as_slice())?;
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+/// Assembles one teacher's detail from the records (in a read or a write
+/// transaction).
+fn assemble(
+    teachers: &impl ReadableTable<Id, &'static [u8]>,
+    by_teacher: &impl ReadableTable<(Id, Id), &'static [u8]>,
+    classes: &impl ReadableTable<Id, &'static [u8]>,
+    tombstones: &impl ReadableTable<(u8, Id), &'static [u8]>,
+    id: Id,
+) -> Result<Option<TeacherDetail>> {
+    let teacher = teachers
+        .get(id)?
+        .map(|v| decode::<Record<Entity>>(v.value()))
+        .transpose()?
+        .and_then(|r| {
+            narrow(r, |e| match e {
+                Entity::Teacher(t) => Some(t),
+                _ => None,
+            })
+        });
+    let Some(teacher) = teacher else {
+        return Ok(None);
+    };
+    let mut found = Vec::new();
+    for entry in by_teacher.range((id, 0)..=(id, Id::MAX))? {
+        let (key, value) = entry?;
+        let record: Record<Entity> = decode(value.value())?;
+        let Some(assignment) = narrow(record, |e| match e {
+            Entity::Assignment(a) => Some(a),
+            _ => None,
+        }) else {
+            return Err(StoreError::Corrupt(format!(
+                "assignment index entry {:?} holds another kind",
+                key.value()
+            )));
+        };
+        let class_id = assignment.data.class_id.as_u128();
+        let class = match classes.get(class_id)? {
+            Some(v) => narrow(decode(v.value())?, |e| match e {
+                Entity::Class(c) => Some(c),
+                _ => None,
+            })
+            .map_or(ClassLookup::Unknown, ClassLookup::Live),
+            None => {
+                if tombstones
+                    .get((EntityKind::Class.code(), class_id))?
+                    .is_some()
+                {
+                    ClassLookup::Deleted
+                } else {
+                    ClassLookup::Unknown
+                }
+            }
+        };
+        found.push((assignment, class));
+    }
+    Ok(Some(assemble_teacher_detail(teacher, found)))
 }
 
 /// The store format version of a file, `None` for a new (empty) redb file.
@@ -611,6 +765,11 @@ struct WriteTables<'t> {
     tombstones: Table<'t, (u8, Id), &'static [u8]>,
     by_school: Vec<Table<'t, (Id, Id), ()>>,
     by_teacher: Table<'t, (Id, Id), &'static [u8]>,
+    by_class: Table<'t, (Id, Id), Id>,
+    docs: Table<'t, Id, &'static [u8]>,
+    pending: Table<'t, Id, ()>,
+    /// Teachers whose document this transaction already invalidated.
+    invalidated: std::collections::HashSet<Id>,
 }
 
 impl<'t> WriteTables<'t> {
@@ -627,7 +786,35 @@ impl<'t> WriteTables<'t> {
                 .map(|d| txn.open_table(*d))
                 .collect::<Result<_, _>>()?,
             by_teacher: txn.open_table(ASSIGNMENT_BY_TEACHER)?,
+            by_class: txn.open_table(ASSIGNMENT_BY_CLASS)?,
+            docs: txn.open_table(TEACHER_DOCS)?,
+            pending: txn.open_table(PENDING_DOCS)?,
+            invalidated: Default::default(),
         })
+    }
+
+    /// The teacher's rendered document is out of date: drop it and queue
+    /// the teacher for [`Store::materialize`].
+    fn invalidate(&mut self, teacher: Id) -> Result<()> {
+        if self.invalidated.insert(teacher) {
+            self.docs.remove(teacher)?;
+            self.pending.insert(teacher, ())?;
+        }
+        Ok(())
+    }
+
+    /// A class changed (or lost its tombstone): every teacher with an
+    /// assignment to it shows it.
+    fn invalidate_class(&mut self, class: Id) -> Result<()> {
+        let teachers = self
+            .by_class
+            .range((class, 0)..=(class, Id::MAX))?
+            .map(|e| e.map(|(_, teacher)| teacher.value()))
+            .collect::<Result<Vec<Id>, _>>()?;
+        for t in teachers {
+            self.invalidate(t)?;
+        }
+        Ok(())
     }
 
     /// Reconciles schools inside an open write transaction: first every
@@ -802,11 +989,16 @@ impl<'t> WriteTables<'t> {
         if !key.supersedes(stored_key.as_ref()) {
             return Ok(false);
         }
+        // The teachers (old and new) whose documents an assignment change
+        // touches.
+        let mut stale_docs: Vec<Id> = Vec::new();
         if let Some(old) = &live {
             self.by_school[kind.code() as usize - 1]
                 .remove((old.data.school_id().as_u128(), id))?;
             if let Entity::Assignment(a) = &old.data {
                 self.by_teacher.remove((a.teacher_id.as_u128(), id))?;
+                self.by_class.remove((a.class_id.as_u128(), id))?;
+                stale_docs.push(a.teacher_id.as_u128());
             }
         }
         match change {
@@ -827,6 +1019,9 @@ impl<'t> WriteTables<'t> {
                 if let Entity::Assignment(a) = entity {
                     self.by_teacher
                         .insert((a.teacher_id.as_u128(), id), value.as_slice())?;
+                    self.by_class
+                        .insert((a.class_id.as_u128(), id), a.teacher_id.as_u128())?;
+                    stale_docs.push(a.teacher_id.as_u128());
                 }
             }
             Change::Delete { school_id, .. } => {
@@ -840,6 +1035,15 @@ impl<'t> WriteTables<'t> {
                 };
                 self.tombstones
                     .insert((kind.code(), id), encode(&tomb).as_slice())?;
+            }
+        }
+        match kind {
+            EntityKind::Teacher => self.invalidate(id)?,
+            EntityKind::Class => self.invalidate_class(id)?,
+            EntityKind::Assignment => {
+                for teacher in stale_docs {
+                    self.invalidate(teacher)?;
+                }
             }
         }
         Ok(true)
@@ -903,53 +1107,33 @@ impl Reader {
         v.map(|v| decode(v.value())).transpose()
     }
 
-    /// The teacher with its live assignments and their classes.
+    /// The teacher with its live assignments and their classes, assembled
+    /// from the records.
     pub fn teacher_detail(&self, id: Uuid) -> Result<Option<TeacherDetail>> {
-        let Some(teacher) = self.teacher(id)? else {
-            return Ok(None);
-        };
-        let by_teacher = self.txn.open_table(ASSIGNMENT_BY_TEACHER)?;
-        let classes = self.table(EntityKind::Class)?;
-        let mut tombstones = None; // opened only if a class is missing
-        let t = id.as_u128();
-        let mut found = Vec::new();
-        for entry in by_teacher.range((t, 0)..=(t, Id::MAX))? {
-            let (key, value) = entry?;
-            let record: Record<Entity> = decode(value.value())?;
-            let Some(assignment) = narrow(record, |e| match e {
-                Entity::Assignment(a) => Some(a),
-                _ => None,
-            }) else {
-                return Err(StoreError::Corrupt(format!(
-                    "assignment index entry {:?} holds another kind",
-                    key.value()
-                )));
-            };
-            let class_id = assignment.data.class_id.as_u128();
-            let class = match get_entity(&classes, class_id)? {
-                Some(r) => narrow(r, |e| match e {
-                    Entity::Class(c) => Some(c),
-                    _ => None,
-                })
-                .map_or(ClassLookup::Unknown, ClassLookup::Live),
-                None => {
-                    if tombstones.is_none() {
-                        tombstones = Some(self.txn.open_table(TOMBSTONES)?);
-                    }
-                    let tombstones = tombstones.as_ref().expect("opened above");
-                    if tombstones
-                        .get((EntityKind::Class.code(), class_id))?
-                        .is_some()
-                    {
-                        ClassLookup::Deleted
-                    } else {
-                        ClassLookup::Unknown
-                    }
-                }
-            };
-            found.push((assignment, class));
+        assemble(
+            &self.txn.open_table(TEACHERS)?,
+            &self.txn.open_table(ASSIGNMENT_BY_TEACHER)?,
+            &self.txn.open_table(CLASSES)?,
+            &self.txn.open_table(TOMBSTONES)?,
+            id.as_u128(),
+        )
+    }
+
+    /// The teacher-detail document (JSON): the rendered one when it is up
+    /// to date (one look-up), else rendered now from the records — the
+    /// same bytes either way.
+    pub fn teacher_detail_body(&self, id: Uuid) -> Result<Option<Vec<u8>>> {
+        if let Some(doc) = self.txn.open_table(TEACHER_DOCS)?.get(id.as_u128())? {
+            return Ok(Some(doc.value().to_vec()));
         }
-        Ok(Some(assemble_teacher_detail(teacher, found)))
+        Ok(self
+            .teacher_detail(id)?
+            .map(|d| crate::domain::detail::render(&d)))
+    }
+
+    /// How many teacher documents wait to be rendered.
+    pub fn pending_docs(&self) -> Result<u64> {
+        Ok(self.txn.open_table(PENDING_DOCS)?.len()?)
     }
 
     /// A page of a school's classes or teachers, ordered by id, starting

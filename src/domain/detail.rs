@@ -1,7 +1,13 @@
 //! Teacher-detail assembly (contract §4): the teacher, its live
-//! assignments, and each assignment's class, in a stable order.
+//! assignments, and each assignment's class, in a stable order — and the
+//! document's JSON form. The domain renders it (not the HTTP layer) because
+//! the store keeps every teacher's document rendered, so that a lookup is
+//! one read; see `docs/ARCHITECTURE.md`.
 
-use super::entity::{Assignment, Class, Record, Teacher};
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::entity::{format_timestamp, Assignment, Class, Record, Role, Teacher};
 
 /// What the store knows of an assignment's class.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,6 +65,64 @@ pub fn assemble_teacher_detail(
     TeacherDetail {
         teacher,
         assignments,
+    }
+}
+
+/// The teacher-detail document (contract §4) as JSON bytes.
+pub fn render(detail: &TeacherDetail) -> Vec<u8> {
+    serde_json::to_vec(&teacher_detail_dto(detail)).expect("teacher detail always serializes")
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TeacherDetailDto<'a> {
+    #[serde(flatten)]
+    teacher: &'a Teacher,
+    last_synced_at: String,
+    class_assignments: Vec<AssignmentDto<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct AssignmentDto<'a> {
+    assignment_id: Uuid,
+    class_id: Uuid,
+    class_name: Option<&'a str>,
+    grade: Option<&'a str>,
+    academic_year: Option<&'a str>,
+    total_students: Option<u32>,
+    school_id: Uuid,
+    subject: Option<&'a str>,
+    role: Role,
+    last_synced_at: String,
+}
+
+fn assignment_dto(view: &AssignmentView) -> AssignmentDto<'_> {
+    let a: &Assignment = &view.assignment.data;
+    let c: Option<&Class> = view.class.as_ref().map(|c| &c.data);
+    AssignmentDto {
+        assignment_id: a.assignment_id,
+        class_id: a.class_id,
+        class_name: c.map(|c| c.class_name.as_str()),
+        grade: c.and_then(|c| c.grade.as_deref()),
+        // The assignment's own year, else its class's.
+        academic_year: a
+            .academic_year
+            .as_deref()
+            .or(c.and_then(|c| c.academic_year.as_deref())),
+        total_students: c.and_then(|c| c.total_students),
+        school_id: a.school_id,
+        subject: a.subject.as_deref(),
+        role: a.role,
+        last_synced_at: format_timestamp(view.assignment.last_synced_at),
+    }
+}
+
+fn teacher_detail_dto(detail: &TeacherDetail) -> TeacherDetailDto<'_> {
+    TeacherDetailDto {
+        teacher: &detail.teacher.data,
+        last_synced_at: format_timestamp(detail.teacher.last_synced_at),
+        class_assignments: detail.assignments.iter().map(assignment_dto).collect(),
     }
 }
 
