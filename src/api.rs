@@ -290,6 +290,15 @@ impl IntoResponse for Problem {
 impl From<StoreError> for Problem {
     fn from(e: StoreError) -> Self {
         tracing::error!(error = %e, "store read failed");
+        if let StoreError::Unavailable(why) = e {
+            // Reopening after an I/O error: a moment, not a fault of the request.
+            return Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store-unavailable",
+                "Store unavailable",
+                format!("the local store is not available ({why}); try again shortly"),
+            );
+        }
         Problem::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "store-error",
@@ -491,6 +500,7 @@ pub fn status_json(
     let reader = store.read()?;
     let stats = reader.stats()?;
     let state = sync.get();
+    let health = store.health();
     // Every partition known from the store (consumed) or the broker (high
     // watermark seen); one never read yet shows no offset and its whole
     // length as lag.
@@ -549,7 +559,14 @@ pub fn status_json(
                 "detail": what,
             })),
         },
-        "storeError": state.store_error,
+        "storeError": health.error,
+        "store": {
+            "degraded": health.degraded(),
+            "error": health.error,
+            "failingSince": health.failing_since.map(format_timestamp),
+            "writeFailures": health.write_failures,
+            "reopens": health.reopens,
+        },
         "caughtUp": state.first_sync_done,
         "partitions": partitions,
         "lastEventTime": reader.watermark()?.map(format_timestamp),
@@ -758,20 +775,30 @@ async fn admin_import(
 }
 
 /// Whether the node should receive traffic: the store is open (it is, or
-/// we would not be serving) and it holds data or finished its first sync.
+/// we would not be serving), its last write succeeded (a node that cannot
+/// take changes in falls behind: traffic is better sent to a healthy one,
+/// although this one still answers reads), and it holds data or finished
+/// its first sync.
 pub fn is_ready(s: &AppState) -> Result<bool, StoreError> {
-    Ok(s.sync.get().first_sync_done || s.store.read()?.has_data()?)
+    Ok(!s.store.health().degraded()
+        && (s.sync.get().first_sync_done || s.store.read()?.has_data()?))
 }
 
 async fn ready(State(s): State<AppState>) -> Result<Response, Problem> {
     if is_ready(&s)? {
-        Ok("ready\n".into_response())
-    } else {
-        Err(Problem::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not-ready",
-            "Not ready",
-            "the store is empty and the first sync has not finished".into(),
-        ))
+        return Ok("ready\n".into_response());
     }
+    let detail = match s.store.health().error {
+        Some(e) => format!(
+            "the store cannot be written ({e}); the node retries by itself and answers reads \
+             from what it holds meanwhile"
+        ),
+        None => "the store is empty and the first sync has not finished".into(),
+    };
+    Err(Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not-ready",
+        "Not ready",
+        detail,
+    ))
 }

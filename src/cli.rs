@@ -839,7 +839,14 @@ fn render_status(doc: &serde_json::Value, source: &str) -> String {
             .unwrap_or_default()
     );
     if let Some(e) = doc["storeError"].as_str() {
-        let _ = writeln!(out, "STORE ERROR    {e}");
+        let store = &doc["store"];
+        let _ = writeln!(
+            out,
+            "STORE ERROR    {e} (failing since {}, {} failed writes; reads still answer, the node \
+             retries by itself)",
+            s(&store["failingSince"]),
+            s(&store["writeFailures"])
+        );
     }
     let oor = &doc["kafka"]["offsetOutOfRange"];
     if !oor.is_null() {

@@ -427,7 +427,6 @@ impl Worker {
                     }
                     self.state.sync.update(|s| {
                         s.last_event_received_at = Some(now);
-                        s.store_error = None;
                         for o in &batch.offsets {
                             s.partition_last_event
                                 .insert((o.topic.clone(), o.partition), now);
@@ -436,10 +435,10 @@ impl Worker {
                     break;
                 }
                 Err(e) => {
+                    // The store records it (status `store`, readiness,
+                    // metrics) and has reopened its file if it was an I/O
+                    // error; the same batch is tried again.
                     tracing::error!(error = %e, retry_in = ?backoff, "store write failed; offsets not advanced");
-                    self.state
-                        .sync
-                        .update(|s| s.store_error = Some(e.to_string()));
                     if !pause(stop, &self.state.ingest_heartbeat, backoff) {
                         return false;
                     }
@@ -504,5 +503,23 @@ impl Worker {
             tracing::info!("caught up with the high watermarks seen at start");
             self.state.sync.update(|s| s.first_sync_done = true);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_from_200_ms_doubling_up_to_30_s() {
+        let mut d = BACKOFF_MIN;
+        let mut seen = vec![d];
+        while d < BACKOFF_MAX {
+            d = next_backoff(d);
+            seen.push(d);
+        }
+        assert_eq!(seen[..3], [200, 400, 800].map(Duration::from_millis));
+        assert_eq!(next_backoff(d), BACKOFF_MAX, "capped");
+        assert_eq!(seen.len(), 9, "{seen:?}");
     }
 }

@@ -1,7 +1,8 @@
 //! Prometheus exposition (`GET /metrics`). Gauges and the persisted event
-//! counters are read at scrape time from the store and the run-time sync
-//! state, so they cannot drift from what status reports; histograms and
-//! resync counters are recorded as things happen ([`Metrics`]).
+//! counters are read at scrape time from the store (its data and its write
+//! health) and the run-time sync state, so they cannot drift from what
+//! status reports; histograms and resync counters are recorded as things
+//! happen ([`Metrics`]).
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -221,6 +222,40 @@ fn bare(value: f64) -> Vec<(Labels, f64)> {
 impl Collector for NodeCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         let s = &self.state;
+        // First what holds also when the store cannot be read.
+        let health = s.store.health();
+        gauge(
+            &mut encoder,
+            "store_degraded",
+            "1 while the store cannot be written (the last write failed)",
+            bare(f64::from(u8::from(health.degraded()))),
+        )?;
+        ConstCounter::new(health.write_failures).encode(encoder.encode_descriptor(
+            "store_write_failures",
+            "Store writes that failed since start (nothing of them was committed)",
+            None,
+            MetricType::Counter,
+        )?)?;
+        ConstCounter::new(health.reopens).encode(encoder.encode_descriptor(
+            "store_reopens",
+            "Times the store file was closed and opened again after an I/O error, since start",
+            None,
+            MetricType::Counter,
+        )?)?;
+        let ready = crate::api::is_ready(s).unwrap_or(false);
+        gauge(
+            &mut encoder,
+            "ready",
+            "1 when /health/ready answers 200",
+            bare(f64::from(u8::from(ready))),
+        )?;
+        let state = s.sync.get();
+        gauge(
+            &mut encoder,
+            "kafka_connected",
+            "1 when the last contact with the broker succeeded",
+            bare(f64::from(u8::from(state.kafka_connected))),
+        )?;
         let (stats, watermark, offsets) = match s
             .store
             .read()
@@ -232,7 +267,6 @@ impl Collector for NodeCollector {
                 return Ok(());
             }
         };
-        let state = s.sync.get();
 
         let mut events = encoder.encode_descriptor(
             "events",
@@ -327,19 +361,6 @@ impl Collector for NodeCollector {
                 bare(meta.len() as f64),
             )?;
         }
-        let ready = crate::api::is_ready(s).unwrap_or(false);
-        gauge(
-            &mut encoder,
-            "ready",
-            "1 when /health/ready answers 200",
-            bare(f64::from(u8::from(ready))),
-        )?;
-        gauge(
-            &mut encoder,
-            "kafka_connected",
-            "1 when the last contact with the broker succeeded",
-            bare(f64::from(u8::from(state.kafka_connected))),
-        )?;
         Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! What the node knows about its own synchronisation at run time, beyond
 //! what the store holds: broker reachability, high watermarks, readiness,
 //! the last resync. Written by the workers, read by the API and metrics.
+//! (Whether the store can be written is the store's own `StoreHealth`.)
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -34,8 +35,6 @@ pub struct SyncSnapshot {
     /// first resync finished.
     pub first_sync_done: bool,
     pub last_resync: Option<ResyncOutcome>,
-    /// The last failed store write, cleared by the next success.
-    pub store_error: Option<String>,
     /// When and where consumption last fell off the retained log.
     pub offset_out_of_range: Option<(Timestamp, String)>,
 }

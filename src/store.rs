@@ -8,12 +8,21 @@
 //!
 //! Values are a one-byte value format followed by bincode (see
 //! `docs/ARCHITECTURE.md` for why), and the `meta` table records the store
-//! format version: a file written by a newer release is refused untouched.
+//! format version: a file written by a newer release is refused untouched,
+//! and so is a file that is empty, truncated, damaged or another program's.
+//!
+//! Storage faults: a failed write changes nothing (the transaction is not
+//! committed), is recorded in [`StoreHealth`], and, when it was an I/O error
+//! (a full disk), makes the store close and reopen its redb file — redb
+//! refuses every later write of a handle that saw one — so that reads go on
+//! and the writer's next retry can succeed once space is back.
 
 use std::collections::BTreeMap;
 use std::ops::{Bound, ControlFlow};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use redb::{
     Database, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable,
@@ -98,10 +107,19 @@ pub enum StoreError {
         supported: u32,
     },
     #[error(
-        "{path} is a redb file but not an emis-edge store (it has no format version). Move it \
-         aside; the file was not changed."
+        "{path} is a redb file but not an emis-edge store (it has no format version). The file \
+         was not changed. Move it aside, then run `emis-edge import` or let resync refill it."
     )]
     Foreign { path: PathBuf },
+    /// The file is empty, cut short, damaged, or not a redb file at all.
+    #[error(
+        "the store {path} cannot be used: {reason}. The file was not changed. Move it aside \
+         (e.g. `mv {path} {path}.damaged`), then run `emis-edge import` or let resync refill it."
+    )]
+    Unusable { path: PathBuf, reason: String },
+    /// The store is being reopened after an I/O error, or could not be.
+    #[error("the store is not available: {0}")]
+    Unavailable(String),
     #[error("store data is corrupt: {0}")]
     Corrupt(String),
     #[error("store I/O failed: {0}")]
@@ -125,6 +143,22 @@ from_redb!(
     redb::StorageError,
     redb::CommitError
 );
+
+impl StoreError {
+    /// An I/O failure after which redb refuses the handle
+    /// (`PreviousIo`) until it is closed and opened again.
+    fn needs_reopen(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Db(
+                redb::Error::Io(_)
+                    | redb::Error::Backend(_)
+                    | redb::Error::PreviousIo
+                    | redb::Error::DatabaseClosed
+            )
+        )
+    }
+}
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -275,9 +309,66 @@ impl Default for StoreOptions {
     }
 }
 
+/// Whether the store can be written, for status, readiness and metrics.
+/// Kept in memory: a restart starts healthy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoreHealth {
+    /// The error of the last write, `None` once a write succeeds again.
+    pub error: Option<String>,
+    /// The `now` of the first write of the current run of failures.
+    pub failing_since: Option<Timestamp>,
+    /// Failed writes since the store was opened.
+    pub write_failures: u64,
+    /// Times the redb file was closed and opened again after an I/O error.
+    pub reopens: u64,
+}
+
+impl StoreHealth {
+    /// The last write failed: the node serves what it has but takes
+    /// nothing new in.
+    pub fn degraded(&self) -> bool {
+        self.error.is_some()
+    }
+}
+
+/// How long a reader waits for a reopen in progress before it gives up
+/// with [`StoreError::Unavailable`].
+const REOPEN_WAIT: Duration = Duration::from_secs(5);
+/// After a failed reopen, the next reader or writer tries again, at most
+/// this often.
+const REOPEN_RETRY: Duration = Duration::from_secs(1);
+/// How long a reopen lets the read transactions of the old handle finish
+/// (a lookup takes microseconds; a long snapshot stream is cut short).
+const READERS_WAIT: Duration = Duration::from_secs(1);
+/// How long a reopen waits for the last users of the old handle (a writer
+/// about to fail) before it goes on without it.
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
+
+/// The open database, swapped for a fresh one after an I/O error.
+#[derive(Default)]
+struct Slot {
+    db: Option<Arc<Database>>,
+    /// Held by every [`Reader`] of `db`: a reopen waits for them briefly.
+    readers: Arc<()>,
+    reopening: bool,
+    last_attempt: Option<Instant>,
+    /// Why the last reopen failed.
+    last_error: Option<String>,
+}
+
 pub struct Store {
-    db: Database,
+    slot: Mutex<Slot>,
+    /// Signalled when a reopen ends.
+    reopened: Condvar,
+    /// The file and its options, to reopen it (`None`: in memory).
+    file: Option<(PathBuf, StoreOptions)>,
+    health: Mutex<StoreHealth>,
     fail_next_commit: AtomicBool,
+}
+
+/// Locks ignoring poison: every critical section here leaves its data whole.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -337,30 +428,178 @@ fn open_error(path: &Path, source: redb::DatabaseError) -> StoreError {
     }
 }
 
+/// The first bytes of every redb file.
+const REDB_MAGIC: &[u8] = b"redb\x1a\x0a\xa9\x0d\x0a";
+
+fn unusable(path: &Path, reason: impl Into<String>) -> StoreError {
+    StoreError::Unusable {
+        path: path.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// Refuses, from its size and first bytes alone, a file that cannot be a
+/// store: empty (a store is never empty: it is created whole under another
+/// name, see [`Store::create`]), or not a redb file. Reads only.
+fn precheck(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path).map_err(|e| open_error(path, e.into()))?;
+    if meta.is_dir() {
+        return Err(unusable(path, "it is a directory, not a file"));
+    }
+    if meta.len() == 0 {
+        return Err(unusable(
+            path,
+            "it is empty (0 bytes); a store file is never empty",
+        ));
+    }
+    let mut head = Vec::with_capacity(16);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(16).read_to_end(&mut head))
+        .map_err(|e| open_error(path, e.into()))?;
+    if REDB_MAGIC.starts_with(&head) && head.len() < REDB_MAGIC.len() {
+        return Err(unusable(
+            path,
+            format!(
+                "it is truncated ({} bytes, not even a redb header)",
+                head.len()
+            ),
+        ));
+    }
+    if !head.starts_with(REDB_MAGIC) {
+        let what = if head.starts_with(b"SQLite format 3\0") {
+            "an SQLite database".to_owned()
+        } else if head.starts_with(b"\x89PNG") {
+            "a PNG image".to_owned()
+        } else if head.starts_with(b"\x1f\x8b") {
+            "gzip-compressed".to_owned()
+        } else if head.starts_with(b"PK\x03\x04") {
+            "a zip archive".to_owned()
+        } else if head.first() == Some(&b'{') {
+            "JSON text, perhaps an `emis-edge export` file (load those with `emis-edge import`)"
+                .to_owned()
+        } else {
+            let hex: Vec<String> = head.iter().take(8).map(|b| format!("{b:02x}")).collect();
+            format!("unknown, starting with bytes {}", hex.join(" "))
+        };
+        return Err(unusable(path, format!("it is not a redb file: {what}")));
+    }
+    Ok(())
+}
+
+/// Turns what redb says of a file it cannot open into a refusal that says
+/// what is wrong with the file, where it is the file's fault.
+fn classify(path: &Path, e: redb::DatabaseError) -> StoreError {
+    use redb::{DatabaseError, StorageError};
+    match &e {
+        DatabaseError::Storage(StorageError::Corrupted(msg)) => {
+            unusable(path, format!("it is truncated or damaged ({msg})"))
+        }
+        DatabaseError::Storage(StorageError::Io(io))
+            if io.kind() == std::io::ErrorKind::UnexpectedEof =>
+        {
+            unusable(path, format!("it is truncated ({io})"))
+        }
+        DatabaseError::Storage(StorageError::Io(io))
+            if io.kind() == std::io::ErrorKind::InvalidData =>
+        {
+            unusable(path, format!("it is not a usable redb file ({io})"))
+        }
+        _ => open_error(path, e),
+    }
+}
+
+fn builder(options: &StoreOptions) -> redb::Builder {
+    let mut builder = Database::builder();
+    builder.set_cache_size(options.cache_bytes);
+    builder
+}
+
+/// Opens an existing store file for writing, refusing a file it must not
+/// use before anything opens it writable: the size and first bytes, then
+/// the format through a read-only handle (opening for writing may touch
+/// the file; a refused file stays byte-for-byte as it was). A file that
+/// needs crash recovery cannot be opened read-only; redb repairs it on the
+/// writable open (refusing a truncated one before it writes anything) and
+/// the format check runs after it.
+fn open_existing(path: &Path, options: &StoreOptions) -> Result<Database> {
+    precheck(path)?;
+    let builder = builder(options);
+    match builder.open_read_only(path) {
+        Ok(ro) => {
+            check_format(&ro.begin_read()?, path)?;
+        }
+        Err(redb::DatabaseError::RepairAborted) => {} // needs recovery: below
+        Err(e) => return Err(classify(path, e)),
+    }
+    builder.open(path).map_err(|e| classify(path, e))
+}
+
+/// Makes `tmp`, a complete new store, visible as `path`, unless a store
+/// appeared there meanwhile (then returns false and removes `tmp`).
+fn publish(tmp: &Path, path: &Path) -> std::io::Result<bool> {
+    match std::fs::hard_link(tmp, path) {
+        Ok(()) => std::fs::remove_file(tmp)?,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let _ = std::fs::remove_file(tmp);
+            return Ok(false);
+        }
+        // A file system without hard links.
+        Err(_) if !path.exists() => std::fs::rename(tmp, path)?,
+        Err(_) => {
+            let _ = std::fs::remove_file(tmp);
+            return Ok(false);
+        }
+    }
+    // The new name must survive a power loss like the data written to it.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(true)
+}
+
 impl Store {
     /// Opens the store at `path`, creating it (and a fresh format version)
-    /// when the file does not exist. A file of a newer format, or a redb file
-    /// of another program, is refused without being written.
+    /// when the file does not exist. A file of a newer format, a redb file
+    /// of another program, and a file that is empty, truncated, damaged or
+    /// not a redb file are refused without being written.
     pub fn open(path: &Path, options: &StoreOptions) -> Result<Store> {
-        let mut builder = Database::builder();
-        builder.set_cache_size(options.cache_bytes);
-        if path.exists() {
-            // Check the format through a read-only handle first: opening for
-            // writing may touch the file, and a file we must refuse stays
-            // byte-for-byte as it was. (A file that needs crash recovery
-            // cannot be opened read-only; redb repairs it on the writable
-            // open below and the check runs there.)
-            if let Ok(ro) = builder.open_read_only(path) {
-                check_format(&ro.begin_read()?, path)?;
+        if !path.exists() {
+            return Self::create(path, options);
+        }
+        let db = open_existing(path, options)?;
+        Self::init(db, path, Some(options))
+    }
+
+    /// Creates a new store whole under a temporary name and only then gives
+    /// it its name, so that `path` never holds a half-created store (a
+    /// crash while creating leaves no file, not an empty one, which is why
+    /// an empty file is refused as damaged rather than taken as new).
+    fn create(path: &Path, options: &StoreOptions) -> Result<Store> {
+        let mut name = path.file_name().unwrap_or_default().to_owned();
+        name.push(".new");
+        let tmp = path.with_file_name(name);
+        let _ = std::fs::remove_file(&tmp); // left by a crash while creating
+        let created = builder(options)
+            .create(&tmp)
+            .map_err(|e| open_error(path, e))
+            .and_then(|db| Self::init(db, path, Some(options)));
+        let store = match created {
+            Ok(store) => store,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
             }
+        };
+        match publish(&tmp, path) {
+            Ok(true) => Ok(store),
+            // Another process created it first: use (or be refused) that one.
+            Ok(false) => {
+                drop(store);
+                Self::open(path, options)
+            }
+            Err(e) => Err(open_error(path, e.into())),
         }
-        let db = if path.exists() {
-            builder.open(path)
-        } else {
-            builder.create(path)
-        }
-        .map_err(|e| open_error(path, e))?;
-        Self::init(db, path)
     }
 
     /// A store held in memory by redb's in-memory backend: the same engine
@@ -369,10 +608,10 @@ impl Store {
         let db = Database::builder()
             .create_with_backend(redb::backends::InMemoryBackend::new())
             .map_err(|e| open_error(Path::new(":memory:"), e))?;
-        Self::init(db, Path::new(":memory:"))
+        Self::init(db, Path::new(":memory:"), None)
     }
 
-    fn init(db: Database, path: &Path) -> Result<Store> {
+    fn init(db: Database, path: &Path, options: Option<&StoreOptions>) -> Result<Store> {
         let found = check_format(&db.begin_read()?, path)?;
         match found {
             Some(FORMAT_VERSION) => {}
@@ -407,7 +646,13 @@ impl Store {
             }
         }
         Ok(Store {
-            db,
+            slot: Mutex::new(Slot {
+                db: Some(Arc::new(db)),
+                ..Slot::default()
+            }),
+            reopened: Condvar::new(),
+            file: options.map(|o| (path.to_owned(), o.clone())),
+            health: Mutex::new(StoreHealth::default()),
             fail_next_commit: AtomicBool::new(false),
         })
     }
@@ -418,10 +663,157 @@ impl Store {
         self.fail_next_commit.store(true, Ordering::SeqCst);
     }
 
+    /// Whether writes succeed, and what failed.
+    pub fn health(&self) -> StoreHealth {
+        lock(&self.health).clone()
+    }
+
+    /// The open database, and the token its readers hold. While a reopen
+    /// is under way this waits for it (at most [`REOPEN_WAIT`]); after a
+    /// failed one it tries again, at most every [`REOPEN_RETRY`].
+    fn db(&self) -> Result<(Arc<Database>, Arc<()>)> {
+        let deadline = Instant::now() + REOPEN_WAIT;
+        let mut slot = lock(&self.slot);
+        loop {
+            if let Some(db) = &slot.db {
+                return Ok((db.clone(), slot.readers.clone()));
+            }
+            if !slot.reopening {
+                let due = slot
+                    .last_attempt
+                    .is_none_or(|t| t.elapsed() >= REOPEN_RETRY);
+                if due {
+                    drop(slot);
+                    self.reopen();
+                    slot = lock(&self.slot);
+                    if let Some(db) = &slot.db {
+                        return Ok((db.clone(), slot.readers.clone()));
+                    }
+                }
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            slot = self
+                .reopened
+                .wait_timeout(slot, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        Err(StoreError::Unavailable(match &slot.last_error {
+            Some(e) => format!("it could not be reopened after an I/O error: {e}"),
+            None => "it is being reopened after an I/O error".into(),
+        }))
+    }
+
+    /// Closes the redb handle and opens the file again: after an I/O error
+    /// redb refuses every further write of the handle (`PreviousIo`) until
+    /// it is closed. New readers wait meanwhile (see [`Store::db`]); read
+    /// transactions of the old handle get [`READERS_WAIT`] to finish and
+    /// fail after it. A reopen on a still-full disk normally succeeds
+    /// (redb repairs what the failed write left without growing the file),
+    /// so reads go on; the writer's next retry fails again until there is
+    /// space.
+    fn reopen(&self) {
+        let Some((path, options)) = &self.file else {
+            return; // in memory: nothing to reopen
+        };
+        let old = {
+            let mut slot = lock(&self.slot);
+            if slot.reopening {
+                return;
+            }
+            slot.reopening = true;
+            (slot.db.take(), std::mem::take(&mut slot.readers))
+        };
+        if let (Some(mut old), readers) = old {
+            let deadline = Instant::now() + READERS_WAIT;
+            while Arc::strong_count(&readers) > 1 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // Others hold the handle only to begin a transaction, and a
+            // writer of the old handle fails at once: wait for them.
+            let deadline = Instant::now() + CLOSE_WAIT;
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(db) => {
+                        if let Err(e) = db.close() {
+                            tracing::debug!(error = %e, "closing the failed store handle");
+                        }
+                        break;
+                    }
+                    Err(shared) if Instant::now() < deadline => {
+                        old = shared;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(_) => break, // closes when its last user drops it
+                }
+            }
+        }
+        let opened = builder(options)
+            .open(path)
+            .map_err(|e| classify(path, e))
+            .and_then(|db| match check_format(&db.begin_read()?, path)? {
+                Some(_) => Ok(db),
+                None => Err(unusable(path, "it has no emis-edge tables any more")),
+            });
+        let mut slot = lock(&self.slot);
+        slot.reopening = false;
+        slot.last_attempt = Some(Instant::now());
+        match opened {
+            Ok(db) => {
+                slot.db = Some(Arc::new(db));
+                slot.last_error = None;
+                lock(&self.health).reopens += 1;
+                tracing::warn!(path = %path.display(), "store reopened after an I/O error");
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "store could not be reopened; will try again");
+                slot.last_error = Some(e.to_string());
+            }
+        }
+        drop(slot);
+        self.reopened.notify_all();
+    }
+
+    fn begin_write(&self) -> Result<WriteTransaction> {
+        Ok(self.db()?.0.begin_write()?)
+    }
+
+    /// Records the outcome of a write in [`StoreHealth`] (a success clears
+    /// the error only if it `wrote`: a dry run proves nothing), and reopens
+    /// the file after an I/O error. The failed transaction is gone by now.
+    fn settle<T>(&self, now: Timestamp, result: Result<T>, wrote: bool) -> Result<T> {
+        match &result {
+            Ok(_) if wrote => {
+                let mut health = lock(&self.health);
+                if let Some(error) = health.error.take() {
+                    health.failing_since = None;
+                    tracing::info!(%error, "store writable again");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let mut health = lock(&self.health);
+                health.write_failures += 1;
+                health.error = Some(e.to_string());
+                health.failing_since.get_or_insert(now);
+            }
+        }
+        if result.as_ref().is_err_and(StoreError::needs_reopen) {
+            self.reopen();
+        }
+        result
+    }
+
     /// One consistent view of the store.
     pub fn read(&self) -> Result<Reader> {
+        let (db, token) = self.db()?;
         Ok(Reader {
-            txn: self.db.begin_read()?,
+            txn: db.begin_read()?,
+            _token: token,
         })
     }
 
@@ -434,7 +826,17 @@ impl Store {
         now: Timestamp,
         source: SyncSource,
     ) -> Result<ApplyReport> {
-        let txn = self.db.begin_write()?;
+        let result = self.apply_batch_txn(batch, now, source);
+        self.settle(now, result, true)
+    }
+
+    fn apply_batch_txn(
+        &self,
+        batch: &Batch,
+        now: Timestamp,
+        source: SyncSource,
+    ) -> Result<ApplyReport> {
+        let txn = self.begin_write()?;
         let mut report = ApplyReport {
             skipped: batch.skipped,
             ..ApplyReport::default()
@@ -514,7 +916,18 @@ impl Store {
         source: SyncSource,
         dry_run: bool,
     ) -> Result<Vec<ReconcileReport>> {
-        let txn = self.db.begin_write()?;
+        let result = self.reconcile_many_txn(snapshots, now, source, dry_run);
+        self.settle(now, result, !dry_run)
+    }
+
+    fn reconcile_many_txn(
+        &self,
+        snapshots: &[crate::domain::SchoolSnapshot],
+        now: Timestamp,
+        source: SyncSource,
+        dry_run: bool,
+    ) -> Result<Vec<ReconcileReport>> {
+        let txn = self.begin_write()?;
         let reports = WriteTables::open(&txn)?.reconcile(snapshots, now, source, dry_run)?;
         if dry_run {
             txn.abort()?;
@@ -540,7 +953,12 @@ impl Store {
     /// Removes tombstones older than `retention_nanos` at `now`; returns how
     /// many went.
     pub fn purge_tombstones(&self, now: Timestamp, retention_nanos: i64) -> Result<u64> {
-        let txn = self.db.begin_write()?;
+        let result = self.purge_tombstones_txn(now, retention_nanos);
+        self.settle(now, result, true)
+    }
+
+    fn purge_tombstones_txn(&self, now: Timestamp, retention_nanos: i64) -> Result<u64> {
+        let txn = self.begin_write()?;
         let mut purged = 0u64;
         let mut classes = Vec::new();
         {
@@ -1057,6 +1475,8 @@ pub type StateRow = (EntityKind, Uuid, Option<Entity>, OrderKey);
 /// One read transaction: every answer it gives is from the same moment.
 pub struct Reader {
     txn: ReadTransaction,
+    /// Tells a reopen that this transaction of the handle is still in use.
+    _token: Arc<()>,
 }
 
 fn narrow<T>(record: Record<Entity>, f: impl FnOnce(Entity) -> Option<T>) -> Option<Record<T>> {

@@ -72,6 +72,8 @@ fn status_line(state: &AppState) -> String {
         "{}; kafka {}; lag {lag}; last event {}",
         if ready {
             "ready"
+        } else if state.store.health().degraded() {
+            "not ready (store cannot be written)"
         } else {
             "not ready (no data yet)"
         },

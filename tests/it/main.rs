@@ -6,6 +6,7 @@ mod cli;
 mod convergence;
 mod demo;
 mod e2e;
+mod faults;
 mod http;
 mod kafka;
 mod resync;
