@@ -239,8 +239,8 @@ async fn render_docs(state: AppState, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(idle) => {}
         }
-        let store = state.store.clone();
-        match tokio::task::spawn_blocking(move || store.materialize(CHUNK)).await {
+        let (store, now) = (state.store.clone(), state.clock.now());
+        match tokio::task::spawn_blocking(move || store.materialize(CHUNK, now)).await {
             // More may wait: go on after letting other writers in.
             Ok(Ok(n)) if n == CHUNK => idle = Duration::from_millis(5),
             Ok(Ok(_)) => idle = Duration::from_millis(200),

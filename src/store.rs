@@ -999,8 +999,15 @@ impl Store {
     /// Renders up to `limit` queued teacher documents in one write
     /// transaction; returns how many it took from the queue (0: none
     /// left). The node's `docs` worker calls it after every change.
-    pub fn materialize(&self, limit: usize) -> Result<usize> {
-        let txn = self.db.begin_write()?;
+    pub fn materialize(&self, limit: usize, now: Timestamp) -> Result<usize> {
+        let result = self.materialize_txn(limit);
+        // Only a rendering that wrote proves the store writable again.
+        let wrote = result.as_ref().is_ok_and(|n| *n > 0);
+        self.settle(now, result, wrote)
+    }
+
+    fn materialize_txn(&self, limit: usize) -> Result<usize> {
+        let txn = self.begin_write()?;
         let n = {
             let mut pending = txn.open_table(PENDING_DOCS)?;
             let ids = pending

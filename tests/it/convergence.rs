@@ -143,7 +143,7 @@ fn apply_split(events: &[(OrderKey, Change)], rng: &mut StdRng) -> Store {
             .unwrap();
         // The document worker runs at any moment, and may render only some.
         if rng.gen_bool(0.5) {
-            store.materialize(rng.gen_range(1..=4)).unwrap();
+            store.materialize(rng.gen_range(1..=4), now).unwrap();
         }
         now += SEC;
         rest = tail;

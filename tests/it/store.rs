@@ -293,3 +293,185 @@ fn tombstones_are_purged_after_retention_only() {
         .unwrap()
         .is_none());
 }
+
+fn teacher_doc(store: &Store, teacher: uuid::Uuid) -> serde_json::Value {
+    let body = store.read().unwrap().teacher_detail_body(teacher).unwrap();
+    serde_json::from_slice(&body.expect("teacher known")).unwrap()
+}
+
+#[test]
+fn a_class_rename_shows_in_its_teachers_documents_before_and_after_rendering() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let t = |e: EventType, ts: i64, body: serde_json::Value| {
+        parse(
+            e,
+            &merge(
+                envelope(
+                    e,
+                    id(7000 + ts as u128),
+                    T0 + ts * SEC,
+                    Some(ts as u64),
+                    school(1),
+                ),
+                body,
+            ),
+        )
+    };
+    store
+        .apply_batch(
+            &batch(vec![
+                t(
+                    EventType::TeacherCreated,
+                    1,
+                    teacher_fields(id(1), "Lê Thị Lan"),
+                ),
+                t(EventType::ClassCreated, 2, class_fields(id(2), "Lớp 10A1")),
+                t(
+                    EventType::AssignmentCreated,
+                    3,
+                    assignment_fields(id(3), id(1), id(2), "homeroom"),
+                ),
+            ]),
+            T0,
+            SyncSource::Kafka,
+        )
+        .unwrap();
+    assert_eq!(store.read().unwrap().pending_docs().unwrap(), 1);
+    assert_eq!(store.materialize(100, T0).unwrap(), 1);
+    assert_eq!(store.read().unwrap().pending_docs().unwrap(), 0);
+    assert_eq!(
+        teacher_doc(&store, id(1))["classAssignments"][0]["className"],
+        "Lớp 10A1"
+    );
+
+    // The class changes: the teacher's stored document is dropped at once.
+    store
+        .apply_batch(
+            &batch(vec![t(
+                EventType::ClassUpdated,
+                4,
+                class_fields(id(2), "Lớp 10A9"),
+            )]),
+            T0,
+            SyncSource::Kafka,
+        )
+        .unwrap();
+    assert_eq!(
+        teacher_doc(&store, id(1))["classAssignments"][0]["className"],
+        "Lớp 10A9"
+    );
+    store.materialize(100, T0).unwrap();
+    assert_eq!(
+        teacher_doc(&store, id(1))["classAssignments"][0]["className"],
+        "Lớp 10A9"
+    );
+
+    // Deleted, the class takes the assignment out of the document.
+    store
+        .apply_batch(
+            &batch(vec![t(
+                EventType::ClassDeleted,
+                5,
+                json!({"classId": id(2)}),
+            )]),
+            T0,
+            SyncSource::Kafka,
+        )
+        .unwrap();
+    store.materialize(100, T0).unwrap();
+    assert_eq!(teacher_doc(&store, id(1))["classAssignments"], json!([]));
+}
+
+#[test]
+fn a_format_1_store_is_upgraded_in_place_and_keeps_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    {
+        let store = open(&dir);
+        store
+            .apply_batch(
+                &batch(vec![
+                    parse(
+                        EventType::TeacherCreated,
+                        &merge(
+                            envelope(EventType::TeacherCreated, id(90), T0, Some(1), school(1)),
+                            teacher_fields(id(1), "Phạm Văn Nam"),
+                        ),
+                    ),
+                    parse(
+                        EventType::ClassCreated,
+                        &merge(
+                            envelope(EventType::ClassCreated, id(91), T0, Some(1), school(1)),
+                            class_fields(id(2), "Lớp 6A1"),
+                        ),
+                    ),
+                    parse(
+                        EventType::AssignmentCreated,
+                        &merge(
+                            envelope(EventType::AssignmentCreated, id(92), T0, Some(1), school(1)),
+                            assignment_fields(id(3), id(1), id(2), "subject"),
+                        ),
+                    ),
+                ]),
+                T0,
+                SyncSource::Kafka,
+            )
+            .unwrap();
+    }
+    // Turn it into what release 1 wrote: no class index, no documents.
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        for name in ["assignment_by_class", "teacher_docs", "pending_docs"] {
+            txn.delete_table(TableDefinition::<u128, ()>::new(name))
+                .unwrap();
+        }
+        txn.open_table(TableDefinition::<&str, &[u8]>::new("meta"))
+            .unwrap()
+            .insert("format_version", 1u32.to_le_bytes().as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let store = open(&dir);
+    assert_eq!(
+        store.read().unwrap().pending_docs().unwrap(),
+        1,
+        "every teacher queued"
+    );
+    assert_eq!(
+        teacher_doc(&store, id(1))["classAssignments"][0]["className"],
+        "Lớp 6A1"
+    );
+    store.materialize(100, T0).unwrap();
+    // The rebuilt class index carries a class change to the document.
+    store
+        .apply_batch(
+            &batch(vec![parse(
+                EventType::ClassUpdated,
+                &merge(
+                    envelope(EventType::ClassUpdated, id(93), T0, Some(2), school(1)),
+                    class_fields(id(2), "Lớp 6A2"),
+                ),
+            )]),
+            T0,
+            SyncSource::Kafka,
+        )
+        .unwrap();
+    store.materialize(100, T0).unwrap();
+    assert_eq!(
+        teacher_doc(&store, id(1))["classAssignments"][0]["className"],
+        "Lớp 6A2"
+    );
+    drop(store);
+    let db = redb::Database::open(&path).unwrap();
+    let meta = db
+        .begin_read()
+        .unwrap()
+        .open_table(TableDefinition::<&str, &[u8]>::new("meta"))
+        .unwrap();
+    assert_eq!(
+        meta.get("format_version").unwrap().unwrap().value(),
+        2u32.to_le_bytes()
+    );
+}
