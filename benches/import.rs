@@ -1,29 +1,19 @@
 //! Import of a province-scale snapshot file into an empty store, and the
 //! snapshot serving rate (export) from it, with peak memory.
 //!
-//! Run: `cargo bench --bench import`. The file (100,000 teachers, 100,000
-//! classes, 1,000,000 assignments in 100 schools; scale with
-//! `EMIS_BENCH_TEACHERS`) is generated first, in the snapshot format, then
-//! imported through the same code as `emis-edge import`.
-
-mod common;
+//! Run: `cargo bench --bench import`. The file is the generator's province
+//! (`emis_edge::gen`: 1,000 schools, 100,000 teachers, 100,000 classes,
+//! ~1,000,000 assignments; `EMIS_BENCH_SCALE=demo` for a small one),
+//! written first in the snapshot format, then imported through the same
+//! code as `emis-edge import`, then every teacher document rendered
+//! (`Store::materialize`, the node's worker).
 
 use std::io::{BufReader, BufWriter, Write};
 use std::time::Instant;
 
-use common::*;
 use emis_edge::domain::snapshot::{end_line, record_line};
-use emis_edge::domain::{Entity, Record, SyncSource};
+use emis_edge::gen::{Province, Spec, T_BASE};
 use emis_edge::store::{Store, StoreOptions};
-
-fn record(n: u64, data: Entity) -> Record<Entity> {
-    Record {
-        data,
-        key: key(n),
-        last_synced_at: T0,
-        source: SyncSource::Import,
-    }
-}
 
 fn peak_rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -40,32 +30,26 @@ fn main() {
     if std::env::args().any(|a| a == "--list" || a == "--test") {
         return;
     }
-    let teachers = env_usize("EMIS_BENCH_TEACHERS", 100_000) as u64;
-    let cache_mb = env_usize("EMIS_BENCH_CACHE_MB", 64);
+    let scale = std::env::var("EMIS_BENCH_SCALE").unwrap_or_else(|_| "province".into());
+    let cache_mb = std::env::var("EMIS_BENCH_CACHE_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64usize);
+    let p = Province::new(Spec::scale(&scale, 1).expect("EMIS_BENCH_SCALE: tiny, demo, province"));
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("province.ndjson");
     let started = Instant::now();
     let mut lines = 0u64;
     {
         let mut out = BufWriter::with_capacity(1 << 20, std::fs::File::create(&file).unwrap());
-        for school in 0..teachers.div_ceil(1000) {
-            let (lo, hi) = (school * 1000, ((school + 1) * 1000).min(teachers));
-            let mut count = 0;
-            for n in lo..hi {
-                out.write_all(&record_line(&record(n, teacher(n)))).unwrap();
-                out.write_all(&record_line(&record(teachers + n, class(n))))
-                    .unwrap();
-                count += 2;
+        for s in 0..p.spec.schools {
+            let entities = p.school(s);
+            let count = entities.len() as u64;
+            for e in entities {
+                out.write_all(&record_line(&p.record(e))).unwrap();
             }
-            for a in lo * ASSIGNMENTS_PER_TEACHER..hi * ASSIGNMENTS_PER_TEACHER {
-                out.write_all(&record_line(&record(
-                    2 * teachers + a,
-                    assignment(a, teachers),
-                )))
+            out.write_all(&end_line(p.school_id(s), count, T_BASE))
                 .unwrap();
-                count += 1;
-            }
-            out.write_all(&end_line(school_of(lo), count, T0)).unwrap();
             lines += count + 1;
         }
     }
@@ -90,7 +74,7 @@ fn main() {
         &store,
         &emis_edge::config::SchoolFilter::All,
         input,
-        T0,
+        T_BASE,
         |_| {},
     )
     .unwrap();
@@ -106,14 +90,27 @@ fn main() {
         rss_before
     );
 
-    let school = school_of(0);
+    let started = Instant::now();
+    let mut documents = 0;
+    loop {
+        let n = store.materialize(10_000, T_BASE).unwrap();
+        if n == 0 {
+            break;
+        }
+        documents += n;
+    }
+    eprintln!(
+        "rendered {documents} teacher documents in {:.2?}; store file {:.0} MiB",
+        started.elapsed(),
+        std::fs::metadata(dir.path().join("s.redb")).unwrap().len() as f64 / (1 << 20) as f64,
+    );
+
+    let school = p.school_id(0);
     let started = Instant::now();
     let mut sink = std::io::sink();
     let n = emis_edge::resync::export(&store, &[school], &mut sink, |_| {}).unwrap();
     let t1 = started.elapsed();
-    let schools: Vec<_> = (0..teachers.div_ceil(1000))
-        .map(|s| school_of(s * 1000))
-        .collect();
+    let schools = p.school_ids();
     let started = Instant::now();
     let all = emis_edge::resync::export(&store, &schools, &mut sink, |_| {}).unwrap();
     let t2 = started.elapsed();
