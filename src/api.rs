@@ -566,6 +566,7 @@ pub fn status_json(
             "failingSince": health.failing_since.map(format_timestamp),
             "writeFailures": health.write_failures,
             "reopens": health.reopens,
+            "pendingDocuments": stats.pending_documents,
         },
         "caughtUp": state.first_sync_done,
         "partitions": partitions,

@@ -677,10 +677,30 @@ fn import(config: &Config, file: &Path) -> anyhow::Result<bool> {
                 SystemClock.now(),
                 |_| {},
             )?;
+            render_documents(&store)?;
             serde_json::json!({ "schools": outcomes })
         }
     };
     Ok(print_outcomes(&doc))
+}
+
+/// Renders every queued teacher document, so that a node started on this
+/// store serves each lookup with one read from the first request.
+fn render_documents(store: &Store) -> anyhow::Result<()> {
+    let pending = store.read()?.pending_docs()?;
+    if pending == 0 {
+        return Ok(());
+    }
+    let mut tick = progress(Some(pending), "teacher documents rendered");
+    let mut done = 0u64;
+    loop {
+        let n = store.materialize(10_000, SystemClock.now())?;
+        if n == 0 {
+            return Ok(());
+        }
+        done += n as u64;
+        tick(done);
+    }
 }
 
 struct CountingReader<'a, R, F: FnMut(u64)> {

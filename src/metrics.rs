@@ -287,6 +287,12 @@ impl Collector for NodeCollector {
 
         gauge(
             &mut encoder,
+            "store_pending_documents",
+            "Teacher documents waiting to be rendered after a change (their lookups assemble them meanwhile)",
+            bare(stats.pending_documents as f64),
+        )?;
+        gauge(
+            &mut encoder,
             "entities",
             "Live entities in the local store",
             vec![

@@ -253,6 +253,8 @@ pub struct StoreStats {
     pub assignments: u64,
     pub tombstones: u64,
     pub dead_letters: u64,
+    /// Teacher documents queued for rendering (see [`Store::materialize`]).
+    pub pending_documents: u64,
     pub counters: BTreeMap<String, u64>,
 }
 
@@ -1744,6 +1746,7 @@ impl Reader {
             assignments: self.table(EntityKind::Assignment)?.len()?,
             tombstones: self.txn.open_table(TOMBSTONES)?.len()?,
             dead_letters: self.txn.open_table(DEAD_LETTERS)?.len()?,
+            pending_documents: self.pending_docs()?,
             counters: map,
         })
     }

@@ -90,6 +90,10 @@ stop_node() {
   wait "$NODE" || true
   NODE=
 }
+# Until the node's worker has rendered every teacher document.
+wait_docs() {
+  until curl -s "$BASE/api/sync/status" | grep -q '"pendingDocuments":0[,}]'; do sleep 0.2; done
+}
 rss_mb() { awk '/VmRSS/{printf "%.0f", $2/1024}' "/proc/$1/status"; }
 
 # wrk's summary → "req/s p50 p99 errors"
@@ -128,6 +132,7 @@ fi
 
 if has read; then
   start_node
+  wait_docs
   say "## Reads (wrk -t1 -c64 -d$DURATION, random real teacher ids)"
   say ""
   # The average size of a teacher detail, for the static comparison.
@@ -199,6 +204,7 @@ if has mixed; then
       done
     done
     EMIS_EDGE__KAFKA__BROKERS=127.0.0.1:$kport start_node
+    wait_docs
     "$BIN" gen --scale "$SCALE" --brokers "127.0.0.1:$kport" --skip-initial --trickle 1000 --duration-secs 40 >"$W/trickle.log" 2>&1 &
     GEN=$!
     PIDS+=("$GEN")

@@ -174,6 +174,11 @@ async fn a_generated_snapshot_imports_and_generated_events_replicate_alike() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let from_file = TestNode::start_in(imported, |c| c.schools.all = true).await;
+    let (_, status) = from_file.get_json("/api/sync/status").await;
+    assert_eq!(
+        status["store"]["pendingDocuments"], 0,
+        "an offline import renders every teacher document"
+    );
 
     // The same seed's events, published over Kafka, into another.
     let kafka = Kafka::start(2);
@@ -204,5 +209,15 @@ async fn a_generated_snapshot_imports_and_generated_events_replicate_alike() {
             assert!(Instant::now() < deadline, "{b}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+    // The node's worker renders what Kafka brought.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, status) = from_kafka.get_json("/api/sync/status").await;
+        if status["store"]["pendingDocuments"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
