@@ -20,18 +20,30 @@ async fn get_json(url: &str) -> (u16, Value) {
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
+/// The demo process, killed if the test fails before it stops it.
+struct Demo(std::process::Child);
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_demo_serves_a_generated_province_and_its_trickle_moves_the_status() {
-    let mut child = Command::new(BIN)
-        .args(["demo", "--scale", "tiny", "--listen", "127.0.0.1:0"])
-        .args(["--rate", "200", "--malformed-per-mille", "100"])
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Demo(
+        Command::new(BIN)
+            .args(["demo", "--scale", "tiny", "--listen", "127.0.0.1:0"])
+            .args(["--rate", "200", "--malformed-per-mille", "100"])
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     // The banner names the data and gives curl commands with real ids.
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
     let mut banner = String::new();
     let mut teacher_url = None;
     let mut config_path = None;
@@ -90,11 +102,11 @@ async fn the_demo_serves_a_generated_province_and_its_trickle_moves_the_status()
         .to_owned();
     assert!(store_dir.exists());
     let kill = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args(["-INT", &child.0.id().to_string()])
         .status()
         .unwrap();
     assert!(kill.success());
-    let status = child.wait().unwrap();
+    let status = child.0.wait().unwrap();
     assert!(status.success(), "{status:?}");
     assert!(!store_dir.exists(), "the demo's temporary store is removed");
 }
