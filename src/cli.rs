@@ -102,8 +102,9 @@ enum Command {
         /// Where the demo node answers HTTP (port 0: any free port).
         #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
         listen: std::net::SocketAddr,
-        /// Keep the store in this directory (default: a temporary directory
-        /// removed at the end).
+        /// Keep the store in this directory after the demo (it must not
+        /// hold a store yet; default: a temporary directory removed at the
+        /// end).
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
         /// Changes published per second after the initial load (0: none).

@@ -41,7 +41,20 @@ pub struct Options {
 /// Runs the demo until `shutdown` resolves.
 pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let (dir, temporary) = match &options.data_dir {
-        Some(d) => (d.clone(), false),
+        Some(d) => {
+            // The demo's broker is new every time; a store that has consumed
+            // another run's topics (or a real node's store!) must not be
+            // mixed with it.
+            let store = d.join(crate::config::STORE_FILE);
+            if store.exists() {
+                anyhow::bail!(
+                    "{} already holds a store; the demo needs an empty --data-dir (it never \
+                     touches an existing store)",
+                    d.display()
+                );
+            }
+            (d.clone(), false)
+        }
         None => (
             std::env::temp_dir().join(format!("emis-edge-demo-{}", std::process::id())),
             true,
