@@ -233,3 +233,18 @@ async fn a_generated_snapshot_imports_and_generated_events_replicate_alike() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[test]
+fn the_demo_never_touches_an_existing_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join(emis_edge::config::STORE_FILE);
+    std::fs::write(&store, b"a real node's store").unwrap();
+    let out = Command::new(BIN)
+        .args(["demo", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already holds a store"));
+    assert_eq!(std::fs::read(&store).unwrap(), b"a real node's store");
+}
