@@ -5,6 +5,7 @@
 mod cli;
 mod convergence;
 mod e2e;
+mod hostile;
 mod http;
 mod kafka;
 mod resync;
