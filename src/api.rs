@@ -49,6 +49,13 @@ pub struct AppState {
 /// Page size when `limit` is absent, and its upper bound.
 pub const DEFAULT_LIMIT: usize = 100;
 pub const MAX_LIMIT: usize = 1000;
+/// The longest request target (path and query) answered; a longer one gets
+/// `414`. (A request head over `server::MAX_HEADER_BYTES` is refused by
+/// hyper with `431` before it gets here.)
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+/// `GET /api/sync/dead-letters` lists dead letters, newest first, until
+/// their raw payloads add up to this much; `truncated` then says so.
+pub const DEAD_LETTERS_MAX_RAW_BYTES: usize = 4 * 1024 * 1024;
 
 pub fn router(state: AppState) -> Router {
     let timeout = Duration::from_secs(state.config.http.request_timeout_secs);
@@ -163,7 +170,26 @@ fn finish(router: Router<AppState>, state: AppState) -> Router {
             state.clone(),
             record_request,
         ))
+        .layer(axum::middleware::from_fn(limit_uri))
         .with_state(state)
+}
+
+/// Refuses request targets over [`MAX_URI_BYTES`] before routing.
+async fn limit_uri(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let len = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |p| p.as_str().len());
+    if len > MAX_URI_BYTES {
+        return Problem::new(
+            StatusCode::URI_TOO_LONG,
+            "uri-too-long",
+            "URI too long",
+            format!("the request target is {len} bytes; at most {MAX_URI_BYTES} are accepted"),
+        )
+        .into_response();
+    }
+    next.run(request).await
 }
 
 /// Records each request's duration by route template and status.
@@ -308,12 +334,6 @@ impl From<StoreError> for Problem {
     }
 }
 
-impl From<PathRejection> for Problem {
-    fn from(e: PathRejection) -> Self {
-        Problem::bad_request(e.body_text())
-    }
-}
-
 impl From<QueryRejection> for Problem {
     fn from(e: QueryRejection) -> Self {
         Problem::bad_request(e.body_text())
@@ -321,11 +341,35 @@ impl From<QueryRejection> for Problem {
 }
 
 fn parse_id(name: &str, raw: &str) -> Result<Uuid, Problem> {
-    Uuid::try_parse(raw).map_err(|_| Problem::bad_request(format!("{name} {raw:?} is not a UUID")))
+    Uuid::try_parse(raw)
+        .map_err(|_| Problem::bad_request(format!("{name} {:?} is not a UUID", clip(raw))))
 }
 
+/// At most the first 80 characters of a value echoed in a problem, so a
+/// huge parameter is not sent back whole.
+fn clip(s: &str) -> String {
+    const MAX: usize = 80;
+    match s.char_indices().nth(MAX) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
+/// The id in the path, or a 400 that names the parameter as the contract
+/// does (`teacherId`, not the route's placeholder).
 fn path_id(name: &str, path: Result<Path<String>, PathRejection>) -> Result<Uuid, Problem> {
-    let Path(raw) = path?;
+    use axum::extract::path::ErrorKind;
+    let raw = match path {
+        Ok(Path(raw)) => raw,
+        Err(PathRejection::FailedToDeserializePathParams(e))
+            if matches!(e.kind(), ErrorKind::InvalidUtf8InPathParam { .. }) =>
+        {
+            return Err(Problem::bad_request(format!(
+                "{name} is not valid UTF-8 once percent-decoded"
+            )));
+        }
+        Err(e) => return Err(Problem::bad_request(format!("{name}: {}", e.body_text()))),
+    };
     parse_id(name, &raw)
 }
 
@@ -338,7 +382,8 @@ fn limit_param(params: &HashMap<String, String>) -> Result<usize, Problem> {
             .filter(|n| (1..=MAX_LIMIT).contains(n))
             .ok_or_else(|| {
                 Problem::bad_request(format!(
-                    "limit {raw:?} must be an integer from 1 to {MAX_LIMIT}"
+                    "limit {:?} must be an integer from 1 to {MAX_LIMIT}",
+                    clip(raw)
                 ))
             }),
     }
@@ -458,33 +503,62 @@ async fn snapshot(
     }
     let reader = s.store.read()?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
+    // A client that takes no data for this long is cut off, so that it does
+    // not hold the read transaction, a blocking thread and the buffered
+    // chunks for ever.
+    let stall = Duration::from_secs(s.config.http.request_timeout_secs);
+    let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let runtime = tokio::runtime::Handle::current();
+    let flag = stalled.clone();
     tokio::task::spawn_blocking(move || {
         const CHUNK: usize = 64 * 1024;
+        // Whether the chunk was taken; false when the client hung up or stalled.
+        let send = |item: Result<Bytes, std::io::Error>| match runtime
+            .block_on(tokio::time::timeout(stall, tx.send(item)))
+        {
+            Ok(sent) => sent.is_ok(),
+            Err(_) => {
+                tracing::warn!(%school, "snapshot client took no data for http.request_timeout_secs; cut off");
+                flag.store(true, std::sync::atomic::Ordering::Release);
+                false
+            }
+        };
         let mut buf = Vec::with_capacity(CHUNK * 2);
         let written = reader.write_snapshot(school, |line| {
             buf.extend_from_slice(line);
             if buf.len() >= CHUNK {
                 let chunk = Bytes::from(std::mem::replace(&mut buf, Vec::with_capacity(CHUNK * 2)));
-                if tx.blocking_send(Ok(chunk)).is_err() {
-                    return ControlFlow::Break(()); // the client hung up
+                if !send(Ok(chunk)) {
+                    return ControlFlow::Break(());
                 }
             }
             ControlFlow::Continue(())
         });
         match written {
             Ok(Some(_)) => {
-                let _ = tx.blocking_send(Ok(Bytes::from(buf)));
+                send(Ok(Bytes::from(buf)));
             }
             Ok(None) => {}
             Err(e) => {
                 tracing::error!(error = %e, %school, "snapshot aborted");
-                let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+                send(Err(std::io::Error::other(e.to_string())));
             }
         }
     });
+    // After a stall the body ends in an error, so the connection is cut
+    // without the closing chunk: the client sees a broken download, not a
+    // complete one (and without an `end` line it is rejected anyway).
+    let cut_off = futures::stream::once(async move {
+        stalled.load(std::sync::atomic::Ordering::Acquire).then(|| {
+            Err(std::io::Error::other(
+                "the client took no data for too long",
+            ))
+        })
+    })
+    .filter_map(std::future::ready);
     Ok((
         [(header::CONTENT_TYPE, "application/x-ndjson")],
-        Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx).chain(cut_off)),
     )
         .into_response())
 }
@@ -601,22 +675,28 @@ async fn dead_letters(
     let Query(params) = query?;
     let limit = limit_param(&params)?;
     let letters = s.store.read()?.dead_letters(limit)?;
-    let items: Vec<_> = letters
-        .iter()
-        .map(|d| {
-            json!({
-                "topic": d.topic,
-                "partition": d.partition,
-                "offset": d.offset,
-                "reason": d.reason,
-                "at": format_timestamp(d.at),
-                "raw": String::from_utf8_lossy(&d.raw),
-                "rawLength": d.raw_len,
-                "rawTruncated": d.raw.len() < d.raw_len,
-            })
-        })
-        .collect();
-    Ok(Json(json!({ "items": items })).into_response())
+    // Stored payloads are up to 64 KiB each, and binary ones grow up to six
+    // times as JSON text: the list stops at a budget of raw bytes.
+    let mut budget = DEAD_LETTERS_MAX_RAW_BYTES;
+    let mut items = Vec::new();
+    for d in &letters {
+        if d.raw.len() > budget && !items.is_empty() {
+            break;
+        }
+        budget = budget.saturating_sub(d.raw.len());
+        items.push(json!({
+            "topic": d.topic,
+            "partition": d.partition,
+            "offset": d.offset,
+            "reason": d.reason,
+            "at": format_timestamp(d.at),
+            "raw": String::from_utf8_lossy(&d.raw),
+            "rawLength": d.raw_len,
+            "rawTruncated": d.raw.len() < d.raw_len,
+        }));
+    }
+    let truncated = items.len() < letters.len();
+    Ok(Json(json!({ "items": items, "truncated": truncated })).into_response())
 }
 
 // ---- admin (loopback only) -----------------------------------------------

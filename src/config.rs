@@ -57,6 +57,13 @@ pub struct HttpConfig {
     pub request_timeout_secs: u64,
     /// Requests served at once; more wait their turn.
     pub max_concurrent_requests: usize,
+    /// Connections open at once (per listener); more wait in the kernel's
+    /// accept queue until one closes.
+    pub max_connections: usize,
+    /// A connection that has not sent a whole request head (request line
+    /// and headers) within this long is closed; so is one idle this long
+    /// between requests.
+    pub header_read_timeout_secs: u64,
     /// The largest snapshot file `POST /api/admin/import` accepts (the only
     /// route that takes a request body).
     pub max_import_bytes: u64,
@@ -158,6 +165,8 @@ impl Default for HttpConfig {
             token_file: None,
             request_timeout_secs: 30,
             max_concurrent_requests: 1024,
+            max_connections: 1024,
+            header_read_timeout_secs: 10,
             max_import_bytes: 16 << 30,
         }
     }
@@ -360,6 +369,15 @@ impl Config {
             return Err(bad(
                 "http.max_concurrent_requests",
                 "must be between 1 and 100000",
+            ));
+        }
+        if !(1..=100_000).contains(&self.http.max_connections) {
+            return Err(bad("http.max_connections", "must be between 1 and 100000"));
+        }
+        if !(1..=3600).contains(&self.http.header_read_timeout_secs) {
+            return Err(bad(
+                "http.header_read_timeout_secs",
+                "must be between 1 and 3600",
             ));
         }
         if self.node.data_dir.as_os_str().is_empty() {

@@ -37,6 +37,10 @@ const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// The poll timeout while idle: the longest the worker takes to notice a stop.
 const IDLE_POLL: Duration = Duration::from_millis(100);
+/// A batch closes early once its dead letters hold this many bytes of raw
+/// payload, so a flood of large bad records (each kept up to
+/// `DEAD_LETTER_MAX_RAW`) cannot make one batch, and its transaction, huge.
+pub const BATCH_MAX_DEAD_LETTER_BYTES: usize = 16 * 1024 * 1024;
 
 /// Receives librdkafka's statistics and errors and turns them into the
 /// node's sync status.
@@ -324,6 +328,7 @@ impl Worker {
         let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
         let mut count = 0;
         let mut deadline: Option<Instant> = None;
+        let mut dead_bytes = 0;
         let now = self.state.clock.now();
         while count < self.max_messages {
             self.state.ingest_heartbeat.beat();
@@ -336,10 +341,18 @@ impl Worker {
                     let topic = m.topic();
                     let (partition, offset) = (m.partition(), m.offset());
                     next.insert((topic.to_owned(), partition), offset + 1);
+                    let letters = batch.dead_letters.len();
                     self.handle(topic, partition, offset, m.payload(), now, &mut batch);
+                    dead_bytes += batch.dead_letters[letters..]
+                        .iter()
+                        .map(|d| d.raw.len())
+                        .sum::<usize>();
                 }
                 Some(Err(e)) => self.poll_error(&e, now),
                 None => {}
+            }
+            if dead_bytes >= BATCH_MAX_DEAD_LETTER_BYTES {
+                break;
             }
             match deadline {
                 Some(d) if Instant::now() < d => {}
@@ -383,9 +396,10 @@ impl Worker {
         batch: &mut Batch,
     ) {
         let raw = payload.unwrap_or_default();
-        let parsed = match self.topics.get(topic) {
-            Some(&t) => Event::parse(t, raw).map_err(|e| e.to_string()),
-            None => Err(format!("topic {topic} is not configured")),
+        let parsed = match (self.topics.get(topic), payload) {
+            (None, _) => Err(format!("topic {topic} is not configured")),
+            (Some(_), None) => Err("null value (a Kafka tombstone; expected a JSON object)".into()),
+            (Some(&t), Some(raw)) => Event::parse(t, raw).map_err(|e| e.to_string()),
         };
         match parsed {
             Ok(e) if self.filter.serves(e.change.school_id()) => {

@@ -16,6 +16,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod node;
 pub mod resync;
+pub mod server;
 pub mod status;
 pub mod store;
 pub mod systemd;

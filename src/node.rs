@@ -3,11 +3,12 @@
 //! Start: token files → data directory → store (format check) → HTTP
 //! listeners (API, and `http.ops_listen` if set) → workers (tombstone
 //! purge, ingest, resync, systemd supervision) → serving.
-//! Stop (the injected `shutdown` future resolves): workers first (each
-//! finishes its in-flight transaction), then HTTP drains, all within
+//! HTTP is served by [`crate::server`] (connection limit, header read
+//! timeout). Stop (the injected `shutdown` future resolves): workers first
+//! (each finishes its in-flight transaction), then HTTP drains, all within
 //! [`SHUTDOWN_DEADLINE`]; the store closes when the last handle drops.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -105,25 +106,17 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     }
 
     let app = api::router(state.clone());
-    let http_stop = CancellationToken::new();
-    let http_stop_inner = http_stop.clone();
     let ops_app = api::ops_router(state.clone());
-    let ops_stop = http_stop.clone();
+    let limits = crate::server::Limits::of(&state.config.http);
+    let http_stop = CancellationToken::new();
+    let (main_stop, ops_stop) = (http_stop.clone(), http_stop.clone());
     let http = tokio::spawn(async move {
-        let main = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { http_stop_inner.cancelled().await });
+        let main = crate::server::serve(listener, app, limits, main_stop);
         match ops {
             None => main.await,
             Some(ops) => {
-                let ops = axum::serve(
-                    ops,
-                    ops_app.into_make_service_with_connect_info::<SocketAddr>(),
-                )
-                .with_graceful_shutdown(async move { ops_stop.cancelled().await });
-                tokio::try_join!(main.into_future(), ops.into_future()).map(|_| ())
+                let ops = crate::server::serve(ops, ops_app, limits, ops_stop);
+                tokio::try_join!(main, ops).map(|_| ())
             }
         }
     });

@@ -83,8 +83,12 @@ impl EventType {
 pub enum EventError {
     #[error("payload of {0} bytes exceeds the limit of {MAX_EVENT_BYTES} bytes")]
     TooLarge(usize),
+    #[error("empty value (expected a JSON object)")]
+    Empty,
     #[error("not valid JSON: {0}")]
     NotJson(String),
+    #[error("field `{0}` appears more than once")]
+    DuplicateField(String),
     #[error("not a JSON object")]
     NotObject,
     #[error("missing required field `{0}`")]
@@ -204,10 +208,59 @@ pub(crate) fn parse_object(raw: &[u8]) -> Result<Map<String, Value>, EventError>
     if raw.len() > MAX_EVENT_BYTES {
         return Err(EventError::TooLarge(raw.len()));
     }
-    match serde_json::from_slice::<Value>(raw) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(EventError::NotObject),
+    if raw.is_empty() {
+        return Err(EventError::Empty);
+    }
+    // serde_json refuses nesting deeper than 128 (a syntax error), so a
+    // deeply nested value costs neither stack nor much memory.
+    match serde_json::from_slice::<TopLevel>(raw) {
+        Ok(TopLevel::Object(map)) => Ok(map),
+        Ok(TopLevel::Duplicate(field)) => Err(EventError::DuplicateField(clip(&field))),
+        // A data error can only be the top-level visitor's "not an object".
+        Err(e) if e.is_data() => Err(EventError::NotObject),
         Err(e) => Err(EventError::NotJson(e.to_string())),
+    }
+}
+
+/// The top-level JSON object of an event or snapshot line. A field that
+/// appears twice is refused: serde_json would silently keep the last one,
+/// and another reader of the same record may keep the first, so the
+/// record does not say one thing. (Nested objects are not checked: the
+/// fields the node reads are all at the top level.)
+enum TopLevel {
+    Object(Map<String, Value>),
+    Duplicate(String),
+}
+
+impl<'de> serde::Deserialize<'de> for TopLevel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(TopLevelVisitor)
+    }
+}
+
+struct TopLevelVisitor;
+
+impl<'de> serde::de::Visitor<'de> for TopLevelVisitor {
+    type Value = TopLevel;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut access: A) -> Result<TopLevel, A::Error> {
+        use serde::de::IgnoredAny;
+        let mut map = Map::new();
+        while let Some(key) = access.next_key::<String>()? {
+            if map.contains_key(&key) {
+                // Read the rest, so that bad syntax further on still wins.
+                access.next_value::<IgnoredAny>()?;
+                while access.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                return Ok(TopLevel::Duplicate(key));
+            }
+            let value = access.next_value::<Value>()?;
+            map.insert(key, value);
+        }
+        Ok(TopLevel::Object(map))
     }
 }
 
@@ -528,6 +581,43 @@ mod tests {
             err(format!(r#"{base},"role":"principal"}}"#)),
             r#"field `role`: "principal" is not one of "homeroom", "subject""#
         );
+    }
+
+    #[test]
+    fn hostile_values_get_a_clear_reason() {
+        assert_eq!(reason(""), "empty value (expected a JSON object)");
+        let dup = class_created("").replacen(
+            r#"{"eventId":"6f1c0000-0000-4000-8000-000000000001","#,
+            r#"{"eventId":"6f1c0000-0000-4000-8000-000000000001","eventId":"6f1c0000-0000-4000-8000-000000000009","#,
+            1,
+        );
+        assert_eq!(reason(&dup), "field `eventId` appears more than once");
+        // A syntax error after the duplicate still counts as bad JSON.
+        assert!(reason(&format!("{dup}x")).starts_with("not valid JSON"));
+        // Duplicates inside an ignored nested object are no concern.
+        assert!(Event::parse(
+            EventType::ClassCreated,
+            class_created(r#","extra":{"a":1,"a":2}"#).as_bytes()
+        )
+        .is_ok());
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert_eq!(reason(&deep), "not a JSON object");
+        let deep_object = format!(
+            r#"{{"a":{}1{}}}"#,
+            r#"{"a":"#.repeat(100_000),
+            "}".repeat(100_000)
+        );
+        assert!(reason(&deep_object).starts_with("not valid JSON: recursion limit exceeded"));
+        let bad_utf8 = Event::parse(EventType::ClassCreated, b"{\"className\":\"L\xff\xfe\"}")
+            .unwrap_err()
+            .to_string();
+        assert!(bad_utf8.starts_with("not valid JSON"), "{bad_utf8}");
+        let nul = Event::parse(EventType::ClassCreated, &[0u8; 64])
+            .unwrap_err()
+            .to_string();
+        assert!(nul.starts_with("not valid JSON"), "{nul}");
+        assert_eq!(reason("42"), "not a JSON object");
+        assert_eq!(reason("null"), "not a JSON object");
     }
 
     #[test]
