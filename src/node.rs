@@ -224,13 +224,20 @@ pub async fn shutdown_signal() {
 /// Worker: renders the teacher documents that changes queued (see
 /// `Store::materialize`), in chunks, so that a lookup is one read. Reads
 /// never wait for it: a queued teacher's document is rendered on the fly.
+/// While the consumer is far behind (catching up after an outage), it
+/// waits: redb has one writer at a time, and catching up comes first.
 async fn render_docs(state: AppState, stop: CancellationToken) {
     const CHUNK: usize = 2_000;
+    const DEFER_WHILE_BEHIND: i64 = 10_000;
     let mut idle = Duration::ZERO;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(idle) => {}
+        }
+        if kafka_backlog(&state) > DEFER_WHILE_BEHIND {
+            idle = Duration::from_millis(500);
+            continue;
         }
         let (store, now) = (state.store.clone(), state.clock.now());
         match tokio::task::spawn_blocking(move || store.materialize(CHUNK, now)).await {
@@ -247,6 +254,22 @@ async fn render_docs(state: AppState, stop: CancellationToken) {
             }
         }
     }
+}
+
+/// Messages the consumer is behind the high watermarks last seen, over all
+/// partitions (0 when unknown).
+fn kafka_backlog(state: &AppState) -> i64 {
+    let sync = state.sync.get();
+    if sync.high_watermarks.is_empty() {
+        return 0;
+    }
+    let Ok(offsets) = state.store.read().and_then(|r| r.offsets()) else {
+        return 0;
+    };
+    offsets
+        .iter()
+        .filter_map(|o| sync.lag(&o.topic, o.partition, o.next_offset))
+        .sum()
 }
 
 /// Worker: purges tombstones past `store.tombstone_retention`, hourly.
