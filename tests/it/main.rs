@@ -5,6 +5,7 @@
 mod cli;
 mod convergence;
 mod e2e;
+mod fuzz;
 mod http;
 mod kafka;
 mod resync;
