@@ -756,8 +756,12 @@ fn load(explicit: Option<&Path>) -> Result<Config, ExitCode> {
 /// journald adds its own timestamps and does not render colours: under
 /// systemd (JOURNAL_STREAM is set) log plain lines without them.
 fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|spec| crate::config::log_filter(&spec).ok())
+        .unwrap_or_else(|| {
+            crate::config::log_filter(&config.log.level).expect("log.level is validated")
+        });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

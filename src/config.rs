@@ -289,13 +289,32 @@ impl Config {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
+        let text = file
+            .map(|path| {
+                std::fs::read_to_string(path).map_err(|e| ConfigError {
+                    key: "--config".into(),
+                    message: format!("cannot read {}: {e}", path.display()),
+                })
+            })
+            .transpose()?;
+        Self::from_sources(text.as_deref(), env)
+    }
+
+    /// Parses the text of a configuration file over the built-in defaults
+    /// and validates the result, with no environment overrides: what
+    /// [`Config::load`] does with that file and an empty environment. No
+    /// I/O, so it can be fed arbitrary text (the `config` fuzz target).
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        Self::from_sources(Some(text), std::iter::empty())
+    }
+
+    fn from_sources(
+        text: Option<&str>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
-        if let Some(path) = file {
-            let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-                key: "--config".into(),
-                message: format!("cannot read {}: {e}", path.display()),
-            })?;
-            figment = figment.merge(Toml::string(&text));
+        if let Some(text) = text {
+            figment = figment.merge(Toml::string(text));
         }
         // The overrides become one TOML document merged last, so that tests
         // can pass an explicit environment instead of the process's.
@@ -326,16 +345,9 @@ impl Config {
             table.insert(last.clone(), parse_env_value(&raw));
         }
         figment = figment.merge(Toml::string(&overrides.to_string()));
-        let config: Config = figment.extract().map_err(|e| {
-            let key = if e.path.is_empty() {
-                "(top level)".to_owned()
-            } else {
-                e.path.join(".")
-            };
-            ConfigError {
-                key,
-                message: e.kind.to_string(),
-            }
+        let config: Config = figment.extract().map_err(|e| ConfigError {
+            key: key_path(&e.path),
+            message: e.kind.to_string(),
         })?;
         config.validate()?;
         Ok(config)
@@ -454,7 +466,7 @@ impl Config {
         if !(1..=65_536).contains(&self.store.cache_mb) {
             return Err(bad("store.cache_mb", "must be between 1 and 65536"));
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+        if log_filter(&self.log.level).is_err() {
             return Err(bad(
                 "log.level",
                 format!("{:?} is not a tracing filter", self.log.level),
@@ -508,10 +520,40 @@ impl Config {
     }
 }
 
+/// The tracing filter of `log.level` or `RUST_LOG`, each directive trimmed
+/// first: tracing-subscriber 0.3.23 slices a directive at the offsets of
+/// its trimmed text, so after a space `"info, emis_edge=debug"` was
+/// refused, `"info, emis_edge"` matched nothing, and `"info, ề"` panicked
+/// (found by the `config` fuzz target).
+pub fn log_filter(spec: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    let directives: Vec<&str> = spec.split(',').map(str::trim).collect();
+    tracing_subscriber::EnvFilter::try_new(directives.join(",")).map_err(|e| e.to_string())
+}
+
 /// Whether a librdkafka property holds a secret.
 pub fn is_secret(property: &str) -> bool {
     let p = property.to_ascii_lowercase();
     p.contains("password") || p.contains("secret")
+}
+
+/// A key as a TOML file spells it, e.g. `kafka.properties."sasl.password"`:
+/// a part that is not a bare key (empty, a dot, non-ASCII) is quoted, so
+/// that even `[""]` or `["a.b"]` is named unambiguously.
+fn key_path(path: &[String]) -> String {
+    if path.is_empty() {
+        return "(top level)".to_owned();
+    }
+    let part = |p: &String| {
+        let bare = !p.is_empty()
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
+        if bare {
+            p.clone()
+        } else {
+            toml::Value::String(p.clone()).to_string()
+        }
+    };
+    path.iter().map(part).collect::<Vec<_>>().join(".")
 }
 
 fn topic_key(t: EventType) -> String {
@@ -560,4 +602,51 @@ fn read_tokens(key: &str, path: Option<&Path>) -> anyhow::Result<Vec<String>> {
         "{key} {shown}: every token must be at least 16 characters"
     );
     Ok(tokens)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_configuration_loads_from_a_string() {
+        let text = include_str!("../config/edge.example.toml");
+        let config = Config::from_toml_str(text).unwrap();
+        assert_eq!(config.node.id, "edge-hanoi-01");
+        assert_eq!(config.schools.ids.len(), 2);
+    }
+
+    /// Found by the `config` fuzz target: `['']` was reported as
+    /// "config key ``", naming no key.
+    #[test]
+    fn an_error_names_an_empty_or_dotted_key_as_toml_spells_it() {
+        let key = |text: &str| Config::from_toml_str(text).unwrap_err().key;
+        assert_eq!(key("['']"), r#""""#);
+        assert_eq!(key("[node]\n'' = 1"), r#"node."""#);
+        assert_eq!(key("[\"trường\"]\nid = 1"), r#""trường""#);
+        assert_eq!(
+            key("[kafka.properties]\n\"sasl.password\" = []"),
+            r#"kafka.properties."sasl.password""#
+        );
+        assert_eq!(key("[http]\nlistn = 1"), "http.listn");
+    }
+
+    /// Found by the `config` fuzz target: tracing-subscriber panicked on
+    /// `log.level = "emis_edgi,  06h ề["` (check-config crashed instead of
+    /// naming the key), and refused or misread a directive after ", ".
+    #[test]
+    fn log_levels_with_spaces_and_vietnamese_text_do_not_panic() {
+        let e = Config::from_toml_str("[log]\nlevel = \"emis_edgi,  06h ề[\"").unwrap_err();
+        assert_eq!(e.key, "log.level");
+        assert!(log_filter("  ề=info").is_ok());
+        assert!(log_filter("info,\u{a0}Đà_Nẵng").is_ok());
+        assert_eq!(
+            log_filter("info, emis_edge=debug").unwrap().to_string(),
+            log_filter("info,emis_edge=debug").unwrap().to_string()
+        );
+        assert_eq!(
+            log_filter("info, emis_edge").unwrap().to_string(),
+            log_filter("info,emis_edge").unwrap().to_string()
+        );
+    }
 }
