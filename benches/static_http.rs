@@ -1,17 +1,21 @@
 //! The ceiling the load scripts compare the teacher route with: the node's
-//! HTTP stack (axum on a multi-threaded tokio runtime, with the same tower
-//! time and concurrency limits as the node's `/api` routes) answering a
-//! static JSON body of a given size, with no store behind it.
+//! own HTTP stack — `api::router_with` (the `/api` layers: time and
+//! concurrency limits, metrics, URI limit) served by `server::serve` with
+//! the default connection limits, on a multi-threaded tokio runtime —
+//! answering `GET /api/static` with a constant JSON body of a given size
+//! instead of a store lookup. The store behind it is an empty in-memory one.
 //!
 //! Run: `cargo bench --bench static_http -- --bytes 3200 --listen 127.0.0.1:8090`
 //! (`benches/load/run.sh` starts it next to the node and measures both in
-//! one run). `GET /static` answers the body.
+//! one run).
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
 
 use axum::routing::get;
 use axum::Router;
+use emis_edge::api::AppState;
+use emis_edge::config::Config;
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
@@ -29,39 +33,40 @@ fn main() {
         .unwrap_or_else(|| "127.0.0.1:8090".into())
         .parse()
         .expect("--listen ADDR");
-    let defaults = emis_edge::config::Config::default();
+    let config = Config::default();
+    let state = AppState::new(emis_edge::api::Shared {
+        store: Arc::new(emis_edge::store::Store::open_in_memory().unwrap()),
+        sync: Arc::new(emis_edge::status::SyncState::new(false)),
+        config: Arc::new(config.clone()),
+        clock: Arc::new(emis_edge::clock::SystemClock),
+        resync_wanted: Default::default(),
+        ingest_heartbeat: Default::default(),
+        tokens: Default::default(),
+        metrics: Default::default(),
+    });
     // A JSON object of exactly `bytes` bytes.
     let pad = bytes.saturating_sub(r#"{"pad":""}"#.len());
     let body = bytes::Bytes::from(format!(r#"{{"pad":"{}"}}"#, "x".repeat(pad)));
-    let app = Router::new()
-        .route(
-            "/static",
-            get(move || {
-                let body = body.clone();
-                async move {
-                    (
-                        [(axum::http::header::CONTENT_TYPE, "application/json")],
-                        body,
-                    )
-                }
-            }),
-        )
-        .layer(
-            tower::ServiceBuilder::new()
-                .layer(axum::error_handling::HandleErrorLayer::new(
-                    |_: tower::BoxError| async { axum::http::StatusCode::SERVICE_UNAVAILABLE },
-                ))
-                .layer(tower::timeout::TimeoutLayer::new(Duration::from_secs(
-                    defaults.http.request_timeout_secs,
-                )))
-                .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-                    defaults.http.max_concurrent_requests,
-                )),
-        );
+    let extra = Router::new().route(
+        "/api/static",
+        get(move || {
+            let body = body.clone();
+            async move { ([(axum::http::header::CONTENT_TYPE, "application/json")], body) }
+        }),
+    );
+    let app = emis_edge::api::router_with(state, extra);
+    let limits = emis_edge::server::Limits::of(&config.http);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(listen).await.unwrap();
-        eprintln!("static_http: {bytes} bytes on http://{listen}/static");
-        axum::serve(listener, app).await.unwrap();
+        eprintln!("static_http: {bytes} bytes on http://{listen}/api/static");
+        emis_edge::server::serve(
+            listener,
+            app,
+            limits,
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await
+        .unwrap();
     });
 }

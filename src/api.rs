@@ -29,9 +29,28 @@ use crate::domain::{format_timestamp, Entity, EntityKind, Record, TeacherDetail}
 use crate::status::SyncState;
 use crate::store::{Store, StoreError};
 
-/// What every handler can reach.
+/// What every handler can reach: one shared allocation, so that handing it
+/// to a handler or a layer per request is one reference count, not one per
+/// field.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> AppState {
+        AppState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The parts of [`AppState`].
+pub struct Shared {
     pub store: Arc<Store>,
     pub sync: Arc<SyncState>,
     pub config: Arc<Config>,
@@ -58,6 +77,14 @@ pub const MAX_URI_BYTES: usize = 8 * 1024;
 pub const DEAD_LETTERS_MAX_RAW_BYTES: usize = 4 * 1024 * 1024;
 
 pub fn router(state: AppState) -> Router {
+    router_with(state, Router::new())
+}
+
+/// [`router`] with `extra` routes among the `/api` read routes, behind the
+/// same layers (token, time and concurrency limits, metrics): the load
+/// scripts' static-body baseline (`benches/static_http.rs`) uses it to be
+/// served exactly as the teacher route is.
+pub fn router_with(state: AppState, extra: Router<AppState>) -> Router {
     let timeout = Duration::from_secs(state.config.http.request_timeout_secs);
     let limits = tower::ServiceBuilder::new()
         .layer(axum::error_handling::HandleErrorLayer::new(
@@ -94,10 +121,17 @@ pub fn router(state: AppState) -> Router {
         .route("/api/schools/{school_id}/snapshot", get(snapshot))
         .route("/api/sync/status", get(sync_status))
         .route("/api/sync/dead-letters", get(dead_letters))
-        .route_layer(axum::middleware::from_fn_with_state(
+        .merge(extra);
+    // Without tokens configured, no per-request token check at all.
+    let api = if state.tokens.is_empty() {
+        api
+    } else {
+        api.route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_token,
         ))
+    };
+    let api = api
         .layer(limits);
     // Admin: loopback or token (checked in each handler); an import may
     // stream for minutes, so no time limit.

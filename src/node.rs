@@ -54,7 +54,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     let store = Arc::new(Store::open(&path, &options)?);
     tracing::info!(path = %path.display(), "store open");
 
-    let state = AppState {
+    let state = AppState::new(crate::api::Shared {
         store,
         sync: Arc::new(SyncState::new(!config.kafka.brokers.trim().is_empty())),
         config: Arc::new(config),
@@ -63,7 +63,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         ingest_heartbeat: Arc::new(crate::systemd::Heartbeat::default()),
         tokens,
         metrics: Arc::new(crate::metrics::Metrics::default()),
-    };
+    });
     let listener = tokio::net::TcpListener::bind(state.config.http.listen)
         .await
         .with_context(|| format!("cannot listen on http.listen {}", state.config.http.listen))?;

@@ -139,9 +139,9 @@ if has read; then
   bytes=$(head -200 "$W/ids.txt" | while read -r id; do curl -s -o /dev/null -w '%{size_download}\n' "$BASE/api/teachers/$id"; done | awk '{s+=$1} END{printf "%d", s/NR}')
   "$STATIC_BIN" --bytes "$bytes" --listen "127.0.0.1:$STATIC_PORT" 2>>"$W/static.log" &
   PIDS+=($!)
-  until curl -sf -o /dev/null "http://127.0.0.1:$STATIC_PORT/static"; do sleep 0.01; done
-  wrk_run "http://127.0.0.1:$STATIC_PORT/static" >/dev/null # warm-up
-  read -r s_rps s_p50 s_p99 s_err < <(wrk_run "http://127.0.0.1:$STATIC_PORT/static")
+  until curl -sf -o /dev/null "http://127.0.0.1:$STATIC_PORT/api/static"; do sleep 0.01; done
+  wrk_run "http://127.0.0.1:$STATIC_PORT/api/static" >/dev/null # warm-up
+  read -r s_rps s_p50 s_p99 s_err < <(wrk_run "http://127.0.0.1:$STATIC_PORT/api/static")
   wrk_run -s benches/load/teacher.lua "$BASE" -- "$W/ids.txt" >/dev/null # warm-up
   read -r t_rps t_p50 t_p99 t_err < <(wrk_run -s benches/load/teacher.lua "$BASE" -- "$W/ids.txt")
   say "| route | body | requests/s | p50 | p99 | non-2xx |"
