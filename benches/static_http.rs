@@ -51,7 +51,12 @@ fn main() {
         "/api/static",
         get(move || {
             let body = body.clone();
-            async move { ([(axum::http::header::CONTENT_TYPE, "application/json")], body) }
+            async move {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    body,
+                )
+            }
         }),
     );
     let app = emis_edge::api::router_with(state, extra);

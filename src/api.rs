@@ -131,8 +131,7 @@ pub fn router_with(state: AppState, extra: Router<AppState>) -> Router {
             require_token,
         ))
     };
-    let api = api
-        .layer(limits);
+    let api = api.layer(limits);
     // Admin: loopback or token (checked in each handler); an import may
     // stream for minutes, so no time limit.
     let admin = Router::new()

@@ -267,14 +267,36 @@ impl Worker {
                 targets.insert(key.clone(), high);
                 let offset = match stored.get(&key) {
                     Some(&next) if next < low => {
-                        self.out_of_range(topic, p.id(), next, low);
+                        self.out_of_range(
+                            topic,
+                            p.id(),
+                            format!("stored {next} < earliest {low}"),
+                            "events were lost to retention",
+                        );
+                        Offset::Beginning
+                    }
+                    // The partition holds fewer messages than this node has
+                    // already read: the topic was deleted and created again
+                    // (or the log truncated). Its messages are new ones.
+                    Some(&next) if next > high => {
+                        self.out_of_range(
+                            topic,
+                            p.id(),
+                            format!("stored {next} > latest {high}"),
+                            "the topic was recreated or truncated",
+                        );
                         Offset::Beginning
                     }
                     Some(&next) => Offset::Offset(next),
                     None => Offset::Beginning,
                 };
                 added.add_partition_offset(topic, p.id(), offset)?;
-                let start = stored.get(&key).copied().unwrap_or(low).max(low);
+                let start = stored
+                    .get(&key)
+                    .copied()
+                    .filter(|&next| next <= high)
+                    .unwrap_or(low)
+                    .max(low);
                 new_partitions.push((key, start));
             }
         }
@@ -301,22 +323,20 @@ impl Worker {
         Ok(())
     }
 
-    /// The node was away longer than the topic keeps messages: what was in
-    /// between is gone from Kafka and only a resync can repair it.
-    fn out_of_range(&self, topic: &str, partition: i32, next: i64, low: i64) {
+    /// The stored offset is outside what the partition holds: the node was
+    /// away longer than the topic keeps messages, or the topic was
+    /// recreated. What was in between is gone from Kafka and only a resync
+    /// can repair it.
+    fn out_of_range(&self, topic: &str, partition: i32, offsets: String, why: &str) {
         tracing::warn!(
             topic,
             partition,
-            stored_offset = next,
-            earliest_available = low,
-            "offset out of range: events were lost to retention; reading from the earliest and requesting a resync"
+            offsets = %offsets,
+            "offset out of range: {why}; reading from the earliest and requesting a resync"
         );
         let now = self.state.clock.now();
         self.state.sync.update(|s| {
-            s.offset_out_of_range = Some((
-                now,
-                format!("{topic}/{partition}: stored {next} < earliest {low}"),
-            ));
+            s.offset_out_of_range = Some((now, format!("{topic}/{partition}: {offsets}")));
         });
         self.state.resync_wanted.notify_one();
     }

@@ -203,7 +203,11 @@ if has mixed; then
         "$TANSU" topic create "emis.$t.$e" --partitions 3 --broker "$url" >/dev/null
       done
     done
-    EMIS_EDGE__KAFKA__BROKERS=127.0.0.1:$kport start_node
+    # A copy of the imported store: the broker is new, and a store that
+    # consumed an earlier run's topics would (rightly) read them as recreated.
+    rm -rf "$W/data-mixed"
+    cp -r --reflink=auto "$W/data" "$W/data-mixed"
+    EMIS_EDGE__KAFKA__BROKERS=127.0.0.1:$kport EMIS_EDGE__NODE__DATA_DIR=$W/data-mixed start_node
     wait_docs
     "$BIN" gen --scale "$SCALE" --brokers "127.0.0.1:$kport" --skip-initial --trickle 1000 --duration-secs 40 >"$W/trickle.log" 2>&1 &
     GEN=$!
@@ -213,6 +217,7 @@ if has mixed; then
     read -r m_rps m_p50 m_p99 m_err < <(wrk_run -s benches/load/teacher.lua "$BASE" -- "$W/ids.txt")
     after=$(curl -s "$BASE/metrics" | awk '/^emis_edge_events_total/{s+=$2} END{print s+0}')
     wait "$GEN" || true
+    rm -rf "$W/data-mixed"
     say "## Mixed: reads while 1,000 changes/s arrive through tansu"
     say ""
     say "| requests/s | p50 | p99 | non-2xx | events applied during the read run |"

@@ -551,3 +551,55 @@ pub fn promtool_check(text: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A topic deleted and created again (or a broker rebuilt) holds fewer
+/// messages than the node has read: the node reads it from the start
+/// rather than wait for offsets that will only be reached by other events,
+/// and asks for a resync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_topic_is_read_from_its_start_and_a_resync_is_requested() {
+    use EventType::*;
+    let old = Kafka::start(1);
+    let node = TestNode::start(|c| old.configure(c)).await;
+    let classes: Vec<Value> = (0..5)
+        .map(|n| {
+            event(
+                ClassCreated,
+                n,
+                1,
+                Some(1),
+                1,
+                class_fields(id(7000 + n), "Lớp 6A1"),
+            )
+        })
+        .collect();
+    old.send(ClassCreated, &classes);
+    wait_status(&node, "the first five classes", |v| {
+        counter(v, "events_applied") == 5
+    })
+    .await;
+    let TestNode { node, dir, .. } = node;
+    node.stop().await.unwrap();
+
+    let new = Kafka::start(1);
+    new.send(
+        ClassCreated,
+        &[event(
+            ClassCreated,
+            99,
+            2,
+            Some(1),
+            1,
+            class_fields(id(7099), "Lớp 6A2"),
+        )],
+    );
+    let node = TestNode::start_in(dir, |c| new.configure(c)).await;
+    let status = wait_status(&node, "the recreated topic's class", |v| {
+        counter(v, "events_applied") == 6
+    })
+    .await;
+    let (code, class) = node.get_json(&format!("/api/classes/{}", id(7099))).await;
+    assert_eq!(code, 200, "{class}");
+    let out_of_range = status["kafka"]["offsetOutOfRange"].to_string();
+    assert!(out_of_range.contains("> latest"), "{status:#}");
+}
