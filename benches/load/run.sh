@@ -217,7 +217,6 @@ if has mixed; then
     read -r m_rps m_p50 m_p99 m_err < <(wrk_run -s benches/load/teacher.lua "$BASE" -- "$W/ids.txt")
     after=$(curl -s "$BASE/metrics" | awk '/^emis_edge_events_total/{s+=$2} END{print s+0}')
     wait "$GEN" || true
-    rm -rf "$W/data-mixed"
     say "## Mixed: reads while 1,000 changes/s arrive through tansu"
     say ""
     say "| requests/s | p50 | p99 | non-2xx | events applied during the read run |"
@@ -227,6 +226,7 @@ if has mixed; then
     say "Target: read p99 ≤ 5 ms."
     say ""
     stop_node
+    rm -rf "$W/data-mixed"
   fi
 fi
 
