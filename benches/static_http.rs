@@ -17,6 +17,10 @@ use axum::Router;
 use emis_edge::api::AppState;
 use emis_edge::config::Config;
 
+/// The node's allocator (see `src/main.rs`), so that only the route differs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
     args.iter()

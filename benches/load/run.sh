@@ -24,6 +24,8 @@
 # Results: $OUT/results.md (default target/load/$SCALE/results.md).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=benches/load/lib.sh
+. benches/load/lib.sh
 
 SCALE=${SCALE:-province}
 STEPS=${STEPS:-"import read restart mixed pg"}
@@ -194,15 +196,7 @@ if has mixed; then
     say "## Mixed: skipped (no tansu on PATH)"
   else
     kport=$((PORT + 2))
-    url=tcp://127.0.0.1:$kport
-    "$TANSU" broker --storage-engine memory://tansu/ --listener-url "$url" --advertised-listener-url "$url" >"$W/tansu.log" 2>&1 &
-    PIDS+=($!)
-    until (exec 3<>"/dev/tcp/127.0.0.1/$kport") 2>/dev/null; do sleep 0.05; done
-    for t in class teacher assignment; do
-      for e in created updated deleted; do
-        "$TANSU" topic create "emis.$t.$e" --partitions 3 --broker "$url" >/dev/null
-      done
-    done
+    start_tansu "$kport" "$W/tansu.log"
     # A copy of the imported store: the broker is new, and a store that
     # consumed an earlier run's topics would (rightly) read them as recreated.
     rm -rf "$W/data-mixed"

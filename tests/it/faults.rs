@@ -11,7 +11,7 @@ use emis_edge::domain::{EventType, SyncSource};
 use emis_edge::store::{Store, StoreError, StoreOptions};
 use serde_json::{json, Value};
 
-use crate::kafka::{counter, event, handled, promtool_check, Kafka};
+use crate::kafka::{counter, event, handled, promtool_check, wait_status_within, Kafka};
 use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_emis-edge");
@@ -95,28 +95,6 @@ fn big_teacher(n: u128) -> Value {
     fields
 }
 
-/// Polls the status until `done` holds; fails after `limit` (a guard
-/// against hangs, not a timing assertion).
-async fn wait(
-    node: &TestNode,
-    what: &str,
-    limit: Duration,
-    done: impl Fn(&Value) -> bool,
-) -> Value {
-    let deadline = Instant::now() + limit;
-    loop {
-        let (_, v) = node.get_json("/api/sync/status").await;
-        if done(&v) {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; status: {v:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn offset_of(v: &Value, topic: &str) -> i64 {
     v["partitions"]
         .as_array()
@@ -195,7 +173,7 @@ async fn a_full_disk_stops_intake_not_reads_and_the_node_recovers_by_itself() {
         .collect();
     kafka.send(topic, &small);
     let limit = Duration::from_secs(60);
-    wait(&node, "the small teachers", limit, |v| {
+    wait_status_within(&node, "the small teachers", limit, |v| {
         counter(v, "events_applied") == SMALL as u64
     })
     .await;
@@ -211,7 +189,7 @@ async fn a_full_disk_stops_intake_not_reads_and_the_node_recovers_by_itself() {
         .collect();
     kafka.send_raw(topic.name(), 0, &big);
     // The same batch failing again and again: the disk is full for good.
-    let v = wait(&node, "store writes failing", limit, |v| {
+    let v = wait_status_within(&node, "store writes failing", limit, |v| {
         v["store"]["degraded"] == true && v["store"]["writeFailures"].as_u64() >= Some(3)
     })
     .await;
@@ -310,7 +288,7 @@ async fn a_full_disk_stops_intake_not_reads_and_the_node_recovers_by_itself() {
 
     // Space is back: the node resumes by itself, with nothing lost or doubled.
     disk.resize("64m");
-    let v = wait(
+    let v = wait_status_within(
         &node,
         "every event applied",
         Duration::from_secs(120),

@@ -75,7 +75,17 @@ pub fn event(
 
 /// Polls the status until `done` holds, or fails after 30 s.
 pub async fn wait_status(node: &TestNode, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    wait_status_within(node, what, Duration::from_secs(30), done).await
+}
+
+/// Polls the status until `done` holds, or fails after `limit`.
+pub async fn wait_status_within(
+    node: &TestNode,
+    what: &str,
+    limit: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + limit;
     loop {
         let (_, v) = node.get_json("/api/sync/status").await;
         if done(&v) {
