@@ -227,7 +227,9 @@ pub async fn shutdown_signal() {
 /// While the consumer is far behind (catching up after an outage), it
 /// waits: redb has one writer at a time, and catching up comes first.
 async fn render_docs(state: AppState, stop: CancellationToken) {
-    const CHUNK: usize = 2_000;
+    // Small: redb has one writer, and a chunk holds it for ~50 µs a
+    // document, so a large one would delay the next batch of events.
+    const CHUNK: usize = 250;
     const DEFER_WHILE_BEHIND: i64 = 10_000;
     let mut idle = Duration::ZERO;
     loop {
