@@ -11,7 +11,6 @@
 use std::io::{BufReader, BufWriter, Write};
 use std::time::Instant;
 
-use emis_edge::domain::snapshot::{end_line, record_line};
 use emis_edge::gen::{Province, Spec, T_BASE};
 use emis_edge::store::{Store, StoreOptions};
 
@@ -39,20 +38,12 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("province.ndjson");
     let started = Instant::now();
-    let mut lines = 0u64;
-    {
+    let lines = {
         let mut out = BufWriter::with_capacity(1 << 20, std::fs::File::create(&file).unwrap());
-        for s in 0..p.spec.schools {
-            let entities = p.school(s);
-            let count = entities.len() as u64;
-            for e in entities {
-                out.write_all(&record_line(&p.record(e))).unwrap();
-            }
-            out.write_all(&end_line(p.school_id(s), count, T_BASE))
-                .unwrap();
-            lines += count + 1;
-        }
-    }
+        let records = p.write_snapshot(&mut out, |_| {}).unwrap();
+        out.flush().unwrap();
+        records + u64::from(p.spec.schools)
+    };
     let size = std::fs::metadata(&file).unwrap().len();
     eprintln!(
         "generated {lines} lines, {:.0} MiB, in {:.1?}",

@@ -336,21 +336,7 @@ fn generate(job: GenJob) -> anyhow::Result<()> {
     if let Some(path) = &job.out {
         let mut w = std::io::BufWriter::with_capacity(1 << 20, create(path)?);
         let mut tick = progress(Some(schools), "schools written");
-        let mut records = 0u64;
-        for s in 0..p.spec.schools {
-            let entities = p.school(s);
-            let count = entities.len() as u64;
-            for e in entities {
-                w.write_all(&crate::domain::snapshot::record_line(&p.record(e)))?;
-            }
-            w.write_all(&crate::domain::snapshot::end_line(
-                p.school_id(s),
-                count,
-                crate::gen::T_BASE,
-            ))?;
-            records += count;
-            tick(u64::from(s) + 1);
-        }
+        let records = p.write_snapshot(&mut w, |done| tick(u64::from(done)))?;
         w.flush()?;
         eprintln!(
             "emis-edge gen: {records} records of {schools} schools written to {}",

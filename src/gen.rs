@@ -11,7 +11,8 @@
 //! [`Trickle`] produces the stream of changes that follows: updates with
 //! increasing versions, deletes and re-creates, and optionally malformed
 //! events, so that status, metrics and dead letters move. [`Publisher`]
-//! sends events to a broker; the data itself does no I/O.
+//! sends events to a broker; the data itself does no I/O beyond writing to
+//! a sink it is handed ([`Province::write_snapshot`]).
 
 use std::time::Duration;
 
@@ -343,6 +344,32 @@ impl Province {
             key: self.initial_key(&entity),
             change: Change::Upsert(entity),
         }
+    }
+
+    /// Writes every school's snapshot (contract §3) to `out`: its records,
+    /// then its `end` line; `on_school` hears how many schools are done.
+    /// Returns how many records were written.
+    pub fn write_snapshot(
+        &self,
+        out: &mut impl std::io::Write,
+        mut on_school: impl FnMut(u32),
+    ) -> std::io::Result<u64> {
+        let mut records = 0u64;
+        for s in 0..self.spec.schools {
+            let entities = self.school(s);
+            let count = entities.len() as u64;
+            for e in entities {
+                out.write_all(&crate::domain::snapshot::record_line(&self.record(e)))?;
+            }
+            out.write_all(&crate::domain::snapshot::end_line(
+                self.school_id(s),
+                count,
+                T_BASE,
+            ))?;
+            records += count;
+            on_school(s + 1);
+        }
+        Ok(records)
     }
 
     /// The snapshot record of an entity (contract §3).
