@@ -1,5 +1,10 @@
 # Shared by run.sh and soak.sh (sourced, not run).
 
+# log: a timestamped progress line on stderr. say: a line of the results
+# file ($RESULTS), echoed.
+log() { printf '%s  %s\n' "$(date +%T)" "$*" >&2; }
+say() { printf '%s\n' "$*" | tee -a "$RESULTS"; }
+
 # start_tansu PORT LOG: starts the tansu broker with in-memory storage on
 # 127.0.0.1:PORT, waits until it listens, creates the nine contract topics
 # (3 partitions each) and appends its pid to PIDS.

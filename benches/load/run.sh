@@ -40,8 +40,6 @@ RESULTS=$OUT/results.md
 W=$OUT/work
 mkdir -p "$W"
 
-log() { printf '%s  %s\n' "$(date +%T)" "$*" >&2; }
-say() { printf '%s\n' "$*" | tee -a "$RESULTS"; }
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 now_ms() { date +%s%3N; }
 PIDS=()

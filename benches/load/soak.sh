@@ -32,8 +32,6 @@ rm -rf "$W"
 mkdir -p "$W"
 RESULTS=$OUT/soak.md
 
-log() { printf '%s  %s\n' "$(date +%T)" "$*" >&2; }
-say() { printf '%s\n' "$*" | tee -a "$RESULTS"; }
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
