@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use axum::routing::get;
 use axum::Router;
-use emis_edge::api::AppState;
+use emis_edge::api::ApiState;
 use emis_edge::config::Config;
 
 /// The node's allocator (see `src/main.rs`), so that only the route differs.
@@ -38,16 +38,12 @@ fn main() {
         .parse()
         .expect("--listen ADDR");
     let config = Config::default();
-    let state = AppState::new(emis_edge::api::Shared {
-        store: Arc::new(emis_edge::store::Store::open_in_memory().unwrap()),
-        sync: Arc::new(emis_edge::status::SyncState::new(false)),
-        config: Arc::new(config.clone()),
-        clock: Arc::new(emis_edge::clock::SystemClock),
-        resync_wanted: Default::default(),
-        ingest_heartbeat: Default::default(),
-        tokens: Default::default(),
-        metrics: Default::default(),
-    });
+    let node = emis_edge::state::NodeState::new(
+        Arc::new(emis_edge::store::Store::open_in_memory().unwrap()),
+        config.clone(),
+        Arc::new(emis_edge::clock::SystemClock),
+    );
+    let state = ApiState::new(node, Vec::new());
     // A JSON object of exactly `bytes` bytes.
     let pad = bytes.saturating_sub(r#"{"pad":""}"#.len());
     let body = bytes::Bytes::from(format!(r#"{{"pad":"{}"}}"#, "x".repeat(pad)));

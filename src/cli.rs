@@ -7,11 +7,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
-use crate::status::SyncState;
+use crate::state::NodeState;
+use crate::status::SyncStatus;
 use crate::store::{Store, StoreOptions};
 
 #[derive(Parser, Debug)]
@@ -521,7 +523,7 @@ fn resync(config: &Config, schools: Vec<uuid::Uuid>, dry_run: bool) -> anyhow::R
             Some(doc) => doc,
             None => {
                 let store = open_store(config)?;
-                let schools = crate::resync::schools_to_sync(&store, config, schools)?;
+                let schools = crate::resync::schools_in_store(&store, config, schools)?;
                 anyhow::ensure!(
                     !schools.is_empty(),
                     "no school to resync: set schools.ids or name --school"
@@ -621,7 +623,7 @@ fn export(config: &Config, schools: Vec<uuid::Uuid>, out: &Path) -> anyhow::Resu
         }
         None => {
             let store = open_store(config)?;
-            let schools = crate::resync::schools_to_sync(&store, config, schools)?;
+            let schools = crate::resync::schools_in_store(&store, config, schools)?;
             crate::resync::export(&store, &schools, &mut writer, tick)?
         }
     };
@@ -763,7 +765,7 @@ fn init_logging(config: &Config) {
 /// The address a local client reaches the node at: a wildcard listen
 /// address is reached over loopback.
 fn local_addr(config: &Config) -> std::net::SocketAddr {
-    crate::node::reachable(config.http.listen)
+    crate::config::reachable(config.http.listen)
 }
 
 /// A client that sends the node's first API token, when it has any.
@@ -792,7 +794,11 @@ fn status(config: &Config, as_json: bool) -> anyhow::Result<()> {
         None,
     ))?;
     let (doc, source) = match from_node {
-        Some(doc) => (doc, format!("running node at {}", local_addr(config))),
+        Some(doc) => (
+            serde_json::from_value::<SyncStatus>(doc)
+                .context("the running node's status document is not what this release reads")?,
+            format!("running node at {}", local_addr(config)),
+        ),
         None => {
             let path = config.store_path();
             anyhow::ensure!(
@@ -807,10 +813,9 @@ fn status(config: &Config, as_json: bool) -> anyhow::Result<()> {
                     cache_bytes: config.store.cache_mb << 20,
                 },
             )?;
-            let sync = SyncState::new(!config.kafka.brokers.trim().is_empty());
-            let doc = crate::api::status_json(&store, &sync, config, SystemClock.now())?;
+            let state = NodeState::new(Arc::new(store), config.clone(), Arc::new(SystemClock));
             (
-                doc,
+                state.status()?,
                 format!("store file {} (node not running)", path.display()),
             )
         }
@@ -824,84 +829,89 @@ fn status(config: &Config, as_json: bool) -> anyhow::Result<()> {
 }
 
 /// The human summary of a status document, most urgent first.
-fn render_status(doc: &serde_json::Value, source: &str) -> String {
+fn render_status(doc: &SyncStatus, source: &str) -> String {
     use std::fmt::Write;
-    let s = |v: &serde_json::Value| match v {
-        serde_json::Value::Null => "-".to_owned(),
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
+    let or_dash = |v: Option<&str>| v.unwrap_or("-").to_owned();
+    let num = |v: Option<i64>| v.map_or_else(|| "-".to_owned(), |n| n.to_string());
     let mut out = String::new();
-    let _ = writeln!(out, "node           {} (from {source})", s(&doc["nodeId"]));
-    let stale = doc["stale"].as_bool().unwrap_or(true);
-    let _ = writeln!(out, "stale          {}", if stale { "YES" } else { "no" });
-    let kafka = &doc["kafka"];
+    let _ = writeln!(out, "node           {} (from {source})", doc.node_id);
+    let _ = writeln!(
+        out,
+        "stale          {}",
+        if doc.stale { "YES" } else { "no" }
+    );
+    let kafka = &doc.kafka;
     let _ = writeln!(
         out,
         "kafka          {}{}",
-        match (kafka["configured"].as_bool(), kafka["connected"].as_bool()) {
-            (Some(false), _) => "not configured",
-            (_, Some(true)) => "connected",
-            _ => "NOT CONNECTED",
+        match (kafka.configured, kafka.connected) {
+            (false, _) => "not configured",
+            (true, true) => "connected",
+            (true, false) => "NOT CONNECTED",
         },
-        kafka["lastError"]
-            .as_str()
+        kafka
+            .last_error
+            .as_ref()
             .map(|e| format!(" — {e}"))
             .unwrap_or_default()
     );
-    if let Some(e) = doc["storeError"].as_str() {
-        let store = &doc["store"];
+    if let Some(e) = &doc.store_error {
         let _ = writeln!(
             out,
             "STORE ERROR    {e} (failing since {}, {} failed writes; reads still answer, the node \
              retries by itself)",
-            s(&store["failingSince"]),
-            s(&store["writeFailures"])
+            or_dash(doc.store.failing_since.as_deref()),
+            doc.store.write_failures
         );
     }
-    let oor = &doc["kafka"]["offsetOutOfRange"];
-    if !oor.is_null() {
+    if let Some(oor) = &kafka.offset_out_of_range {
         let _ = writeln!(
             out,
             "EVENTS LOST    {} {} (a resync repairs this)",
-            s(&oor["at"]),
-            s(&oor["detail"])
+            oor.at, oor.detail
+        );
+    }
+    for w in doc
+        .workers
+        .iter()
+        .filter(|w| w.consecutive_errors > 0 || w.state == crate::worker::WorkerState::Dead)
+    {
+        let _ = writeln!(
+            out,
+            "WORKER         {} {:?}: {} ({} failures in a row)",
+            w.name,
+            w.state,
+            or_dash(w.last_error.as_deref()),
+            w.consecutive_errors
         );
     }
     let _ = writeln!(
         out,
         "caught up      {}",
-        if doc["caughtUp"] == true { "yes" } else { "no" }
+        if doc.caught_up { "yes" } else { "no" }
     );
-    let _ = writeln!(out, "last event     {}", s(&doc["lastEventTime"]));
-    let resync = &doc["lastResync"];
+    let _ = writeln!(
+        out,
+        "last event     {}",
+        or_dash(doc.last_event_time.as_deref())
+    );
     let _ = writeln!(
         out,
         "last resync    {}",
-        if resync.is_null() {
-            "-".to_owned()
-        } else {
-            format!(
-                "{} {} {}",
-                s(&resync["at"]),
-                s(&resync["result"]),
-                s(&resync["detail"])
-            )
+        match &doc.last_resync {
+            None => "-".to_owned(),
+            Some(r) => format!("{} {} {}", r.at, r.result, r.detail),
         }
     );
-    let _ = writeln!(out, "dead letters   {}", s(&doc["deadLetterCount"]));
-    let e = &doc["entities"];
+    let _ = writeln!(out, "dead letters   {}", doc.dead_letter_count);
+    let e = &doc.entities;
     let _ = writeln!(
         out,
         "entities       classes {}, teachers {}, assignments {}, tombstones {}",
-        s(&e["classes"]),
-        s(&e["teachers"]),
-        s(&e["assignments"]),
-        s(&e["tombstones"])
+        e.classes, e.teachers, e.assignments, e.tombstones
     );
-    let _ = writeln!(out, "schools        {}", s(&doc["servedSchools"]));
-    let partitions = doc["partitions"].as_array().cloned().unwrap_or_default();
-    if partitions.is_empty() {
+    let _ = writeln!(out, "schools        {}", doc.served_schools);
+    if doc.partitions.is_empty() {
         let _ = writeln!(out, "partitions     none consumed yet");
     } else {
         let _ = writeln!(
@@ -909,15 +919,15 @@ fn render_status(doc: &serde_json::Value, source: &str) -> String {
             "\n{:<32} {:>9} {:>12} {:>14} {:>8}",
             "TOPIC", "PARTITION", "OFFSET", "HIGH-WATERMARK", "LAG"
         );
-        for p in partitions {
+        for p in &doc.partitions {
             let _ = writeln!(
                 out,
                 "{:<32} {:>9} {:>12} {:>14} {:>8}",
-                s(&p["topic"]),
-                s(&p["partition"]),
-                s(&p["offset"]),
-                s(&p["highWatermark"]),
-                s(&p["lag"])
+                p.topic,
+                p.partition,
+                num(p.offset),
+                num(p.high_watermark),
+                num(p.lag)
             );
         }
     }

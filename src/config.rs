@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::domain::EventType;
+pub use crate::domain::SchoolFilter;
 
 /// Where `serve` looks when no `--config` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/emis-edge/edge.toml";
@@ -266,20 +267,16 @@ fn bad(key: &str, message: impl Into<String>) -> ConfigError {
     }
 }
 
-/// Which schools a node serves.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SchoolFilter {
-    All,
-    Only(BTreeSet<Uuid>),
-}
-
-impl SchoolFilter {
-    pub fn serves(&self, school: Uuid) -> bool {
-        match self {
-            SchoolFilter::All => true,
-            SchoolFilter::Only(ids) => ids.contains(&school),
-        }
+/// The address a client on this machine reaches a listener at: a wildcard
+/// listen address (`0.0.0.0`, `[::]`) is reached over loopback.
+pub fn reachable(mut addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
     }
+    addr
 }
 
 impl Config {

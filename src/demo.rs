@@ -139,7 +139,7 @@ async fn run_in(
     Ok(())
 }
 
-async fn wait_for_first_sync(state: &crate::api::AppState) -> bool {
+async fn wait_for_first_sync(state: &crate::state::NodeState) -> bool {
     loop {
         if state.sync.get().first_sync_done {
             return true;
@@ -187,7 +187,7 @@ async fn trickle(
 }
 
 fn print_hints(province: &Province, addr: SocketAddr, config: &std::path::Path) {
-    let base = format!("http://{}", crate::node::reachable(addr));
+    let base = format!("http://{}", crate::config::reachable(addr));
     let teacher = province.teacher(0, 0);
     let school = province.school_id(0);
     let class = province.class_id(0, 0);

@@ -11,7 +11,11 @@
 //!
 //! The worker never stops on bad input (dead letters) or on an unreachable
 //! broker (librdkafka reconnects; status reports it). A failing store write
-//! is retried with backoff and never advances the offsets.
+//! fails the step: the worker backs off and applies the same batch again,
+//! never advancing the offsets past what was committed.
+//!
+//! librdkafka's consumer blocks, so each step runs on tokio's blocking
+//! pool, taking the consumer along and handing it back.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -24,17 +28,15 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::AppState;
 use crate::config::SchoolFilter;
 use crate::domain::{Event, EventType, SyncSource, Timestamp};
+use crate::state::NodeState;
 use crate::store::{Batch, DeadLetter, PartitionOffset};
+use crate::worker::{Next, Worker};
 
 /// How often partition metadata is re-read to pick up new partitions and
 /// topics created after start.
 const METADATA_REFRESH: Duration = Duration::from_secs(60);
-/// Backoff bounds for reaching the broker and for retrying a store write.
-const BACKOFF_MIN: Duration = Duration::from_millis(200);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// The poll timeout while idle: the longest the worker takes to notice a stop.
 const IDLE_POLL: Duration = Duration::from_millis(100);
 /// A batch closes early once its dead letters hold this many bytes of raw
@@ -45,7 +47,7 @@ pub const BATCH_MAX_DEAD_LETTER_BYTES: usize = 16 * 1024 * 1024;
 /// Receives librdkafka's statistics and errors and turns them into the
 /// node's sync status.
 struct IngestContext {
-    state: AppState,
+    state: NodeState,
 }
 
 impl ClientContext for IngestContext {
@@ -92,91 +94,51 @@ impl ConsumerContext for IngestContext {}
 
 type IngestConsumer = BaseConsumer<IngestContext>;
 
-/// Doubles up to [`BACKOFF_MAX`].
-fn next_backoff(d: Duration) -> Duration {
-    (d * 2).min(BACKOFF_MAX)
+/// The Kafka ingest worker (see the module header).
+pub struct Ingest {
+    state: NodeState,
+    /// The consumer and what goes with it; `None` until created, and while
+    /// a step has it on the blocking pool.
+    consumer: Option<Box<Reader>>,
 }
 
-/// Sleeps `d` unless `stop` fires first; returns whether to go on. Beats
-/// the heartbeat: waiting on purpose is not being wedged.
-fn pause(stop: &CancellationToken, heartbeat: &crate::systemd::Heartbeat, d: Duration) -> bool {
-    let until = Instant::now() + d;
-    while Instant::now() < until {
-        heartbeat.beat();
-        if stop.is_cancelled() {
-            return false;
+impl Ingest {
+    pub fn new(state: NodeState) -> Ingest {
+        Ingest {
+            state,
+            consumer: None,
         }
-        std::thread::sleep(IDLE_POLL.min(until - Instant::now()));
     }
-    !stop.is_cancelled()
 }
 
-/// Runs the ingest worker on the calling thread until `stop` fires.
-pub fn run(state: AppState, stop: CancellationToken) {
-    struct Retire<'a>(&'a crate::systemd::Heartbeat);
-    impl Drop for Retire<'_> {
-        fn drop(&mut self) {
-            self.0.retire();
-        }
+impl Worker for Ingest {
+    fn name(&self) -> &'static str {
+        "ingest"
     }
-    let heartbeat = state.ingest_heartbeat.clone();
-    let _retire = Retire(&heartbeat);
-    let config = state.config.clone();
-    let mut client = ClientConfig::new();
-    client
-        .set("bootstrap.servers", config.kafka.brokers.trim())
-        .set("group.id", config.group_id())
-        .set("client.id", format!("emis-edge-{}", config.node.id))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "false")
-        .set("statistics.interval.ms", "1000")
-        .set("topic.metadata.refresh.interval.ms", "60000")
-        .set("reconnect.backoff.max.ms", "10000")
-        // A broker may hold a fetch this long before answering (tansu always
-        // does); it bounds event-to-visible latency at low rates. 25 ms costs
-        // ~40 tiny idle requests/s per broker. Override in [kafka.properties].
-        .set("fetch.wait.max.ms", "25");
-    for (k, v) in &config.kafka.properties {
-        client.set(k, v);
+
+    fn watched(&self) -> bool {
+        true
     }
-    let consumer: IngestConsumer = match client.create_with_context(IngestContext {
-        state: state.clone(),
-    }) {
-        Ok(c) => c,
-        Err(e) => {
-            // Bad [kafka.properties] end up here: report, keep serving reads.
-            tracing::error!(error = %e, "cannot create the Kafka consumer; ingestion is off");
-            state
-                .sync
-                .update(|s| s.kafka_error = Some(format!("consumer not created: {e}")));
-            return;
-        }
-    };
-    let topics: HashMap<String, EventType> = config
-        .kafka
-        .topics
-        .all()
-        .into_iter()
-        .map(|(t, name)| (name.to_owned(), t))
-        .collect();
-    let mut worker = Worker {
-        state,
-        consumer,
-        topics,
-        filter: config.school_filter(),
-        assigned: BTreeMap::new(),
-        catch_up: None,
-        max_messages: config.kafka.batch_max_messages,
-        max_wait: Duration::from_millis(config.kafka.batch_max_wait_ms),
-    };
-    worker.run(&stop);
-    tracing::info!("ingest stopped");
+
+    async fn step(&mut self, stop: &CancellationToken) -> anyhow::Result<Next> {
+        let mut consumer = match self.consumer.take() {
+            Some(c) => c,
+            None => Box::new(Reader::create(self.state.clone())?),
+        };
+        let stop = stop.clone();
+        let (consumer, result) = crate::worker::blocking(move || {
+            let result = consumer.step(&stop);
+            (consumer, result)
+        })
+        .await;
+        self.consumer = Some(consumer);
+        result
+    }
 }
 
-struct Worker {
-    state: AppState,
+/// The consumer, the partitions it reads and the batch in flight.
+struct Reader {
+    state: NodeState,
     consumer: IngestConsumer,
     topics: HashMap<String, EventType>,
     filter: SchoolFilter,
@@ -184,43 +146,100 @@ struct Worker {
     assigned: BTreeMap<(String, i32), i64>,
     /// The high watermarks seen at start; readiness waits for them.
     catch_up: Option<BTreeMap<(String, i32), i64>>,
+    /// When partition metadata was last read.
+    refreshed: Option<Instant>,
+    /// A batch whose commit failed: applied again before anything new is read.
+    pending: Option<Batch>,
     max_messages: usize,
     max_wait: Duration,
 }
 
-impl Worker {
-    fn run(&mut self, stop: &CancellationToken) {
-        let mut backoff = BACKOFF_MIN;
-        while !stop.is_cancelled() {
-            match self.assign() {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "broker unreachable; serving the store as it is");
+impl Reader {
+    fn create(state: NodeState) -> anyhow::Result<Reader> {
+        let config = state.config.clone();
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", config.kafka.brokers.trim())
+            .set("group.id", config.group_id())
+            .set("client.id", format!("emis-edge-{}", config.node.id))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("statistics.interval.ms", "1000")
+            .set("topic.metadata.refresh.interval.ms", "60000")
+            .set("reconnect.backoff.max.ms", "10000")
+            // A broker may hold a fetch this long before answering (tansu
+            // always does); it bounds event-to-visible latency at low rates.
+            // 25 ms costs ~40 tiny idle requests/s per broker. Override in
+            // [kafka.properties].
+            .set("fetch.wait.max.ms", "25");
+        for (k, v) in &config.kafka.properties {
+            client.set(k, v);
+        }
+        // Bad [kafka.properties] end up here: the step fails, status shows
+        // why, and reads go on.
+        let consumer: IngestConsumer = client
+            .create_with_context(IngestContext {
+                state: state.clone(),
+            })
+            .map_err(|e| {
+                let text = format!("consumer not created: {e}");
+                state.sync.update(|s| s.kafka_error = Some(text.clone()));
+                anyhow::anyhow!(text)
+            })?;
+        let topics = config
+            .kafka
+            .topics
+            .all()
+            .into_iter()
+            .map(|(t, name)| (name.to_owned(), t))
+            .collect();
+        Ok(Reader {
+            filter: config.school_filter(),
+            max_messages: config.kafka.batch_max_messages,
+            max_wait: Duration::from_millis(config.kafka.batch_max_wait_ms),
+            state,
+            consumer,
+            topics,
+            assigned: BTreeMap::new(),
+            catch_up: None,
+            refreshed: None,
+            pending: None,
+        })
+    }
+
+    /// One round: (re)read partition metadata when due, collect a batch (or
+    /// take the one whose commit failed) and commit it.
+    fn step(&mut self, stop: &CancellationToken) -> anyhow::Result<Next> {
+        match self.refreshed {
+            None => {
+                if let Err(e) = self.assign() {
                     self.state.sync.update(|s| {
                         s.kafka_connected = false;
                         s.kafka_error = Some(e.to_string());
                     });
-                    if !pause(stop, &self.state.ingest_heartbeat, backoff) {
-                        return;
-                    }
-                    backoff = next_backoff(backoff);
+                    return Err(e.context("broker unreachable; serving the store as it is"));
                 }
+                self.refreshed = Some(Instant::now());
             }
-        }
-        let mut refreshed = Instant::now();
-        while !stop.is_cancelled() {
-            if refreshed.elapsed() >= METADATA_REFRESH {
-                refreshed = Instant::now();
+            Some(at) if at.elapsed() >= METADATA_REFRESH => {
+                self.refreshed = Some(Instant::now());
                 if let Err(e) = self.assign() {
                     tracing::debug!(error = %e, "metadata refresh failed");
                 }
             }
-            let batch = self.collect();
-            if !batch.offsets.is_empty() && !self.apply(batch, stop) {
-                return; // stopping with the batch unapplied: it is re-read at start
-            }
-            self.check_caught_up();
+            Some(_) => {}
         }
+        let batch = match self.pending.take() {
+            Some(batch) => batch,
+            None => self.collect(stop),
+        };
+        if !batch.offsets.is_empty() {
+            self.apply(batch)?;
+        }
+        self.check_caught_up();
+        Ok(Next::Busy)
     }
 
     /// Assigns every partition of every configured topic not yet assigned,
@@ -343,15 +362,14 @@ impl Worker {
 
     /// Polls until the batch is full, `max_wait` after its first message,
     /// or a stop.
-    fn collect(&mut self) -> Batch {
+    fn collect(&mut self, stop: &CancellationToken) -> Batch {
         let mut batch = Batch::default();
         let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
         let mut count = 0;
         let mut deadline: Option<Instant> = None;
         let mut dead_bytes = 0;
         let now = self.state.clock.now();
-        while count < self.max_messages {
-            self.state.ingest_heartbeat.beat();
+        while count < self.max_messages && !stop.is_cancelled() {
             let timeout =
                 deadline.map_or(IDLE_POLL, |d| d.saturating_duration_since(Instant::now()));
             match self.consumer.poll(timeout) {
@@ -439,47 +457,40 @@ impl Worker {
         }
     }
 
-    /// Commits the batch, retrying a failing store with backoff. Returns
-    /// false when stopped before it could commit.
-    fn apply(&mut self, batch: Batch, stop: &CancellationToken) -> bool {
-        let mut backoff = BACKOFF_MIN;
-        loop {
-            let now = self.state.clock.now();
-            let started = Instant::now();
-            match self.state.store.apply_batch(&batch, now, SyncSource::Kafka) {
-                Ok(report) => {
-                    tracing::debug!(
-                        applied = report.applied,
-                        stale = report.stale,
-                        "batch applied"
-                    );
-                    self.record(&batch, &report, started.elapsed());
-                    let committed = self.state.clock.now();
-                    for (key, _) in &batch.changes {
-                        let seconds = (committed - key.timestamp).max(0) as f64 / 1e9;
-                        self.state.metrics.sync_latency.observe(seconds);
-                    }
-                    self.state.sync.update(|s| {
-                        s.last_event_received_at = Some(now);
-                        for o in &batch.offsets {
-                            s.partition_last_event
-                                .insert((o.topic.clone(), o.partition), now);
-                        }
-                    });
-                    break;
-                }
-                Err(e) => {
-                    // The store records it (status `store`, readiness,
-                    // metrics) and has reopened its file if it was an I/O
-                    // error; the same batch is tried again.
-                    tracing::error!(error = %e, retry_in = ?backoff, "store write failed; offsets not advanced");
-                    if !pause(stop, &self.state.ingest_heartbeat, backoff) {
-                        return false;
-                    }
-                    backoff = next_backoff(backoff);
-                }
+    /// Commits the batch. When the store fails, the batch is kept for the
+    /// next step (the store records the failure — status `store`,
+    /// readiness, metrics — and has reopened its file if it was an I/O
+    /// error) and the offsets do not move.
+    fn apply(&mut self, batch: Batch) -> anyhow::Result<()> {
+        let now = self.state.clock.now();
+        let started = Instant::now();
+        let report = match self.state.store.apply_batch(&batch, now, SyncSource::Kafka) {
+            Ok(report) => report,
+            Err(e) => {
+                self.pending = Some(batch);
+                return Err(
+                    anyhow::Error::from(e).context("store write failed; offsets not advanced")
+                );
             }
+        };
+        tracing::debug!(
+            applied = report.applied,
+            stale = report.stale,
+            "batch applied"
+        );
+        self.record(&batch, &report, started.elapsed());
+        let committed = self.state.clock.now();
+        for (key, _) in &batch.changes {
+            let seconds = committed.saturating_sub(key.timestamp).max(0) as f64 / 1e9;
+            self.state.metrics.sync_latency.observe(seconds);
         }
+        self.state.sync.update(|s| {
+            s.last_event_received_at = Some(now);
+            for o in &batch.offsets {
+                s.partition_last_event
+                    .insert((o.topic.clone(), o.partition), now);
+            }
+        });
         let mut tpl = TopicPartitionList::new();
         for o in &batch.offsets {
             self.assigned
@@ -493,7 +504,7 @@ impl Worker {
         if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
             tracing::debug!(error = %e, "offset commit to Kafka failed (lag display only)");
         }
-        true
+        Ok(())
     }
 
     /// Per-topic outcomes, batch size and commit time, for /metrics.
@@ -537,23 +548,5 @@ impl Worker {
             tracing::info!("caught up with the high watermarks seen at start");
             self.state.sync.update(|s| s.first_sync_done = true);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retries_back_off_from_200_ms_doubling_up_to_30_s() {
-        let mut d = BACKOFF_MIN;
-        let mut seen = vec![d];
-        while d < BACKOFF_MAX {
-            d = next_backoff(d);
-            seen.push(d);
-        }
-        assert_eq!(seen[..3], [200, 400, 800].map(Duration::from_millis));
-        assert_eq!(next_backoff(d), BACKOFF_MAX, "capped");
-        assert_eq!(seen.len(), 9, "{seen:?}");
     }
 }

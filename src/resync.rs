@@ -18,11 +18,12 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::api::AppState;
 use crate::config::{Config, SchoolFilter};
 use crate::domain::{format_timestamp, SchoolSnapshot, SnapshotReader, SyncSource, Timestamp};
+use crate::state::NodeState;
 use crate::status::ResyncOutcome;
 use crate::store::{ReconcileReport, Store};
+use crate::worker::{Backoff, Next, Worker};
 
 /// At most this many schools are fetched at once.
 pub const CONCURRENT_SCHOOLS: usize = 4;
@@ -81,20 +82,21 @@ impl RunReport {
     }
 }
 
-/// The schools a run or an export covers: those `given`, else the
-/// configured ones, else (serving all) every school the store knows.
-pub fn schools_to_sync(
+/// The schools a run or an export covers (see
+/// [`SchoolFilter::schools_to_sync`]), the store listing the known ones.
+pub fn schools_to_sync(state: &NodeState, given: Vec<Uuid>) -> anyhow::Result<Vec<Uuid>> {
+    schools_in_store(&state.store, &state.config, given)
+}
+
+/// [`schools_to_sync`] for a store opened without a running node.
+pub fn schools_in_store(
     store: &Store,
     config: &Config,
     given: Vec<Uuid>,
 ) -> anyhow::Result<Vec<Uuid>> {
-    if !given.is_empty() {
-        return Ok(given);
-    }
-    Ok(match config.school_filter() {
-        SchoolFilter::Only(ids) => ids.into_iter().collect(),
-        SchoolFilter::All => store.read()?.schools()?,
-    })
+    Ok(config
+        .school_filter()
+        .schools_to_sync(given, || store.read()?.schools())?)
 }
 
 /// The client for `resync.central_url`, sending `resync.token_file`'s token.
@@ -222,7 +224,7 @@ pub async fn run(
 
 /// Runs a resync for the node and records it in status and the log.
 pub async fn run_for_node(
-    state: &AppState,
+    state: &NodeState,
     only: Option<Vec<Uuid>>,
     dry_run: bool,
 ) -> anyhow::Result<RunReport> {
@@ -232,7 +234,7 @@ pub async fn run_for_node(
         .central_url
         .clone()
         .ok_or_else(|| anyhow::anyhow!("resync.central_url is not set"))?;
-    let schools = schools_to_sync(&state.store, &state.config, only.unwrap_or_default())?;
+    let schools = schools_to_sync(state, only.unwrap_or_default())?;
     anyhow::ensure!(
         !schools.is_empty(),
         "no school to resync: with schools.all the node resyncs the schools its store knows, \
@@ -306,55 +308,90 @@ pub async fn run_for_node(
     Ok(report)
 }
 
-/// Worker: schedules resync runs until `stop`.
-pub async fn worker(state: AppState, stop: CancellationToken) {
-    let interval = Duration::from_secs(state.config.resync.interval_secs);
-    let jittered = |d: Duration| d.mul_f64(rand::thread_rng().gen_range(0.9..1.1));
-    let empty = state
-        .store
-        .read()
-        .and_then(|r| r.has_data())
-        .map(|d| !d)
-        .unwrap_or(false);
-    let mut wait = if empty {
-        Duration::ZERO
-    } else {
-        jittered(interval)
-    };
-    let mut retry = RETRY_MIN;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
-            _ = state.resync_wanted.notified() => tracing::info!("resync requested by ingestion"),
+/// The worker that schedules resync runs: every `resync.interval_secs`
+/// (±10 %), at once when the store is empty, and when ingestion asks
+/// (`NodeState::resync_wanted`: events lost to retention). A failed run
+/// is retried with the worker backoff, from a minute up to the interval.
+pub struct Scheduler {
+    state: NodeState,
+    interval: Duration,
+    /// When the next run is due; `None`: now.
+    due: Option<tokio::time::Instant>,
+}
+
+impl Scheduler {
+    pub fn new(state: NodeState) -> Scheduler {
+        let interval = Duration::from_secs(state.config.resync.interval_secs);
+        let empty = state
+            .store
+            .read()
+            .and_then(|r| r.has_data())
+            .map(|d| !d)
+            .unwrap_or(false);
+        let due = (!empty).then(|| tokio::time::Instant::now() + jittered(interval));
+        Scheduler {
+            state,
+            interval,
+            due,
         }
+    }
+}
+
+fn jittered(d: Duration) -> Duration {
+    d.mul_f64(rand::thread_rng().gen_range(0.9..1.1))
+}
+
+impl Worker for Scheduler {
+    fn name(&self) -> &'static str {
+        "resync"
+    }
+
+    fn backoff(&self) -> Backoff {
+        Backoff {
+            min: RETRY_MIN,
+            max: self.interval.max(RETRY_MIN),
+        }
+    }
+
+    async fn step(&mut self, stop: &CancellationToken) -> anyhow::Result<Next> {
+        if self.due.is_some() {
+            return Ok(Next::Idle);
+        }
+        let state = &self.state;
         let outcome = tokio::select! {
-            _ = stop.cancelled() => return, // the download is dropped; nothing half-applied
-            outcome = run_for_node(&state, None, state.config.resync.dry_run) => outcome,
+            // The download is dropped; nothing half-applied.
+            _ = stop.cancelled() => return Ok(Next::Idle),
+            outcome = run_for_node(state, None, state.config.resync.dry_run) => outcome,
         };
         match outcome {
             Ok(report) if report.ok() => {
-                retry = RETRY_MIN;
-                wait = jittered(interval);
+                self.due = Some(tokio::time::Instant::now() + jittered(self.interval));
+                Ok(Next::Idle)
             }
-            Ok(_) | Err(_) => {
-                if let Err(e) = &outcome {
-                    tracing::warn!(error = %format!("{e:#}"), "resync not possible");
-                    let detail = format!("{e:#}");
-                    let at = state.clock.now();
-                    state.sync.update(|s| {
-                        s.last_resync = Some(ResyncOutcome {
-                            at,
-                            ok: false,
-                            detail,
-                        })
-                    });
-                }
-                wait = jittered(retry).min(interval);
-                tracing::warn!(retry_in = ?wait, "resync incomplete; retrying with backoff");
-                retry = (retry * 2).min(interval);
+            Ok(report) => anyhow::bail!("resync incomplete: {}", report.summary()),
+            Err(e) => {
+                let detail = format!("{e:#}");
+                let at = state.clock.now();
+                state.sync.update(|s| {
+                    s.last_resync = Some(ResyncOutcome {
+                        at,
+                        ok: false,
+                        detail,
+                    })
+                });
+                Err(e.context("resync not possible"))
             }
         }
+    }
+
+    async fn wait_for_work(&mut self) {
+        if let Some(due) = self.due {
+            tokio::select! {
+                _ = tokio::time::sleep_until(due) => {}
+                _ = self.state.resync_wanted.notified() => tracing::info!("resync requested by ingestion"),
+            }
+        }
+        self.due = None;
     }
 }
 

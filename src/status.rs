@@ -1,12 +1,19 @@
-//! What the node knows about its own synchronisation at run time, beyond
-//! what the store holds: broker reachability, high watermarks, readiness,
-//! the last resync. Written by the workers, read by the API and metrics.
-//! (Whether the store can be written is the store's own `StoreHealth`.)
+//! What the node knows about its own synchronisation: the run-time
+//! [`SyncState`] beyond what the store holds (broker reachability, high
+//! watermarks, the first sync, the last resync), written by the workers;
+//! and [`SyncStatus`], the typed document of `GET /api/sync/status` that
+//! `emis-edge status` deserializes too, so a renamed field breaks the
+//! build, not the CLI. (Whether the store can be written is the store's
+//! own `StoreHealth`; the document is assembled in `state`.)
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
 use crate::domain::Timestamp;
+use crate::worker::WorkerReport;
 
 /// The outcome of one resync run.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,6 +87,144 @@ impl SyncSnapshot {
             !recent(resynced, resync_window)
         }
     }
+}
+
+/// The sync status document (`GET /api/sync/status`, `emis-edge status`).
+/// Times are RFC 3339 strings; absent ones are `null`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SyncStatus {
+    pub node_id: String,
+    pub served_schools: ServedSchools,
+    pub kafka: KafkaStatus,
+    /// The store's last write error (also in `store.error`), while writes fail.
+    pub store_error: Option<String>,
+    pub store: StoreStatus,
+    /// The first catch-up, resync or import has finished.
+    pub caught_up: bool,
+    pub partitions: Vec<PartitionStatus>,
+    /// Source timestamp of the newest change applied (the store watermark).
+    pub last_event_time: Option<String>,
+    /// When this node last received an event (its own clock).
+    pub last_event_received_at: Option<String>,
+    pub last_resync: Option<ResyncStatus>,
+    pub dead_letter_count: u64,
+    /// The node cannot vouch that its data is fresh.
+    pub stale: bool,
+    pub entities: EntityCounts,
+    /// The store's persisted counters (`events_applied`, …).
+    pub counters: BTreeMap<String, u64>,
+    /// The node's background workers; empty when read from a stopped node's store.
+    #[serde(default)]
+    pub workers: Vec<WorkerReport>,
+}
+
+/// `"all"`, or the list of served school ids.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServedSchools {
+    All,
+    Only(Vec<Uuid>),
+}
+
+impl Serialize for ServedSchools {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ServedSchools::All => s.serialize_str("all"),
+            ServedSchools::Only(ids) => ids.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ServedSchools {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Word(String),
+            Ids(Vec<Uuid>),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Word(w) if w == "all" => Ok(ServedSchools::All),
+            Raw::Word(w) => Err(serde::de::Error::custom(format!(
+                "servedSchools: expected \"all\" or a list of ids, got {w:?}"
+            ))),
+            Raw::Ids(ids) => Ok(ServedSchools::Only(ids)),
+        }
+    }
+}
+
+impl std::fmt::Display for ServedSchools {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServedSchools::All => f.write_str("all"),
+            ServedSchools::Only(ids) => {
+                let ids: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+                write!(f, "{}", ids.join(", "))
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaStatus {
+    /// `kafka.brokers` is set.
+    pub configured: bool,
+    /// The last contact with the broker succeeded.
+    pub connected: bool,
+    pub last_error: Option<String>,
+    pub group_id: String,
+    /// When and where consumption last fell off the retained log.
+    pub offset_out_of_range: Option<OffsetOutOfRange>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OffsetOutOfRange {
+    pub at: String,
+    pub detail: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreStatus {
+    /// The last write failed: reads answer, nothing new comes in.
+    pub degraded: bool,
+    pub error: Option<String>,
+    pub failing_since: Option<String>,
+    pub write_failures: u64,
+    pub reopens: u64,
+    pub pending_documents: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PartitionStatus {
+    pub topic: String,
+    pub partition: i32,
+    /// The next offset to read; `null` before the first read.
+    pub offset: Option<i64>,
+    pub high_watermark: Option<i64>,
+    pub lag: Option<i64>,
+    pub last_event_received_at: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResyncStatus {
+    pub at: String,
+    /// `ok` or `failed`.
+    pub result: String,
+    pub detail: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EntityCounts {
+    pub classes: u64,
+    pub teachers: u64,
+    pub assignments: u64,
+    pub tombstones: u64,
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 pub mod detail;
 pub mod entity;
 pub mod event;
+pub mod school;
 pub mod snapshot;
 
 pub use detail::{assemble_teacher_detail, AssignmentView, ClassLookup, TeacherDetail};
@@ -17,4 +18,5 @@ pub use entity::{
     SyncSource, Teacher, TeacherStatus, Timestamp, Tombstone,
 };
 pub use event::{Event, EventError, EventType};
+pub use school::SchoolFilter;
 pub use snapshot::{SchoolSnapshot, SnapshotError, SnapshotLine, SnapshotReader};

@@ -1,0 +1,234 @@
+//! The HTTP API (contract §4): which routes exist, behind which layers
+//! (bearer token, time and concurrency limits, request metrics), and the
+//! HTTP-only state they need on top of [`NodeState`] (the accepted
+//! tokens). The routes themselves are in [`read`] (lookups, lists,
+//! snapshot, status, dead letters), [`admin`] (what the CLI does through a
+//! running node) and [`ops`] (health and metrics); errors are
+//! problem+json ([`problem`]). The connection loop underneath is
+//! `crate::server`.
+//!
+//! Handlers answer from the local store only; none makes a network call
+//! (the admin resync route starts a resync run, which does).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+
+use crate::state::NodeState;
+
+pub mod admin;
+pub mod ops;
+pub mod problem;
+pub mod read;
+
+pub use problem::Problem;
+pub use read::{entity_json, teacher_detail_body, teacher_detail_json};
+
+/// What every handler can reach: the node's state and the HTTP layer's
+/// own, in one shared allocation, so that handing it to a handler or a
+/// layer per request is one reference count.
+#[derive(Clone)]
+pub struct ApiState(Arc<ApiParts>);
+
+struct ApiParts {
+    node: NodeState,
+    /// Bearer tokens accepted on `/api/*` (none: no authentication).
+    tokens: Vec<String>,
+}
+
+impl ApiState {
+    pub fn new(node: NodeState, tokens: Vec<String>) -> ApiState {
+        ApiState(Arc::new(ApiParts { node, tokens }))
+    }
+
+    pub fn node(&self) -> &NodeState {
+        &self.0.node
+    }
+
+    fn tokens(&self) -> &[String] {
+        &self.0.tokens
+    }
+}
+
+impl std::ops::Deref for ApiState {
+    type Target = NodeState;
+
+    fn deref(&self) -> &NodeState {
+        &self.0.node
+    }
+}
+
+/// The longest request target (path and query) answered; a longer one gets
+/// `414`. (A request head over `server::MAX_HEADER_BYTES` is refused by
+/// hyper with `431` before it gets here.)
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+
+pub fn router(state: ApiState) -> Router {
+    router_with(state, Router::new())
+}
+
+/// [`router`] with `extra` routes among the `/api` read routes, behind the
+/// same layers (token, time and concurrency limits, metrics): the load
+/// scripts' static-body baseline (`benches/static_http.rs`) uses it to be
+/// served exactly as the teacher route is.
+pub fn router_with(state: ApiState, extra: Router<ApiState>) -> Router {
+    let timeout = Duration::from_secs(state.config.http.request_timeout_secs);
+    let limits = tower::ServiceBuilder::new()
+        .layer(axum::error_handling::HandleErrorLayer::new(
+            |e: tower::BoxError| async move {
+                if e.is::<tower::timeout::error::Elapsed>() {
+                    Problem::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "timeout",
+                        "Request timeout",
+                        "the request took longer than http.request_timeout_secs".into(),
+                    )
+                } else {
+                    Problem::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "unavailable",
+                        "Unavailable",
+                        e.to_string(),
+                    )
+                }
+            },
+        ))
+        .layer(tower::timeout::TimeoutLayer::new(timeout))
+        // Only reads queue behind the limit: health checks (the systemd
+        // watchdog's probe) and metrics never wait behind API traffic.
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            state.config.http.max_concurrent_requests,
+        ));
+    // Reads: bearer token when http.token_file is set, and a time limit.
+    let api = read::routes().merge(extra);
+    // Without tokens configured, no per-request token check at all.
+    let api = if state.tokens().is_empty() {
+        api
+    } else {
+        api.route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ))
+    };
+    let api = api.layer(limits);
+    let main = Router::new().merge(api).merge(admin::routes());
+    let main = if state.config.http.ops_listen.is_none() {
+        main.merge(ops::routes(&state))
+    } else {
+        main
+    };
+    finish(main, state)
+}
+
+/// `/health/*` and `/metrics` alone, for `http.ops_listen`.
+pub fn ops_router(state: ApiState) -> Router {
+    let routes = ops::routes(&state);
+    finish(routes, state)
+}
+
+/// Fallbacks and request metrics, for every router.
+fn finish(router: Router<ApiState>, state: ApiState) -> Router {
+    router
+        .fallback(|| async { Problem::not_found("no such route") })
+        .method_not_allowed_fallback(|| async {
+            Problem::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "Method not allowed",
+                "this route does not answer that method".into(),
+            )
+        })
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            record_request,
+        ))
+        .layer(axum::middleware::from_fn(limit_uri))
+        .with_state(state)
+}
+
+/// Refuses request targets over [`MAX_URI_BYTES`] before routing.
+async fn limit_uri(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let len = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |p| p.as_str().len());
+    if len > MAX_URI_BYTES {
+        return Problem::new(
+            StatusCode::URI_TOO_LONG,
+            "uri-too-long",
+            "URI too long",
+            format!("the request target is {len} bytes; at most {MAX_URI_BYTES} are accepted"),
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+/// Records each request's duration by route template and status.
+async fn record_request(
+    axum::extract::State(s): axum::extract::State<ApiState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let labels = vec![
+        ("route".to_owned(), route),
+        ("status".to_owned(), response.status().as_u16().to_string()),
+    ];
+    s.metrics
+        .http
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Whether the request carries one of the configured bearer tokens
+/// (compared in constant time).
+fn has_token(state: &ApiState, headers: &axum::http::HeaderMap) -> bool {
+    use subtle::ConstantTimeEq;
+    let Some(given) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    state.tokens().iter().fold(false, |found, t| {
+        found | bool::from(t.as_bytes().ct_eq(given.trim().as_bytes()))
+    })
+}
+
+fn unauthorized() -> Response {
+    let mut response = Problem::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "Unauthorized",
+        "this node requires `Authorization: Bearer <token>` (http.token_file)".into(),
+    )
+    .into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        axum::http::HeaderValue::from_static("Bearer"),
+    );
+    response
+}
+
+async fn require_token(
+    axum::extract::State(s): axum::extract::State<ApiState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if s.tokens().is_empty() || has_token(&s, request.headers()) {
+        next.run(request).await
+    } else {
+        unauthorized()
+    }
+}

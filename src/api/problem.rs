@@ -1,0 +1,154 @@
+//! Errors as RFC 9457 problem documents (`application/problem+json`,
+//! contract §4), and the parameter parsers whose failures become `400`s
+//! that name the parameter as the contract does.
+
+use std::collections::HashMap;
+
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::Path;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::store::StoreError;
+
+/// Page size when `limit` is absent, and its upper bound.
+pub const DEFAULT_LIMIT: usize = 100;
+pub const MAX_LIMIT: usize = 1000;
+
+/// An RFC 9457 problem document.
+#[derive(Debug)]
+pub struct Problem {
+    status: StatusCode,
+    kind: &'static str,
+    title: &'static str,
+    detail: String,
+}
+
+impl Problem {
+    pub fn new(
+        status: StatusCode,
+        kind: &'static str,
+        title: &'static str,
+        detail: String,
+    ) -> Self {
+        Problem {
+            status,
+            kind,
+            title,
+            detail,
+        }
+    }
+
+    pub fn bad_request(detail: String) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            "Bad request",
+            detail,
+        )
+    }
+
+    pub fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "Not found",
+            detail.into(),
+        )
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "type": format!("urn:emis-edge:problem:{}", self.kind),
+            "title": self.title,
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+        });
+        (
+            self.status,
+            [(header::CONTENT_TYPE, "application/problem+json")],
+            body.to_string(),
+        )
+            .into_response()
+    }
+}
+
+impl From<StoreError> for Problem {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = %e, "store read failed");
+        if let StoreError::Unavailable(why) = e {
+            // Reopening after an I/O error: a moment, not a fault of the request.
+            return Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store-unavailable",
+                "Store unavailable",
+                format!("the local store is not available ({why}); try again shortly"),
+            );
+        }
+        Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "store-error",
+            "Store error",
+            "the local store could not be read; see the node's log".into(),
+        )
+    }
+}
+
+impl From<QueryRejection> for Problem {
+    fn from(e: QueryRejection) -> Self {
+        Problem::bad_request(e.body_text())
+    }
+}
+
+pub fn parse_id(name: &str, raw: &str) -> Result<Uuid, Problem> {
+    Uuid::try_parse(raw)
+        .map_err(|_| Problem::bad_request(format!("{name} {:?} is not a UUID", clip(raw))))
+}
+
+/// At most the first 80 characters of a value echoed in a problem, so a
+/// huge parameter is not sent back whole.
+pub fn clip(s: &str) -> String {
+    const MAX: usize = 80;
+    match s.char_indices().nth(MAX) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
+/// The id in the path, or a 400 that names the parameter as the contract
+/// does (`teacherId`, not the route's placeholder).
+pub fn path_id(name: &str, path: Result<Path<String>, PathRejection>) -> Result<Uuid, Problem> {
+    use axum::extract::path::ErrorKind;
+    let raw = match path {
+        Ok(Path(raw)) => raw,
+        Err(PathRejection::FailedToDeserializePathParams(e))
+            if matches!(e.kind(), ErrorKind::InvalidUtf8InPathParam { .. }) =>
+        {
+            return Err(Problem::bad_request(format!(
+                "{name} is not valid UTF-8 once percent-decoded"
+            )));
+        }
+        Err(e) => return Err(Problem::bad_request(format!("{name}: {}", e.body_text()))),
+    };
+    parse_id(name, &raw)
+}
+
+pub fn limit_param(params: &HashMap<String, String>) -> Result<usize, Problem> {
+    match params.get("limit") {
+        None => Ok(DEFAULT_LIMIT),
+        Some(raw) => raw
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_LIMIT).contains(n))
+            .ok_or_else(|| {
+                Problem::bad_request(format!(
+                    "limit {:?} must be an integer from 1 to {MAX_LIMIT}",
+                    clip(raw)
+                ))
+            }),
+    }
+}

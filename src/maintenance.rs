@@ -1,0 +1,83 @@
+//! Store upkeep that no change waits for, as two workers: rendering the
+//! teacher documents that changes queued (so that a lookup is one read),
+//! and purging tombstones past `store.tombstone_retention`.
+//!
+//! Neither is on the path of a change or a read: a queued teacher's
+//! document is assembled on the fly by a lookup meanwhile, and a tombstone
+//! kept longer harms nothing but space.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::state::NodeState;
+use crate::worker::{blocking, Next, Worker};
+
+/// Renders queued teacher documents (`Store::materialize`) in chunks.
+/// While the consumer is far behind (catching up after an outage), it
+/// waits: redb has one writer at a time, and catching up comes first.
+pub struct Renderer {
+    state: NodeState,
+}
+
+impl Renderer {
+    /// Small: redb has one writer, and a chunk holds it for ~50 µs a
+    /// document, so a large one would delay the next batch of events.
+    const CHUNK: usize = 250;
+    /// Kafka messages behind beyond which rendering waits.
+    const DEFER_WHILE_BEHIND: i64 = 10_000;
+
+    pub fn new(state: NodeState) -> Renderer {
+        Renderer { state }
+    }
+}
+
+impl Worker for Renderer {
+    fn name(&self) -> &'static str {
+        "documents"
+    }
+
+    async fn step(&mut self, _stop: &CancellationToken) -> anyhow::Result<Next> {
+        if self.state.kafka_backlog() > Self::DEFER_WHILE_BEHIND {
+            return Ok(Next::After(Duration::from_millis(500)));
+        }
+        let (store, now) = (self.state.store.clone(), self.state.clock.now());
+        let rendered = blocking(move || store.materialize(Self::CHUNK, now)).await?;
+        Ok(if rendered == Self::CHUNK {
+            // More may wait: go on after letting other writers in.
+            Next::After(Duration::from_millis(5))
+        } else {
+            Next::After(Duration::from_millis(200))
+        })
+    }
+}
+
+/// Purges tombstones past `store.tombstone_retention`, hourly.
+pub struct Purger {
+    state: NodeState,
+}
+
+impl Purger {
+    const EVERY: Duration = Duration::from_secs(3600);
+
+    pub fn new(state: NodeState) -> Purger {
+        Purger { state }
+    }
+}
+
+impl Worker for Purger {
+    fn name(&self) -> &'static str {
+        "purge"
+    }
+
+    async fn step(&mut self, _stop: &CancellationToken) -> anyhow::Result<Next> {
+        let retention = i64::try_from(self.state.config.store.tombstone_retention.as_nanos())
+            .unwrap_or(i64::MAX);
+        let (store, now) = (self.state.store.clone(), self.state.clock.now());
+        let purged = blocking(move || store.purge_tombstones(now, retention)).await?;
+        if purged > 0 {
+            tracing::info!(purged, "expired tombstones purged");
+        }
+        Ok(Next::After(Self::EVERY))
+    }
+}

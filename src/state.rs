@@ -1,0 +1,215 @@
+//! The shared state of a running node, below the workers and the HTTP
+//! layer: the store handle, the run-time sync state, the configuration,
+//! the clock, the recorded metrics, the resync trigger and the worker
+//! registry, in [`NodeState`] — and the two things everybody derives from
+//! them: [`NodeState::readiness`] and the status document
+//! ([`NodeState::status`]).
+//!
+//! It holds no HTTP state (tokens, limits: `api`) and starts nothing
+//! (`node` does).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::clock::Clock;
+use crate::config::{Config, SchoolFilter};
+use crate::domain::format_timestamp;
+use crate::metrics::Metrics;
+use crate::status::{
+    EntityCounts, KafkaStatus, OffsetOutOfRange, PartitionStatus, ResyncStatus, ServedSchools,
+    StoreStatus, SyncState, SyncStatus,
+};
+use crate::store::{Store, StoreError};
+use crate::worker::Workers;
+
+/// What the workers and the HTTP layer share: one allocation, so handing
+/// it to a task or a request is one reference count.
+#[derive(Clone)]
+pub struct NodeState(Arc<Parts>);
+
+/// The parts of [`NodeState`].
+pub struct Parts {
+    pub store: Arc<Store>,
+    pub sync: Arc<SyncState>,
+    pub config: Arc<Config>,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Arc<Metrics>,
+    /// Signalled when the event stream cannot repair the replica by itself
+    /// (offset out of range); the resync worker listens.
+    pub resync_wanted: Arc<tokio::sync::Notify>,
+    pub workers: Arc<Workers>,
+}
+
+impl std::ops::Deref for NodeState {
+    type Target = Parts;
+
+    fn deref(&self) -> &Parts {
+        &self.0
+    }
+}
+
+/// Whether the node should receive traffic, and if not, why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Readiness {
+    pub ready: bool,
+    /// Why not, in words for an operator.
+    pub reason: Option<String>,
+}
+
+impl NodeState {
+    /// The state of a node with `store` open and `config` loaded; no worker
+    /// yet.
+    pub fn new(store: Arc<Store>, config: Config, clock: Arc<dyn Clock>) -> NodeState {
+        NodeState(Arc::new(Parts {
+            store,
+            sync: Arc::new(SyncState::new(!config.kafka.brokers.trim().is_empty())),
+            config: Arc::new(config),
+            workers: Arc::new(Workers::new(clock.clone())),
+            clock,
+            metrics: Arc::new(Metrics::default()),
+            resync_wanted: Arc::new(tokio::sync::Notify::new()),
+        }))
+    }
+
+    /// Ready: the store is open (it is, or there would be no state), its
+    /// last write succeeded (a node that cannot take changes in falls
+    /// behind: traffic is better sent to a healthy one, although this one
+    /// still answers reads), no worker has died, and the store holds data
+    /// or the first sync has finished.
+    pub fn readiness(&self) -> Result<Readiness, StoreError> {
+        let not = |reason: String| {
+            Ok(Readiness {
+                ready: false,
+                reason: Some(reason),
+            })
+        };
+        if let Some(e) = self.store.health().error {
+            return not(format!(
+                "the store cannot be written ({e}); the node retries by itself and answers reads \
+                 from what it holds meanwhile"
+            ));
+        }
+        if let Some((worker, why)) = self.workers.dead() {
+            return not(format!(
+                "the {worker} worker died ({why}); the node is stopping"
+            ));
+        }
+        if !(self.sync.get().first_sync_done || self.store.read()?.has_data()?) {
+            return not("the store is empty and the first sync has not finished".into());
+        }
+        Ok(Readiness {
+            ready: true,
+            reason: None,
+        })
+    }
+
+    /// Messages the consumer is behind the high watermarks last seen, over
+    /// all partitions (0 when unknown).
+    pub fn kafka_backlog(&self) -> i64 {
+        let sync = self.sync.get();
+        if sync.high_watermarks.is_empty() {
+            return 0;
+        }
+        let Ok(offsets) = self.store.read().and_then(|r| r.offsets()) else {
+            return 0;
+        };
+        offsets
+            .iter()
+            .filter_map(|o| sync.lag(&o.topic, o.partition, o.next_offset))
+            .sum()
+    }
+
+    /// The status document, from one store read transaction.
+    pub fn status(&self) -> Result<SyncStatus, StoreError> {
+        let config = &self.config;
+        let reader = self.store.read()?;
+        let stats = reader.stats()?;
+        let state = self.sync.get();
+        let health = self.store.health();
+        // Every partition known from the store (consumed) or the broker
+        // (high watermark seen); one never read yet shows no offset and its
+        // whole length as lag.
+        let mut positions: BTreeMap<(String, i32), Option<i64>> = reader
+            .offsets()?
+            .into_iter()
+            .map(|o| ((o.topic, o.partition), Some(o.next_offset)))
+            .collect();
+        for key in state.high_watermarks.keys() {
+            positions.entry(key.clone()).or_insert(None);
+        }
+        let partitions = positions
+            .into_iter()
+            .map(|((topic, partition), offset)| {
+                let key = (topic, partition);
+                PartitionStatus {
+                    offset,
+                    high_watermark: state.high_watermarks.get(&key).copied(),
+                    lag: state.lag(&key.0, partition, offset.unwrap_or(0)),
+                    last_event_received_at: state
+                        .partition_last_event
+                        .get(&key)
+                        .map(|t| format_timestamp(*t)),
+                    topic: key.0,
+                    partition,
+                }
+            })
+            .collect();
+        let secs = |s: u64| {
+            i64::try_from(s)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(1_000_000_000)
+        };
+        let stale = state.is_stale(
+            self.clock.now(),
+            secs(config.kafka.stale_after_secs),
+            secs(config.resync.interval_secs.saturating_mul(2)),
+        );
+        Ok(SyncStatus {
+            node_id: config.node.id.clone(),
+            served_schools: match config.school_filter() {
+                SchoolFilter::All => ServedSchools::All,
+                SchoolFilter::Only(ids) => ServedSchools::Only(ids.into_iter().collect()),
+            },
+            kafka: KafkaStatus {
+                configured: state.kafka_configured,
+                connected: state.kafka_connected,
+                last_error: state.kafka_error.clone(),
+                group_id: config.group_id(),
+                offset_out_of_range: state.offset_out_of_range.as_ref().map(|(at, what)| {
+                    OffsetOutOfRange {
+                        at: format_timestamp(*at),
+                        detail: what.clone(),
+                    }
+                }),
+            },
+            store_error: health.error.clone(),
+            store: StoreStatus {
+                degraded: health.degraded(),
+                error: health.error.clone(),
+                failing_since: health.failing_since.map(format_timestamp),
+                write_failures: health.write_failures,
+                reopens: health.reopens,
+                pending_documents: stats.pending_documents,
+            },
+            caught_up: state.first_sync_done,
+            partitions,
+            last_event_time: reader.watermark()?.map(format_timestamp),
+            last_event_received_at: state.last_event_received_at.map(format_timestamp),
+            last_resync: state.last_resync.as_ref().map(|r| ResyncStatus {
+                at: format_timestamp(r.at),
+                result: if r.ok { "ok" } else { "failed" }.into(),
+                detail: r.detail.clone(),
+            }),
+            dead_letter_count: stats.dead_letters,
+            stale,
+            entities: EntityCounts {
+                classes: stats.classes,
+                teachers: stats.teachers,
+                assignments: stats.assignments,
+                tombstones: stats.tombstones,
+            },
+            counters: stats.counters,
+            workers: self.workers.reports(),
+        })
+    }
+}
