@@ -48,12 +48,44 @@ impl std::ops::Deref for NodeState {
     }
 }
 
-/// Whether the node should receive traffic, and if not, why.
+/// Why a node should not receive traffic (yet).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Readiness {
-    pub ready: bool,
-    /// Why not, in words for an operator.
-    pub reason: Option<String>,
+pub enum NotReady {
+    /// The last store write failed (the error).
+    StoreUnwritable(String),
+    /// A worker died (its name, why); the node is stopping.
+    WorkerDied(&'static str, String),
+    /// The store is empty and no sync has finished.
+    NoData,
+}
+
+impl NotReady {
+    /// A few words, for systemd's `STATUS=` line.
+    pub fn short(&self) -> &'static str {
+        match self {
+            NotReady::StoreUnwritable(_) => "store cannot be written",
+            NotReady::WorkerDied(..) => "a worker died",
+            NotReady::NoData => "no data yet",
+        }
+    }
+}
+
+impl std::fmt::Display for NotReady {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotReady::StoreUnwritable(e) => write!(
+                f,
+                "the store cannot be written ({e}); the node retries by itself and answers reads \
+                 from what it holds meanwhile"
+            ),
+            NotReady::WorkerDied(name, why) => {
+                write!(f, "the {name} worker died ({why}); the node is stopping")
+            }
+            NotReady::NoData => {
+                f.write_str("the store is empty and the first sync has not finished")
+            }
+        }
+    }
 }
 
 impl NodeState {
@@ -76,31 +108,17 @@ impl NodeState {
     /// behind: traffic is better sent to a healthy one, although this one
     /// still answers reads), no worker has died, and the store holds data
     /// or the first sync has finished.
-    pub fn readiness(&self) -> Result<Readiness, StoreError> {
-        let not = |reason: String| {
-            Ok(Readiness {
-                ready: false,
-                reason: Some(reason),
-            })
-        };
+    pub fn readiness(&self) -> Result<Result<(), NotReady>, StoreError> {
         if let Some(e) = self.store.health().error {
-            return not(format!(
-                "the store cannot be written ({e}); the node retries by itself and answers reads \
-                 from what it holds meanwhile"
-            ));
+            return Ok(Err(NotReady::StoreUnwritable(e)));
         }
         if let Some((worker, why)) = self.workers.dead() {
-            return not(format!(
-                "the {worker} worker died ({why}); the node is stopping"
-            ));
+            return Ok(Err(NotReady::WorkerDied(worker, why)));
         }
         if !(self.sync.get().first_sync_done || self.store.read()?.has_data()?) {
-            return not("the store is empty and the first sync has not finished".into());
+            return Ok(Err(NotReady::NoData));
         }
-        Ok(Readiness {
-            ready: true,
-            reason: None,
-        })
+        Ok(Ok(()))
     }
 
     /// Messages the consumer is behind the high watermarks last seen, over

@@ -30,9 +30,9 @@ fn status_line(state: &NodeState) -> String {
     format!(
         "{}; kafka {}; lag {}; last event {}",
         match readiness {
-            Ok(r) if r.ready => "ready".to_owned(),
-            Ok(r) => format!("not ready ({})", r.reason.unwrap_or_default()),
-            Err(e) => format!("not ready ({e})"),
+            Ok(Ok(())) => "ready".to_owned(),
+            Ok(Err(why)) => format!("not ready ({})", why.short()),
+            Err(_) => "not ready (store cannot be read)".to_owned(),
         },
         match (sync.kafka_configured, sync.kafka_connected) {
             (false, _) => "not configured",

@@ -61,16 +61,15 @@ pub(super) fn routes(state: &ApiState) -> Router<ApiState> {
 }
 
 async fn ready(State(s): State<ApiState>) -> Result<Response, Problem> {
-    let readiness = s.readiness()?;
-    if readiness.ready {
-        return Ok("ready\n".into_response());
+    match s.readiness()? {
+        Ok(()) => Ok("ready\n".into_response()),
+        Err(why) => Err(Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not-ready",
+            "Not ready",
+            why.to_string(),
+        )),
     }
-    Err(Problem::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "not-ready",
-        "Not ready",
-        readiness.reason.unwrap_or_default(),
-    ))
 }
 /// The registry `/metrics` renders: the recorded instruments and the
 /// scrape-time collector.
@@ -249,7 +248,7 @@ impl Collector for NodeCollector {
             None,
             MetricType::Counter,
         )?)?;
-        let ready = s.readiness().is_ok_and(|r| r.ready);
+        let ready = matches!(s.readiness(), Ok(Ok(())));
         gauge(
             &mut encoder,
             "ready",
