@@ -1,0 +1,259 @@
+//! The replica on disk: one redb file, read and written only through here.
+//!
+//! The interface is narrow on purpose: [`Store::apply_batch`] is the only way
+//! changes get in (data, dead letters, counters and consumed offsets in ONE
+//! write transaction — the delivery guarantee of contract §2), and a
+//! [`Reader`] (one read transaction) is the only way data gets out, so every
+//! HTTP answer is a consistent view.
+//!
+//! Values are a one-byte value format followed by bincode (see
+//! `docs/ARCHITECTURE.md` for why), and the `meta` table records the store
+//! format version: a file written by a newer release is refused untouched,
+//! and so is a file that is empty, truncated, damaged or another program's.
+//!
+//! Storage faults: a failed write changes nothing (the transaction is not
+//! committed), is recorded in [`StoreHealth`], and, when it was an I/O error
+//! (a full disk), makes the store close and reopen its redb file — redb
+//! refuses every later write of a handle that saw one — so that reads go on
+//! and the writer's next retry can succeed once space is back.
+//!
+//! This file holds the vocabulary every caller sees: the [`Store`] handle,
+//! its errors, its options and health, and the values that go in and come
+//! out of more than one path. The work lives in one file per concern, each
+//! readable alone:
+//!
+//! - `schema.rs`: the tables, the value codec and the format version;
+//! - `open.rs`: opening, refusing, creating and upgrading a file;
+//! - `reopen.rs`: write outcomes, [`StoreHealth`], and reopening after an
+//!   I/O error;
+//! - `write.rs`: the writers (batches, reconciles, purges, document
+//!   rendering) and the convergence rule on tables;
+//! - `read.rs`: the [`Reader`] and the teacher-detail assembly.
+//!
+//! The test-only fault injection (`Store::fail_next_commit`,
+//! `StoreError::InjectedFault`) exists only with the `fault-injection`
+//! cargo feature, which only the tests enable: a release build has none of
+//! it.
+
+use std::path::PathBuf;
+#[cfg(feature = "fault-injection")]
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
+
+use redb::Database;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::Timestamp;
+
+mod open;
+mod read;
+mod reopen;
+mod schema;
+mod write;
+
+pub use read::{Page, Reader, StateRow, StoreStats};
+pub use schema::{counter, FORMAT_VERSION};
+pub use write::{ApplyReport, Batch, Drift, ReconcileReport};
+
+/// Dead letters keep at most this much of the raw payload.
+pub const DEAD_LETTER_MAX_RAW: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the store {path}: {source}. {hint}")]
+    Open {
+        path: PathBuf,
+        source: redb::DatabaseError,
+        hint: &'static str,
+    },
+    #[error(
+        "the store {path} has format version {found}, but this release understands only up to \
+         {supported}; it was written by a newer emis-edge. Run that release, or move the file \
+         aside and rebuild the replica with `emis-edge import` or a resync. The file was not \
+         changed."
+    )]
+    NewerFormat {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error(
+        "{path} is a redb file but not an emis-edge store (it has no format version). The file \
+         was not changed. Move it aside, then run `emis-edge import` or let resync refill it."
+    )]
+    Foreign { path: PathBuf },
+    /// The file is empty, cut short, damaged, or not a redb file at all.
+    #[error(
+        "the store {path} cannot be used: {reason}. The file was not changed. Move it aside \
+         (e.g. `mv {path} {path}.damaged`), then run `emis-edge import` or let resync refill it."
+    )]
+    Unusable { path: PathBuf, reason: String },
+    /// The store is being reopened after an I/O error, or could not be.
+    #[error("the store is not available: {0}")]
+    Unavailable(String),
+    #[error("store data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("store I/O failed: {0}")]
+    Db(#[from] redb::Error),
+    /// The failure [`Store::fail_next_commit`] asks for.
+    #[cfg(feature = "fault-injection")]
+    #[error("injected fault before commit (test hook)")]
+    InjectedFault,
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+impl StoreError {
+    /// An I/O failure after which redb refuses the handle
+    /// (`PreviousIo`) until it is closed and opened again.
+    fn needs_reopen(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Db(
+                redb::Error::Io(_)
+                    | redb::Error::Backend(_)
+                    | redb::Error::PreviousIo
+                    | redb::Error::DatabaseClosed
+            )
+        )
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A consumed position: the next offset to read in one topic partition.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionOffset {
+    pub topic: String,
+    pub partition: i32,
+    pub next_offset: i64,
+}
+
+/// An event the node could not use, kept for the operator.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    /// The payload, cut to [`DEAD_LETTER_MAX_RAW`] bytes.
+    pub raw: Vec<u8>,
+    /// The payload's full length.
+    pub raw_len: usize,
+    pub reason: String,
+    pub at: Timestamp,
+}
+
+impl DeadLetter {
+    pub fn new(
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        raw: &[u8],
+        reason: String,
+        at: Timestamp,
+    ) -> DeadLetter {
+        DeadLetter {
+            topic: topic.to_owned(),
+            partition,
+            offset,
+            raw: raw[..raw.len().min(DEAD_LETTER_MAX_RAW)].to_vec(),
+            raw_len: raw.len(),
+            reason,
+            at,
+        }
+    }
+}
+
+/// Options for opening a store.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// redb page cache in bytes.
+    pub cache_bytes: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            cache_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Whether the store can be written, for status, readiness and metrics.
+/// Kept in memory: a restart starts healthy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoreHealth {
+    /// The error of the last write, `None` once a write succeeds again.
+    pub error: Option<String>,
+    /// The `now` of the first write of the current run of failures.
+    pub failing_since: Option<Timestamp>,
+    /// Failed writes since the store was opened.
+    pub write_failures: u64,
+    /// Times the redb file was closed and opened again after an I/O error.
+    pub reopens: u64,
+}
+
+impl StoreHealth {
+    /// The last write failed: the node serves what it has but takes
+    /// nothing new in.
+    pub fn degraded(&self) -> bool {
+        self.error.is_some()
+    }
+}
+
+pub struct Store {
+    slot: Mutex<reopen::Slot>,
+    /// Signalled when a reopen ends.
+    reopened: Condvar,
+    /// The file and its options, to reopen it (`None`: in memory).
+    file: Option<(PathBuf, StoreOptions)>,
+    health: Mutex<StoreHealth>,
+    #[cfg(feature = "fault-injection")]
+    fail_next_commit: AtomicBool,
+}
+
+impl Store {
+    /// The handle of a checked, initialised database.
+    fn new(db: Database, file: Option<(PathBuf, StoreOptions)>) -> Store {
+        Store {
+            slot: Mutex::new(reopen::Slot::holding(db)),
+            reopened: Condvar::new(),
+            file,
+            health: Mutex::new(StoreHealth::default()),
+            #[cfg(feature = "fault-injection")]
+            fail_next_commit: AtomicBool::new(false),
+        }
+    }
+
+    /// Fault injection for tests: the next [`Store::apply_batch`] writes
+    /// everything, then fails with [`StoreError::InjectedFault`] instead of
+    /// committing.
+    #[cfg(feature = "fault-injection")]
+    pub fn fail_next_commit(&self) {
+        self.fail_next_commit.store(true, Ordering::SeqCst);
+    }
+
+    /// Takes the fault [`Store::fail_next_commit`] asked for, if any: the
+    /// caller drops its transaction, which aborts it.
+    #[cfg(feature = "fault-injection")]
+    fn injected_fault(&self) -> Result<()> {
+        if self.fail_next_commit.swap(false, Ordering::SeqCst) {
+            return Err(StoreError::InjectedFault);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,301 @@
+//! Getting a [`Store`] from a path: refusing a file it must not use before
+//! anything writes to it, creating a new store whole under another name,
+//! checking the format version and upgrading a format 1 file in place.
+//!
+//! Every refusal says what is wrong with the file and what to do, and
+//! leaves the file byte-for-byte as it was. It deliberately does not deal
+//! with a store that is already open: reopening after an I/O error is
+//! `reopen.rs` (which uses [`builder`], [`classify`] and [`check_format`]
+//! from here, so that both open a file the same way).
+
+use std::path::Path;
+
+use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable};
+
+use super::schema::{
+    create_tables, decode, decode_format_version, write_format_version, ASSIGNMENTS,
+    ASSIGNMENT_BY_CLASS, FORMAT_VERSION, META, META_FORMAT, PENDING_DOCS, TEACHERS, TEACHER_DOCS,
+};
+use super::{Result, Store, StoreError, StoreOptions};
+use crate::domain::{Entity, Record};
+
+fn open_error(path: &Path, source: redb::DatabaseError) -> StoreError {
+    let hint = match &source {
+        redb::DatabaseError::DatabaseAlreadyOpen => {
+            "Another process has it open: is `emis-edge serve` running? Use the CLI against \
+             the running node, or stop it first."
+        }
+        redb::DatabaseError::UpgradeRequired(_) => {
+            "It was written by an incompatible redb version."
+        }
+        _ => {
+            "If the file is damaged or not an emis-edge store, move it aside, then rebuild the \
+             replica with `emis-edge import` or a resync; it was not changed."
+        }
+    };
+    StoreError::Open {
+        path: path.to_owned(),
+        source,
+        hint,
+    }
+}
+
+/// The first bytes of every redb file.
+const REDB_MAGIC: &[u8] = b"redb\x1a\x0a\xa9\x0d\x0a";
+
+pub(super) fn unusable(path: &Path, reason: impl Into<String>) -> StoreError {
+    StoreError::Unusable {
+        path: path.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// Refuses, from its size and first bytes alone, a file that cannot be a
+/// store: empty (a store is never empty: it is created whole under another
+/// name, see [`Store::create`]), or not a redb file. Reads only.
+fn precheck(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path).map_err(|e| open_error(path, e.into()))?;
+    if meta.is_dir() {
+        return Err(unusable(path, "it is a directory, not a file"));
+    }
+    if meta.len() == 0 {
+        return Err(unusable(
+            path,
+            "it is empty (0 bytes); a store file is never empty",
+        ));
+    }
+    let mut head = Vec::with_capacity(16);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(16).read_to_end(&mut head))
+        .map_err(|e| open_error(path, e.into()))?;
+    if REDB_MAGIC.starts_with(&head) && head.len() < REDB_MAGIC.len() {
+        return Err(unusable(
+            path,
+            format!(
+                "it is truncated ({} bytes, not even a redb header)",
+                head.len()
+            ),
+        ));
+    }
+    if !head.starts_with(REDB_MAGIC) {
+        let what = if head.starts_with(b"SQLite format 3\0") {
+            "an SQLite database".to_owned()
+        } else if head.starts_with(b"\x89PNG") {
+            "a PNG image".to_owned()
+        } else if head.starts_with(b"\x1f\x8b") {
+            "gzip-compressed".to_owned()
+        } else if head.starts_with(b"PK\x03\x04") {
+            "a zip archive".to_owned()
+        } else if head.first() == Some(&b'{') {
+            "JSON text, perhaps an `emis-edge export` file (load those with `emis-edge import`)"
+                .to_owned()
+        } else {
+            let hex: Vec<String> = head.iter().take(8).map(|b| format!("{b:02x}")).collect();
+            format!("unknown, starting with bytes {}", hex.join(" "))
+        };
+        return Err(unusable(path, format!("it is not a redb file: {what}")));
+    }
+    Ok(())
+}
+
+/// Turns what redb says of a file it cannot open into a refusal that says
+/// what is wrong with the file, where it is the file's fault.
+pub(super) fn classify(path: &Path, e: redb::DatabaseError) -> StoreError {
+    use redb::{DatabaseError, StorageError};
+    match &e {
+        DatabaseError::Storage(StorageError::Corrupted(msg)) => {
+            unusable(path, format!("it is truncated or damaged ({msg})"))
+        }
+        DatabaseError::Storage(StorageError::Io(io))
+            if io.kind() == std::io::ErrorKind::UnexpectedEof =>
+        {
+            unusable(path, format!("it is truncated ({io})"))
+        }
+        DatabaseError::Storage(StorageError::Io(io))
+            if io.kind() == std::io::ErrorKind::InvalidData =>
+        {
+            unusable(path, format!("it is not a usable redb file ({io})"))
+        }
+        _ => open_error(path, e),
+    }
+}
+
+pub(super) fn builder(options: &StoreOptions) -> redb::Builder {
+    let mut builder = Database::builder();
+    builder.set_cache_size(options.cache_bytes);
+    builder
+}
+
+/// Opens an existing store file for writing, refusing a file it must not
+/// use before anything opens it writable: the size and first bytes, then
+/// the format through a read-only handle (opening for writing may touch
+/// the file; a refused file stays byte-for-byte as it was). A file that
+/// needs crash recovery cannot be opened read-only; redb repairs it on the
+/// writable open (refusing a truncated one before it writes anything) and
+/// the format check runs after it.
+fn open_existing(path: &Path, options: &StoreOptions) -> Result<Database> {
+    precheck(path)?;
+    let builder = builder(options);
+    match builder.open_read_only(path) {
+        Ok(ro) => {
+            check_format(&ro.begin_read()?, path)?;
+        }
+        Err(redb::DatabaseError::RepairAborted) => {} // needs recovery: below
+        Err(e) => return Err(classify(path, e)),
+    }
+    builder.open(path).map_err(|e| classify(path, e))
+}
+
+/// Makes `tmp`, a complete new store, visible as `path`, unless a store
+/// appeared there meanwhile (then returns false and removes `tmp`).
+fn publish(tmp: &Path, path: &Path) -> std::io::Result<bool> {
+    match std::fs::hard_link(tmp, path) {
+        Ok(()) => std::fs::remove_file(tmp)?,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let _ = std::fs::remove_file(tmp);
+            return Ok(false);
+        }
+        // A file system without hard links.
+        Err(_) if !path.exists() => std::fs::rename(tmp, path)?,
+        Err(_) => {
+            let _ = std::fs::remove_file(tmp);
+            return Ok(false);
+        }
+    }
+    // The new name must survive a power loss like the data written to it.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(true)
+}
+
+impl Store {
+    /// Opens the store at `path`, creating it (and a fresh format version)
+    /// when the file does not exist. A file of a newer format, a redb file
+    /// of another program, and a file that is empty, truncated, damaged or
+    /// not a redb file are refused without being written.
+    pub fn open(path: &Path, options: &StoreOptions) -> Result<Store> {
+        if !path.exists() {
+            return Self::create(path, options);
+        }
+        let db = open_existing(path, options)?;
+        Self::init(db, path, Some(options))
+    }
+
+    /// Creates a new store whole under a temporary name and only then gives
+    /// it its name, so that `path` never holds a half-created store (a
+    /// crash while creating leaves no file, not an empty one, which is why
+    /// an empty file is refused as damaged rather than taken as new).
+    fn create(path: &Path, options: &StoreOptions) -> Result<Store> {
+        let mut name = path.file_name().unwrap_or_default().to_owned();
+        name.push(".new");
+        let tmp = path.with_file_name(name);
+        let _ = std::fs::remove_file(&tmp); // left by a crash while creating
+        let created = builder(options)
+            .create(&tmp)
+            .map_err(|e| open_error(path, e))
+            .and_then(|db| Self::init(db, path, Some(options)));
+        let store = match created {
+            Ok(store) => store,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        match publish(&tmp, path) {
+            Ok(true) => Ok(store),
+            // Another process created it first: use (or be refused) that one.
+            Ok(false) => {
+                drop(store);
+                Self::open(path, options)
+            }
+            Err(e) => Err(open_error(path, e.into())),
+        }
+    }
+
+    /// A store held in memory by redb's in-memory backend: the same engine
+    /// and code paths, nothing on disk. For tests that need many stores.
+    pub fn open_in_memory() -> Result<Store> {
+        let db = Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .map_err(|e| open_error(Path::new(":memory:"), e))?;
+        Self::init(db, Path::new(":memory:"), None)
+    }
+
+    fn init(db: Database, path: &Path, options: Option<&StoreOptions>) -> Result<Store> {
+        let found = check_format(&db.begin_read()?, path)?;
+        match found {
+            Some(FORMAT_VERSION) => {}
+            Some(1) => migrate_from_1(&db, path)?,
+            Some(other) => {
+                return Err(StoreError::Corrupt(format!(
+                    "unknown store format version {other}"
+                )))
+            }
+            None => {
+                let txn = db.begin_write()?;
+                write_format_version(&txn)?;
+                create_tables(&txn)?;
+                txn.commit()?;
+            }
+        }
+        Ok(Store::new(
+            db,
+            options.map(|o| (path.to_owned(), o.clone())),
+        ))
+    }
+}
+
+/// Format 1 → 2: the class → assignments index and the rendered teacher
+/// documents are new. Builds the index and queues every teacher, in one
+/// transaction.
+fn migrate_from_1(db: &Database, path: &Path) -> Result<()> {
+    tracing::info!(path = %path.display(), "upgrading the store from format 1 to 2");
+    let txn = db.begin_write()?;
+    {
+        let assignments = txn.open_table(ASSIGNMENTS)?;
+        let mut by_class = txn.open_table(ASSIGNMENT_BY_CLASS)?;
+        for entry in assignments.iter()? {
+            let (id, value) = entry?;
+            if let Entity::Assignment(a) = decode::<Record<Entity>>(value.value())?.data {
+                by_class.insert((a.class_id.as_u128(), id.value()), a.teacher_id.as_u128())?;
+            }
+        }
+        let teachers = txn.open_table(TEACHERS)?;
+        let mut pending = txn.open_table(PENDING_DOCS)?;
+        for entry in teachers.iter()? {
+            pending.insert(entry?.0.value(), ())?;
+        }
+        txn.open_table(TEACHER_DOCS)?;
+        write_format_version(&txn)?;
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+/// The store format version of a file, `None` for a new (empty) redb file.
+/// Refuses files of a newer format and redb files of other programs.
+pub(super) fn check_format(txn: &ReadTransaction, path: &Path) -> Result<Option<u32>> {
+    let found = match txn.open_table(META) {
+        Ok(meta) => match meta.get(META_FORMAT)? {
+            Some(v) => decode_format_version(v.value())?,
+            None => return Err(StoreError::Foreign { path: path.into() }),
+        },
+        Err(redb::TableError::TableDoesNotExist(_)) => {
+            if txn.list_tables()?.next().is_some() {
+                return Err(StoreError::Foreign { path: path.into() });
+            }
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if found > FORMAT_VERSION {
+        return Err(StoreError::NewerFormat {
+            path: path.into(),
+            found,
+            supported: FORMAT_VERSION,
+        });
+    }
+    Ok(Some(found))
+}

@@ -1,0 +1,208 @@
+//! Keeping the store usable across storage faults: every write's outcome
+//! goes through [`Store::settle`] into [`StoreHealth`], and an I/O error
+//! makes the store close its redb handle and open the file again.
+//!
+//! redb latches an I/O error: a handle that saw one answers every later
+//! write with `PreviousIo` until it is closed. So the open database sits in
+//! a [`Slot`] that a reopen empties and refills, readers and writers take it
+//! through [`Store::db`] (waiting while a reopen is under way), and each
+//! [`Reader`](super::Reader) carries a token that lets a reopen wait for its
+//! read transaction. This file deliberately knows nothing of tables or of
+//! what a write does; it opens the file the way `open.rs` does.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use redb::{Database, ReadableDatabase, WriteTransaction};
+
+use super::open::{builder, check_format, classify, unusable};
+use super::{Result, Store, StoreError, StoreHealth};
+use crate::domain::Timestamp;
+
+/// How long a reader waits for a reopen in progress before it gives up
+/// with [`StoreError::Unavailable`].
+const REOPEN_WAIT: Duration = Duration::from_secs(5);
+/// After a failed reopen, the next reader or writer tries again, at most
+/// this often.
+const REOPEN_RETRY: Duration = Duration::from_secs(1);
+/// How long a reopen lets the read transactions of the old handle finish
+/// (a lookup takes microseconds; a long snapshot stream is cut short).
+const READERS_WAIT: Duration = Duration::from_secs(1);
+/// How long a reopen waits for the last users of the old handle (a writer
+/// about to fail) before it goes on without it.
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
+
+/// The open database, swapped for a fresh one after an I/O error.
+#[derive(Default)]
+pub(super) struct Slot {
+    db: Option<Arc<Database>>,
+    /// Held by every [`Reader`](super::Reader) of `db`: a reopen waits for
+    /// them briefly.
+    readers: Arc<()>,
+    reopening: bool,
+    last_attempt: Option<Instant>,
+    /// Why the last reopen failed.
+    last_error: Option<String>,
+}
+
+impl Slot {
+    /// A slot holding a freshly opened database.
+    pub(super) fn holding(db: Database) -> Slot {
+        Slot {
+            db: Some(Arc::new(db)),
+            ..Slot::default()
+        }
+    }
+}
+
+/// Locks ignoring poison: every critical section here leaves its data whole.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Store {
+    /// Whether writes succeed, and what failed.
+    pub fn health(&self) -> StoreHealth {
+        lock(&self.health).clone()
+    }
+
+    /// The open database, and the token its readers hold. While a reopen
+    /// is under way this waits for it (at most [`REOPEN_WAIT`]); after a
+    /// failed one it tries again, at most every [`REOPEN_RETRY`].
+    pub(super) fn db(&self) -> Result<(Arc<Database>, Arc<()>)> {
+        let deadline = Instant::now() + REOPEN_WAIT;
+        let mut slot = lock(&self.slot);
+        loop {
+            if let Some(db) = &slot.db {
+                return Ok((db.clone(), slot.readers.clone()));
+            }
+            if !slot.reopening {
+                let due = slot
+                    .last_attempt
+                    .is_none_or(|t| t.elapsed() >= REOPEN_RETRY);
+                if due {
+                    drop(slot);
+                    self.reopen();
+                    slot = lock(&self.slot);
+                    if let Some(db) = &slot.db {
+                        return Ok((db.clone(), slot.readers.clone()));
+                    }
+                }
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            slot = self
+                .reopened
+                .wait_timeout(slot, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        Err(StoreError::Unavailable(match &slot.last_error {
+            Some(e) => format!("it could not be reopened after an I/O error: {e}"),
+            None => "it is being reopened after an I/O error".into(),
+        }))
+    }
+
+    /// Closes the redb handle and opens the file again: after an I/O error
+    /// redb refuses every further write of the handle (`PreviousIo`) until
+    /// it is closed. New readers wait meanwhile (see [`Store::db`]); read
+    /// transactions of the old handle get [`READERS_WAIT`] to finish and
+    /// fail after it. A reopen on a still-full disk normally succeeds
+    /// (redb repairs what the failed write left without growing the file),
+    /// so reads go on; the writer's next retry fails again until there is
+    /// space.
+    fn reopen(&self) {
+        let Some((path, options)) = &self.file else {
+            return; // in memory: nothing to reopen
+        };
+        let old = {
+            let mut slot = lock(&self.slot);
+            if slot.reopening {
+                return;
+            }
+            slot.reopening = true;
+            (slot.db.take(), std::mem::take(&mut slot.readers))
+        };
+        if let (Some(mut old), readers) = old {
+            let deadline = Instant::now() + READERS_WAIT;
+            while Arc::strong_count(&readers) > 1 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // Others hold the handle only to begin a transaction, and a
+            // writer of the old handle fails at once: wait for them.
+            let deadline = Instant::now() + CLOSE_WAIT;
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(db) => {
+                        if let Err(e) = db.close() {
+                            tracing::debug!(error = %e, "closing the failed store handle");
+                        }
+                        break;
+                    }
+                    Err(shared) if Instant::now() < deadline => {
+                        old = shared;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(_) => break, // closes when its last user drops it
+                }
+            }
+        }
+        let opened = builder(options)
+            .open(path)
+            .map_err(|e| classify(path, e))
+            .and_then(|db| match check_format(&db.begin_read()?, path)? {
+                Some(_) => Ok(db),
+                None => Err(unusable(path, "it has no emis-edge tables any more")),
+            });
+        let mut slot = lock(&self.slot);
+        slot.reopening = false;
+        slot.last_attempt = Some(Instant::now());
+        match opened {
+            Ok(db) => {
+                slot.db = Some(Arc::new(db));
+                slot.last_error = None;
+                lock(&self.health).reopens += 1;
+                tracing::warn!(path = %path.display(), "store reopened after an I/O error");
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "store could not be reopened; will try again");
+                slot.last_error = Some(e.to_string());
+            }
+        }
+        drop(slot);
+        self.reopened.notify_all();
+    }
+
+    pub(super) fn begin_write(&self) -> Result<WriteTransaction> {
+        Ok(self.db()?.0.begin_write()?)
+    }
+
+    /// Records the outcome of a write in [`StoreHealth`] (a success clears
+    /// the error only if it `wrote`: a dry run proves nothing), and reopens
+    /// the file after an I/O error. The failed transaction is gone by now.
+    pub(super) fn settle<T>(&self, now: Timestamp, result: Result<T>, wrote: bool) -> Result<T> {
+        match &result {
+            Ok(_) if wrote => {
+                let mut health = lock(&self.health);
+                if let Some(error) = health.error.take() {
+                    health.failing_since = None;
+                    tracing::info!(%error, "store writable again");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let mut health = lock(&self.health);
+                health.write_failures += 1;
+                health.error = Some(e.to_string());
+                health.failing_since.get_or_insert(now);
+            }
+        }
+        if result.as_ref().is_err_and(StoreError::needs_reopen) {
+            self.reopen();
+        }
+        result
+    }
+}
