@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::state::NodeState;
-use crate::worker::{blocking, Next, Worker};
+use crate::worker::{blocking, Backoff, Next, Worker};
 
 /// Renders queued teacher documents (`Store::materialize`) in chunks.
 /// While the consumer is far behind (catching up after an outage), it
@@ -35,6 +35,16 @@ impl Renderer {
 impl Worker for Renderer {
     fn name(&self) -> &'static str {
         "documents"
+    }
+
+    /// Slower than the default: a failing write reopens the store file,
+    /// and nothing waits for documents (lookups assemble them meanwhile),
+    /// so rendering gives way to the ingest worker's retries.
+    fn backoff(&self) -> Backoff {
+        Backoff {
+            min: Duration::from_secs(5),
+            max: Duration::from_secs(60),
+        }
     }
 
     async fn step(&mut self, _stop: &CancellationToken) -> anyhow::Result<Next> {

@@ -1,5 +1,6 @@
-//! Keeping the store usable across storage faults: every write's outcome
-//! goes through [`Store::settle`] into [`StoreHealth`], and an I/O error
+//! Keeping the store usable across storage faults: every write runs
+//! through [`Store::write`], which records its outcome in [`StoreHealth`];
+//! an I/O error
 //! makes the store close its redb handle and open the file again.
 //!
 //! redb latches an I/O error: a handle that saw one answers every later
@@ -40,6 +41,9 @@ pub(super) struct Slot {
     /// them briefly.
     readers: Arc<()>,
     reopening: bool,
+    /// Counts the databases this slot has held: a writer that failed on
+    /// generation `g` reopens only if the slot still holds `g`.
+    generation: u64,
     last_attempt: Option<Instant>,
     /// Why the last reopen failed.
     last_error: Option<String>,
@@ -82,7 +86,7 @@ impl Store {
                     .is_none_or(|t| t.elapsed() >= REOPEN_RETRY);
                 if due {
                     drop(slot);
-                    self.reopen();
+                    self.reopen(None);
                     slot = lock(&self.slot);
                     if let Some(db) = &slot.db {
                         return Ok((db.clone(), slot.readers.clone()));
@@ -114,13 +118,15 @@ impl Store {
     /// (redb repairs what the failed write left without growing the file),
     /// so reads go on; the writer's next retry fails again until there is
     /// space.
-    fn reopen(&self) {
+    fn reopen(&self, failed: Option<u64>) {
         let Some((path, options)) = &self.file else {
             return; // in memory: nothing to reopen
         };
         let old = {
             let mut slot = lock(&self.slot);
-            if slot.reopening {
+            // Under way, or done already by another writer that failed on
+            // the same handle.
+            if slot.reopening || failed.is_some_and(|g| g != slot.generation) {
                 return;
             }
             slot.reopening = true;
@@ -163,6 +169,7 @@ impl Store {
         match opened {
             Ok(db) => {
                 slot.db = Some(Arc::new(db));
+                slot.generation += 1;
                 slot.last_error = None;
                 lock(&self.health).reopens += 1;
                 tracing::warn!(path = %path.display(), "store reopened after an I/O error");
@@ -180,12 +187,30 @@ impl Store {
         Ok(self.db()?.0.begin_write()?)
     }
 
-    /// Records the outcome of a write in [`StoreHealth`] (a success clears
-    /// the error only if it `wrote`: a dry run proves nothing), and reopens
-    /// the file after an I/O error. The failed transaction is gone by now.
-    pub(super) fn settle<T>(&self, now: Timestamp, result: Result<T>, wrote: bool) -> Result<T> {
+    /// Runs one write transaction (`attempt`) and records its outcome in
+    /// [`StoreHealth`]: a success clears the error only if `wrote` says it
+    /// wrote (a dry run proves nothing); an I/O error reopens the file.
+    ///
+    /// redb has one writer at a time, so a writer may begin on a handle
+    /// that the previous writer's I/O error has just poisoned: it fails with
+    /// `PreviousIo` without having reached the disk. It then runs once more
+    /// on the reopened handle, so that the outcome and the error recorded
+    /// (a full disk, say) are its own, not a symptom of another's.
+    pub(super) fn write<T>(
+        &self,
+        now: Timestamp,
+        wrote: impl Fn(&T) -> bool,
+        mut attempt: impl FnMut() -> Result<T>,
+    ) -> Result<T> {
+        let mut generation = self.generation();
+        let mut result = attempt();
+        if matches!(result, Err(StoreError::Db(redb::Error::PreviousIo))) {
+            self.reopen(Some(generation));
+            generation = self.generation();
+            result = attempt();
+        }
         match &result {
-            Ok(_) if wrote => {
+            Ok(value) if wrote(value) => {
                 let mut health = lock(&self.health);
                 if let Some(error) = health.error.take() {
                     health.failing_since = None;
@@ -201,8 +226,12 @@ impl Store {
             }
         }
         if result.as_ref().is_err_and(StoreError::needs_reopen) {
-            self.reopen();
+            self.reopen(Some(generation));
         }
         result
+    }
+
+    fn generation(&self) -> u64 {
+        lock(&self.slot).generation
     }
 }

@@ -5,7 +5,7 @@
 //! Each public writer ([`Store::apply_batch`], [`Store::reconcile`],
 //! [`Store::reconcile_many`], [`Store::purge_tombstones`],
 //! [`Store::materialize`]) runs one write transaction and hands its outcome
-//! to `Store::settle` (`reopen.rs`), so that a failed write is recorded and
+//! to `Store::write` (`reopen.rs`), so that a failed write is recorded and
 //! an I/O error reopens the file. [`WriteTables`] is the one place that
 //! applies a change to an entity — the convergence rule, tombstones, the
 //! secondary indexes and the invalidation of rendered teacher documents —
@@ -97,8 +97,7 @@ impl Store {
         now: Timestamp,
         source: SyncSource,
     ) -> Result<ApplyReport> {
-        let result = self.apply_batch_txn(batch, now, source);
-        self.settle(now, result, true)
+        self.write(now, |_| true, || self.apply_batch_txn(batch, now, source))
     }
 
     fn apply_batch_txn(
@@ -186,8 +185,11 @@ impl Store {
         source: SyncSource,
         dry_run: bool,
     ) -> Result<Vec<ReconcileReport>> {
-        let result = self.reconcile_many_txn(snapshots, now, source, dry_run);
-        self.settle(now, result, !dry_run)
+        self.write(
+            now,
+            |_| !dry_run,
+            || self.reconcile_many_txn(snapshots, now, source, dry_run),
+        )
     }
 
     fn reconcile_many_txn(
@@ -223,8 +225,11 @@ impl Store {
     /// Removes tombstones older than `retention_nanos` at `now`; returns how
     /// many went.
     pub fn purge_tombstones(&self, now: Timestamp, retention_nanos: i64) -> Result<u64> {
-        let result = self.purge_tombstones_txn(now, retention_nanos);
-        self.settle(now, result, true)
+        self.write(
+            now,
+            |_| true,
+            || self.purge_tombstones_txn(now, retention_nanos),
+        )
     }
 
     fn purge_tombstones_txn(&self, now: Timestamp, retention_nanos: i64) -> Result<u64> {
@@ -268,10 +273,8 @@ impl Store {
     /// transaction; returns how many it took from the queue (0: none
     /// left). The node's `docs` worker calls it after every change.
     pub fn materialize(&self, limit: usize, now: Timestamp) -> Result<usize> {
-        let result = self.materialize_txn(limit);
         // Only a rendering that wrote proves the store writable again.
-        let wrote = result.as_ref().is_ok_and(|n| *n > 0);
-        self.settle(now, result, wrote)
+        self.write(now, |n| *n > 0, || self.materialize_txn(limit))
     }
 
     fn materialize_txn(&self, limit: usize) -> Result<usize> {
