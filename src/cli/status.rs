@@ -1,0 +1,159 @@
+//! `status`: the sync status document (`crate::status::SyncStatus`) — from
+//! the running node's `/api/sync/status` if there is one, else computed from
+//! the store file — printed as JSON or as a human summary, most urgent
+//! first.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::clock::SystemClock;
+use crate::config::Config;
+use crate::state::NodeState;
+use crate::status::SyncStatus;
+
+use super::{ask_node, local_addr, open_store, runtime, Ask};
+
+pub(super) fn status(config: &Config, as_json: bool) -> anyhow::Result<()> {
+    let runtime = runtime()?;
+    let from_node = runtime.block_on(ask_node(
+        config,
+        Ask::Read,
+        reqwest::Method::GET,
+        "/api/sync/status",
+        None,
+    ))?;
+    let (doc, source) = match from_node {
+        Some(doc) => (
+            serde_json::from_value::<SyncStatus>(doc)
+                .context("the running node's status document is not what this release reads")?,
+            format!("running node at {}", local_addr(config)),
+        ),
+        None => {
+            let path = config.store_path();
+            anyhow::ensure!(
+                path.exists(),
+                "no node answers at {} and there is no store at {}",
+                local_addr(config),
+                path.display()
+            );
+            let state = NodeState::new(open_store(config)?, config.clone(), Arc::new(SystemClock));
+            (
+                state.status()?,
+                format!("store file {} (node not running)", path.display()),
+            )
+        }
+    };
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        print!("{}", render_status(&doc, &source));
+    }
+    Ok(())
+}
+
+/// The human summary of a status document, most urgent first.
+fn render_status(doc: &SyncStatus, source: &str) -> String {
+    use std::fmt::Write;
+    let or_dash = |v: Option<&str>| v.unwrap_or("-").to_owned();
+    let num = |v: Option<i64>| v.map_or_else(|| "-".to_owned(), |n| n.to_string());
+    let mut out = String::new();
+    let _ = writeln!(out, "node           {} (from {source})", doc.node_id);
+    let _ = writeln!(
+        out,
+        "stale          {}",
+        if doc.stale { "YES" } else { "no" }
+    );
+    let kafka = &doc.kafka;
+    let _ = writeln!(
+        out,
+        "kafka          {}{}",
+        match (kafka.configured, kafka.connected) {
+            (false, _) => "not configured",
+            (true, true) => "connected",
+            (true, false) => "NOT CONNECTED",
+        },
+        kafka
+            .last_error
+            .as_ref()
+            .map(|e| format!(" — {e}"))
+            .unwrap_or_default()
+    );
+    if let Some(e) = &doc.store_error {
+        let _ = writeln!(
+            out,
+            "STORE ERROR    {e} (failing since {}, {} failed writes; reads still answer, the node \
+             retries by itself)",
+            or_dash(doc.store.failing_since.as_deref()),
+            doc.store.write_failures
+        );
+    }
+    if let Some(oor) = &kafka.offset_out_of_range {
+        let _ = writeln!(
+            out,
+            "EVENTS LOST    {} {} (a resync repairs this)",
+            oor.at, oor.detail
+        );
+    }
+    for w in doc
+        .workers
+        .iter()
+        .filter(|w| w.consecutive_errors > 0 || w.state == crate::worker::WorkerState::Dead)
+    {
+        let _ = writeln!(
+            out,
+            "WORKER         {} {:?}: {} ({} failures in a row)",
+            w.name,
+            w.state,
+            or_dash(w.last_error.as_deref()),
+            w.consecutive_errors
+        );
+    }
+    let _ = writeln!(
+        out,
+        "caught up      {}",
+        if doc.caught_up { "yes" } else { "no" }
+    );
+    let _ = writeln!(
+        out,
+        "last event     {}",
+        or_dash(doc.last_event_time.as_deref())
+    );
+    let _ = writeln!(
+        out,
+        "last resync    {}",
+        match &doc.last_resync {
+            None => "-".to_owned(),
+            Some(r) => format!("{} {} {}", r.at, r.result, r.detail),
+        }
+    );
+    let _ = writeln!(out, "dead letters   {}", doc.dead_letter_count);
+    let e = &doc.entities;
+    let _ = writeln!(
+        out,
+        "entities       classes {}, teachers {}, assignments {}, tombstones {}",
+        e.classes, e.teachers, e.assignments, e.tombstones
+    );
+    let _ = writeln!(out, "schools        {}", doc.served_schools);
+    if doc.partitions.is_empty() {
+        let _ = writeln!(out, "partitions     none consumed yet");
+    } else {
+        let _ = writeln!(
+            out,
+            "\n{:<32} {:>9} {:>12} {:>14} {:>8}",
+            "TOPIC", "PARTITION", "OFFSET", "HIGH-WATERMARK", "LAG"
+        );
+        for p in &doc.partitions {
+            let _ = writeln!(
+                out,
+                "{:<32} {:>9} {:>12} {:>14} {:>8}",
+                p.topic,
+                p.partition,
+                num(p.offset),
+                num(p.high_watermark),
+                num(p.lag)
+            );
+        }
+    }
+    out
+}

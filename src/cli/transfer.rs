@@ -1,0 +1,148 @@
+//! `export` and `import`: snapshots (NDJSON, contract §3) out of and into a
+//! store, e.g. over a USB stick. Each goes through the running node if
+//! there is one (its snapshot and admin routes), else works on the store
+//! file with `crate::resync`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::Config;
+use crate::store::Store;
+
+use super::{
+    ask_node, create, local_addr, node_client, open_store, print_outcomes, progress, runtime, Ask,
+};
+
+pub(super) fn export(
+    config: &Config,
+    schools: Vec<uuid::Uuid>,
+    out: &Path,
+) -> anyhow::Result<bool> {
+    let rt = runtime()?;
+    let mut writer = std::io::BufWriter::with_capacity(1 << 20, create(out)?);
+    let mut tick = progress(None, "records exported");
+    let schools_doc = rt.block_on(ask_node(
+        config,
+        Ask::Admin,
+        reqwest::Method::GET,
+        "/api/admin/schools",
+        None,
+    ))?;
+    let total = match schools_doc {
+        Some(doc) => {
+            // Through the running node: its public snapshot route, per school.
+            let schools: Vec<uuid::Uuid> = if schools.is_empty() {
+                serde_json::from_value(doc["schools"].clone())?
+            } else {
+                schools
+            };
+            rt.block_on(async {
+                let client = node_client(config, Duration::from_secs(3600))?;
+                let mut lines = 0u64;
+                for school in schools {
+                    let url = format!(
+                        "http://{}/api/schools/{school}/snapshot",
+                        local_addr(config)
+                    );
+                    let r = client.get(&url).send().await?.error_for_status()?;
+                    let mut body = r.bytes_stream();
+                    use futures::StreamExt;
+                    use std::io::Write;
+                    while let Some(chunk) = body.next().await {
+                        let chunk = chunk?;
+                        lines += chunk.iter().filter(|b| **b == b'\n').count() as u64;
+                        writer.write_all(&chunk)?;
+                        tick(lines);
+                    }
+                }
+                std::io::Write::flush(&mut writer)?;
+                anyhow::Ok(lines)
+            })?
+        }
+        None => {
+            let store = open_store(config)?;
+            let schools = crate::resync::schools_in_store(&store, config, schools)?;
+            crate::resync::export(&store, &schools, &mut writer, tick)?
+        }
+    };
+    eprintln!("emis-edge: wrote {total} lines to {}", out.display());
+    Ok(true)
+}
+
+pub(super) fn import(config: &Config, file: &Path) -> anyhow::Result<bool> {
+    let size = std::fs::metadata(file)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?
+        .len();
+    let rt = runtime()?;
+    let via_node = rt.block_on(async {
+        let f = tokio::fs::File::open(file).await?;
+        let stream = tokio_util::io::ReaderStream::with_capacity(f, 1 << 20);
+        ask_node(
+            config,
+            Ask::Admin,
+            reqwest::Method::POST,
+            "/api/admin/import",
+            Some(reqwest::Body::wrap_stream(stream)),
+        )
+        .await
+    })?;
+    let doc = match via_node {
+        Some(doc) => doc,
+        None => {
+            let store = open_store(config)?;
+            let mut tick = progress(Some(size), "bytes imported");
+            let f = std::fs::File::open(file)?;
+            let counted = CountingReader {
+                inner: f,
+                read: 0,
+                tick: &mut tick,
+            };
+            let outcomes = crate::resync::import(
+                &store,
+                &config.school_filter(),
+                std::io::BufReader::with_capacity(1 << 20, counted),
+                SystemClock.now(),
+                |_| {},
+            )?;
+            render_documents(&store)?;
+            serde_json::json!({ "schools": outcomes })
+        }
+    };
+    Ok(print_outcomes(&doc))
+}
+
+/// Renders every queued teacher document, so that a node started on this
+/// store serves each lookup with one read from the first request.
+fn render_documents(store: &Store) -> anyhow::Result<()> {
+    let pending = store.read()?.pending_docs()?;
+    if pending == 0 {
+        return Ok(());
+    }
+    let mut tick = progress(Some(pending), "teacher documents rendered");
+    let mut done = 0u64;
+    loop {
+        let n = store.materialize(10_000, SystemClock.now())?;
+        if n == 0 {
+            return Ok(());
+        }
+        done += n as u64;
+        tick(done);
+    }
+}
+
+/// Reports the bytes read so far to `tick`: the progress of an import.
+struct CountingReader<'a, R, F: FnMut(u64)> {
+    inner: R,
+    read: u64,
+    tick: &'a mut F,
+}
+
+impl<R: std::io::Read, F: FnMut(u64)> std::io::Read for CountingReader<'_, R, F> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        (self.tick)(self.read);
+        Ok(n)
+    }
+}
