@@ -123,6 +123,15 @@ async fn run_in(
     std::fs::write(&config_path, shown.to_redacted_toml())
         .with_context(|| format!("cannot write {}", config_path.display()))?;
 
+    // A worker that dies ends the demo as it ends `serve`.
+    let workers = node.state.workers.clone();
+    let watched = workers.clone();
+    let shutdown = async move {
+        tokio::select! {
+            _ = shutdown => {}
+            _ = watched.death() => {}
+        }
+    };
     let mut shutdown = std::pin::pin!(shutdown);
     let loaded = tokio::select! {
         _ = &mut shutdown => false,
@@ -134,6 +143,9 @@ async fn run_in(
     }
     tracing::info!("DEMO: stopping");
     node.stop().await?;
+    if let Some((name, why)) = workers.dead() {
+        anyhow::bail!("the {name} worker died ({why})");
+    }
     drop(publisher);
     drop(cluster);
     Ok(())

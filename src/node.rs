@@ -12,9 +12,10 @@
 //!
 //! Stop ([`RunningNode::stop`], when the injected `shutdown` future
 //! resolves, or a worker dies): workers are told to stop and each ends
-//! its step (ingest commits its in-flight batch; a resync run in progress
-//! is dropped before its school is applied), then HTTP drains, all within
-//! [`SHUTDOWN_DEADLINE`]; the store closes when the last handle drops.
+//! its step (ingest commits its in-flight batch; a scheduled resync run
+//! drops its downloads, while a school already being reconciled commits
+//! whole), then HTTP drains, all within [`SHUTDOWN_DEADLINE`]; the store
+//! closes when the last handle drops.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -116,6 +117,8 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         }
     }
 
+    // The watchdog probes /health/live wherever it is served.
+    let supervisor = crate::systemd::Supervisor::new(state.clone(), ops_addr.unwrap_or(addr))?;
     let api_state = ApiState::new(state.clone(), tokens);
     let app = api::router(api_state.clone());
     let ops_app = api::ops_router(api_state);
@@ -132,8 +135,6 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
             }
         }
     });
-    // The watchdog probes /health/live wherever it is served.
-    let supervisor = crate::systemd::Supervisor::new(state.clone(), ops_addr.unwrap_or(addr))?;
     spawn(&mut tasks, &state, &stop, supervisor);
     if let Some(ops_addr) = ops_addr {
         tracing::info!(%ops_addr, "health and metrics listening");

@@ -82,23 +82,6 @@ impl RunReport {
     }
 }
 
-/// The schools a run or an export covers (see
-/// [`SchoolFilter::schools_to_sync`]), the store listing the known ones.
-pub fn schools_to_sync(state: &NodeState, given: Vec<Uuid>) -> anyhow::Result<Vec<Uuid>> {
-    schools_in_store(&state.store, &state.config, given)
-}
-
-/// [`schools_to_sync`] for a store opened without a running node.
-pub fn schools_in_store(
-    store: &Store,
-    config: &Config,
-    given: Vec<Uuid>,
-) -> anyhow::Result<Vec<Uuid>> {
-    Ok(config
-        .school_filter()
-        .schools_to_sync(given, || store.read()?.schools())?)
-}
-
 /// The client for `resync.central_url`, sending `resync.token_file`'s token.
 pub fn http_client(config: &Config) -> anyhow::Result<reqwest::Client> {
     let mut headers = reqwest::header::HeaderMap::new();
@@ -234,7 +217,7 @@ pub async fn run_for_node(
         .central_url
         .clone()
         .ok_or_else(|| anyhow::anyhow!("resync.central_url is not set"))?;
-    let schools = schools_to_sync(state, only.unwrap_or_default())?;
+    let schools = state.schools_to_sync(only.unwrap_or_default())?;
     anyhow::ensure!(
         !schools.is_empty(),
         "no school to resync: with schools.all the node resyncs the schools its store knows, \

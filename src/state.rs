@@ -121,6 +121,13 @@ impl NodeState {
         Ok(Ok(()))
     }
 
+    /// The schools a resync run or an export covers (see
+    /// `Store::schools_to_sync`).
+    pub fn schools_to_sync(&self, given: Vec<uuid::Uuid>) -> Result<Vec<uuid::Uuid>, StoreError> {
+        self.store
+            .schools_to_sync(&self.config.school_filter(), given)
+    }
+
     /// Messages the consumer is behind the high watermarks last seen, over
     /// all partitions (0 when unknown).
     pub fn kafka_backlog(&self) -> i64 {

@@ -120,6 +120,20 @@ pub enum WorkerState {
     Dead,
 }
 
+impl std::fmt::Display for WorkerState {
+    /// As the status document spells it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WorkerState::Starting => "starting",
+            WorkerState::Busy => "busy",
+            WorkerState::Idle => "idle",
+            WorkerState::BackingOff => "backingOff",
+            WorkerState::Stopped => "stopped",
+            WorkerState::Dead => "dead",
+        })
+    }
+}
+
 /// One worker in the status document (`workers` of `GET /api/sync/status`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -333,6 +347,12 @@ pub async fn run<W: Worker>(mut worker: W, workers: Arc<Workers>, stop: Cancella
     let name = worker.name();
     let status = workers.register(name, worker.watched());
     let backoff = worker.backoff();
+    let die = |panic: Box<dyn std::any::Any + Send>| {
+        let reason = panic_message(&*panic);
+        tracing::error!(worker = name, %reason, "worker panicked; the node stops");
+        status.died(format!("panicked: {reason}"));
+        workers.death.cancel();
+    };
     while !stop.is_cancelled() {
         status.begin_step();
         let next = match AssertUnwindSafe(worker.step(&stop)).catch_unwind().await {
@@ -347,13 +367,7 @@ pub async fn run<W: Worker>(mut worker: W, workers: Arc<Workers>, stop: Cancella
                 tracing::warn!(worker = name, %error, failures, retry_in = ?pause, "worker step failed");
                 Next::After(pause)
             }
-            Err(panic) => {
-                let reason = panic_message(&*panic);
-                tracing::error!(worker = name, %reason, "worker panicked; the node stops");
-                status.died(format!("panicked: {reason}"));
-                workers.death.cancel();
-                return;
-            }
+            Err(panic) => return die(panic),
         };
         match next {
             Next::Busy => tokio::task::yield_now().await,
@@ -361,7 +375,11 @@ pub async fn run<W: Worker>(mut worker: W, workers: Arc<Workers>, stop: Cancella
                 status.set(WorkerState::Idle);
                 tokio::select! {
                     _ = stop.cancelled() => break,
-                    _ = worker.wait_for_work() => {}
+                    waited = AssertUnwindSafe(worker.wait_for_work()).catch_unwind() => {
+                        if let Err(panic) = waited {
+                            return die(panic);
+                        }
+                    }
                 }
             }
             Next::After(pause) => {

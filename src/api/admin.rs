@@ -85,7 +85,7 @@ async fn admin_schools(
     headers: axum::http::HeaderMap,
 ) -> Result<Response, Problem> {
     loopback_only(&s, peer, &headers)?;
-    let schools = crate::resync::schools_to_sync(s.node(), Vec::new()).map_err(|e| {
+    let schools = s.schools_to_sync(Vec::new()).map_err(|e| {
         tracing::error!(error = %e, "listing schools failed");
         Problem::new(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -182,8 +182,9 @@ impl NodeCollector {
             }
         }
         let s = &self.state;
-        let value = crate::resync::schools_to_sync(s, Vec::new())
-            .and_then(|schools| Ok(s.store.read()?.oldest_synced(&schools)?))
+        let value = s
+            .schools_to_sync(Vec::new())
+            .and_then(|schools| s.store.read()?.oldest_synced(&schools))
             .unwrap_or_else(|e| {
                 tracing::error!(error = %format!("{e:#}"), "metrics: freshness not computed");
                 Vec::new()

@@ -30,7 +30,7 @@ pub(super) fn resync(
             Some(doc) => doc,
             None => {
                 let store = open_store(config)?;
-                let schools = crate::resync::schools_in_store(&store, config, schools)?;
+                let schools = store.schools_to_sync(&config.school_filter(), schools)?;
                 anyhow::ensure!(
                     !schools.is_empty(),
                     "no school to resync: set schools.ids or name --school"

@@ -95,19 +95,17 @@ fn render_status(doc: &SyncStatus, source: &str) -> String {
             oor.at, oor.detail
         );
     }
-    for w in doc
-        .workers
-        .iter()
-        .filter(|w| w.consecutive_errors > 0 || w.state == crate::worker::WorkerState::Dead)
-    {
-        let _ = writeln!(
-            out,
-            "WORKER         {} {:?}: {} ({} failures in a row)",
-            w.name,
-            w.state,
-            or_dash(w.last_error.as_deref()),
-            w.consecutive_errors
-        );
+    for w in &doc.workers {
+        let error = or_dash(w.last_error.as_deref());
+        if w.state == crate::worker::WorkerState::Dead {
+            let _ = writeln!(out, "WORKER DEAD    {}: {error}", w.name);
+        } else if w.consecutive_errors > 0 {
+            let _ = writeln!(
+                out,
+                "WORKER         {} {}: {error} ({} failures in a row)",
+                w.name, w.state, w.consecutive_errors
+            );
+        }
     }
     let _ = writeln!(
         out,

@@ -62,7 +62,7 @@ pub(super) fn export(
         }
         None => {
             let store = open_store(config)?;
-            let schools = crate::resync::schools_in_store(&store, config, schools)?;
+            let schools = store.schools_to_sync(&config.school_filter(), schools)?;
             crate::resync::export(&store, &schools, &mut writer, tick)?
         }
     };

@@ -24,8 +24,8 @@ use super::schema::{
 };
 use super::{DeadLetter, PartitionOffset, Result, Store, StoreError};
 use crate::domain::{
-    assemble_teacher_detail, Class, ClassLookup, Entity, EntityKind, OrderKey, Record, Teacher,
-    TeacherDetail, Timestamp, Tombstone,
+    assemble_teacher_detail, Class, ClassLookup, Entity, EntityKind, OrderKey, Record,
+    SchoolFilter, Teacher, TeacherDetail, Timestamp, Tombstone,
 };
 
 /// Entity counts and counters, for status and metrics.
@@ -62,6 +62,13 @@ pub struct Reader {
 }
 
 impl Store {
+    /// The schools a resync run or an export covers: those `given`, else
+    /// those `filter` serves, else (serving all) every school the store
+    /// knows (see [`SchoolFilter::schools_to_sync`]).
+    pub fn schools_to_sync(&self, filter: &SchoolFilter, given: Vec<Uuid>) -> Result<Vec<Uuid>> {
+        filter.schools_to_sync(given, || self.read()?.schools())
+    }
+
     /// One consistent view of the store.
     pub fn read(&self) -> Result<Reader> {
         let (db, token) = self.db()?;
