@@ -1,8 +1,11 @@
 //! Ingest throughput and event-to-visible latency against a real broker.
 //!
-//! Run: `cargo bench --bench ingest` with `tansu` on PATH (or
-//! `EMIS_EDGE_TANSU=/path/to/tansu`). It starts tansu with in-memory storage
-//! on a free loopback port, then:
+//! Run: `cargo bench --bench ingest` with `tansu` on PATH or in
+//! `~/.cargo/bin` (or `EMIS_EDGE_TANSU=/path/to/tansu`);
+//! `cargo bench --bench ingest -- --broker-only` only starts the broker and
+//! creates the topics. It starts tansu with in-memory storage on a free
+//! loopback port (`test_support::Tansu`; the node is never restarted here,
+//! so tansu's fetch-inside-a-batch fault does not apply), then:
 //!
 //! 1. produces `EMIS_BENCH_EVENTS` (default 300,000) events — teachers,
 //!    classes and assignments of realistic size, over 3 partitions per topic —
@@ -12,7 +15,6 @@
 //!    each, the time from handing it to the producer until
 //!    `GET /api/classes/{id}` shows it over HTTP.
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,16 +24,8 @@ use emis_edge::domain::EventType;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
 use serde_json::json;
+use test_support::{Options, Tansu};
 use uuid::Uuid;
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn uid(kind: u64, n: u64) -> Uuid {
     let mixed = (n as u128).wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835)
@@ -86,50 +80,6 @@ fn payload(n: u64, version: u64) -> (EventType, Vec<u8>) {
     (t, v.to_string().into_bytes())
 }
 
-fn tansu() -> (Proc, String) {
-    let bin = std::env::var("EMIS_EDGE_TANSU").unwrap_or_else(|_| "tansu".into());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let url = format!("tcp://127.0.0.1:{port}");
-    let child = Command::new(&bin)
-        .args([
-            "broker",
-            "--storage-engine",
-            "memory://tansu/",
-            "--listener-url",
-            &url,
-        ])
-        .args(["--advertised-listener-url", &url])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("tansu on PATH or EMIS_EDGE_TANSU");
-    let proc = Proc(child);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    for t in EventType::ALL {
-        let ok = Command::new(&bin)
-            .args([
-                "topic",
-                "create",
-                t.name(),
-                "--partitions",
-                "3",
-                "--broker",
-                &url,
-            ])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "topic create {}", t.name());
-    }
-    (proc, format!("127.0.0.1:{port}"))
-}
-
 fn producer(brokers: &str, linger_ms: &str) -> BaseProducer {
     ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -170,7 +120,13 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(300_000);
-    let (_tansu, brokers) = tansu();
+    let bin = Tansu::binary().expect("tansu on PATH, in ~/.cargo/bin or EMIS_EDGE_TANSU");
+    let tansu = Tansu::start(&bin, &Options::default()).unwrap();
+    let brokers = tansu.brokers().to_owned();
+    eprintln!("tansu on {brokers}: the nine topics, 3 partitions each");
+    if std::env::args().any(|a| a == "--broker-only") {
+        return; // the startup path alone: tansu started, topics created
+    }
     let rt = tokio::runtime::Runtime::new().unwrap();
 
     // 1. Sustained ingest from a backlog.

@@ -51,8 +51,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-log "building the release binary and the static-body server"
-cargo build --release --quiet
+log "building the release binaries and the static-body server"
+build_release
 cargo bench --no-run --quiet --bench static_http 2>/dev/null
 STATIC_BIN=$(ls -t target/release/deps/static_http-* | grep -v '\.d$' | head -1)
 
@@ -189,9 +189,8 @@ if has restart; then
 fi
 
 if has mixed; then
-  TANSU=${EMIS_EDGE_TANSU:-tansu}
-  if ! command -v "$TANSU" >/dev/null; then
-    say "## Mixed: skipped (no tansu on PATH)"
+  if ! have_tansu; then
+    say "## Mixed: skipped (no tansu: not on PATH, in ~/.cargo/bin or EMIS_EDGE_TANSU)"
   else
     kport=$((PORT + 2))
     start_tansu "$kport" "$W/tansu.log"

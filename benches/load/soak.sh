@@ -26,7 +26,6 @@ OUT=${OUT:-target/load/soak-$SCALE}
 PORT=${PORT:-18180}
 KPORT=$((PORT + 1))
 BIN=target/release/emis-edge
-TANSU=${EMIS_EDGE_TANSU:-tansu}
 W=$OUT/work
 rm -rf "$W"
 mkdir -p "$W"
@@ -36,10 +35,10 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-command -v "$TANSU" >/dev/null || { echo "soak.sh: tansu is needed (cargo install tansu --locked --features dynostore)" >&2; exit 2; }
 command -v wrk >/dev/null || { echo "soak.sh: wrk is needed (apt-get install wrk)" >&2; exit 2; }
-log "building the release binary"
-cargo build --release --quiet
+log "building the release binaries"
+build_release
+have_tansu || { echo "soak.sh: tansu is needed (cargo install tansu --locked --features dynostore)" >&2; exit 2; }
 
 log "generating and importing the $SCALE data set"
 cat >"$W/edge.toml" <<EOT

@@ -1,5 +1,6 @@
 //! End to end against real processes: the tansu broker (a Kafka-compatible
-//! server, over TCP) and the `emis-edge` binary killed with SIGKILL.
+//! server, over TCP, started by `test_support::Tansu`; mind its known faults
+//! documented there) and the `emis-edge` binary killed with SIGKILL.
 
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
@@ -10,6 +11,7 @@ use rand::{Rng, SeedableRng};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
 use serde_json::{json, Value};
+use test_support::{Options, Tansu};
 
 use crate::kafka::{counter, event, handled, wait_status, Kafka};
 use crate::support::*;
@@ -32,95 +34,34 @@ fn wait_port(port: u16, what: &str) {
     }
 }
 
-/// The tansu binary: `EMIS_EDGE_TANSU`, else `tansu` on PATH. Absent, the
-/// test fails — unless the developer explicitly opts out with
-/// `EMIS_EDGE_SKIP_TANSU=1` (never in CI).
-fn tansu_binary() -> Option<String> {
-    if let Ok(p) = std::env::var("EMIS_EDGE_TANSU") {
-        return Some(p);
-    }
-    let found = Command::new("sh")
-        .args(["-c", "command -v tansu"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
-    if found.is_none() {
-        let opted_out = std::env::var("EMIS_EDGE_SKIP_TANSU").is_ok_and(|v| v == "1");
-        assert!(
-            opted_out && std::env::var_os("CI").is_none(),
-            "the tansu broker is needed: `cargo install tansu --locked --features dynostore` \
-             (or set EMIS_EDGE_TANSU=/path/to/tansu; EMIS_EDGE_SKIP_TANSU=1 skips locally)"
-        );
-        eprintln!("SKIPPED: tansu not installed and EMIS_EDGE_SKIP_TANSU=1");
-    }
-    found
+/// The test broker's topics are the contract's nine.
+#[test]
+fn the_test_broker_creates_the_nine_contract_topics() {
+    let names: Vec<_> = EventType::ALL.iter().map(|t| t.name()).collect();
+    let mut topics = test_support::TOPICS.to_vec();
+    let mut expected = names.clone();
+    topics.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(topics, expected);
 }
 
-struct Tansu {
-    _proc: Proc,
-    url: String,
-    bin: String,
-}
-
-impl Tansu {
-    fn start(bin: String) -> Tansu {
-        let port = free_port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(&bin)
-            .args([
-                "broker",
-                "--storage-engine",
-                "memory://tansu/",
-                "--listener-url",
-                &url,
-            ])
-            .args(["--advertised-listener-url", &url])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting tansu");
-        let proc = Proc(child);
-        wait_port(port, "tansu");
-        Tansu {
-            _proc: proc,
-            url,
-            bin,
-        }
-    }
-
-    fn create_topic(&self, name: &str, partitions: u32) {
-        let out = Command::new(&self.bin)
-            .args([
-                "topic",
-                "create",
-                name,
-                "--partitions",
-                &partitions.to_string(),
-                "--broker",
-                &self.url,
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "tansu topic create {name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn brokers(&self) -> String {
-        self.url.trim_start_matches("tcp://").to_owned()
-    }
+/// A broker that cannot start (here: a binary that exits at once) fails
+/// the start with the reason, instead of hanging the test.
+#[test]
+fn a_test_broker_that_exits_at_once_is_reported() {
+    let err = Tansu::start(std::path::Path::new("false"), &Options::default())
+        .err()
+        .expect("`false` is no broker");
+    assert!(err.to_string().starts_with("tansu exited"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn against_tansu_multi_partition_topics_converge_to_the_right_answers() {
-    let Some(bin) = tansu_binary() else { return };
-    let tansu = Tansu::start(bin);
-    for t in EventType::ALL {
-        tansu.create_topic(t.name(), 3);
-    }
+    // No node restarts here, so tansu's fetch-inside-a-batch fault (see
+    // test_support) cannot bite: any batching is fine.
+    let Some(tansu) = Tansu::for_test(3) else {
+        return;
+    };
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", tansu.brokers())
         .create()
@@ -227,7 +168,7 @@ async fn against_tansu_multi_partition_topics_converge_to_the_right_answers() {
     producer.flush(Duration::from_secs(10)).unwrap();
 
     let node = TestNode::start(|c| {
-        c.kafka.brokers = tansu.brokers();
+        c.kafka.brokers = tansu.brokers().to_owned();
         c.kafka.batch_max_wait_ms = 5;
         c.schools.ids = vec![school(1)];
     })
