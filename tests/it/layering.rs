@@ -46,6 +46,53 @@ fn no_import_cycle_among_the_modules_of_src() {
     );
 }
 
+/// The layers of `src/`, bottom first (docs/ARCHITECTURE.md): a module may
+/// import modules of its own layer or below, never above. A new module
+/// must be placed here, which is the point: where it sits is a decision.
+const LAYERS: &[&[&str]] = &[
+    &["domain"],
+    &["clock", "config", "gen"],
+    &["store"],
+    &["metrics", "worker"],
+    &["status", "state"],
+    &["ingest", "resync", "maintenance", "systemd", "follower"],
+    &["server", "api"],
+    &["node"],
+    &["demo"],
+    &["cli"],
+];
+
+#[test]
+fn every_module_imports_only_its_own_layer_or_below() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    collect_rs(&src, &src, &mut files);
+    let graph = module_graph(&files);
+    let layer = |m: &str| LAYERS.iter().position(|l| l.contains(&m));
+    let unplaced: Vec<&String> = graph
+        .modules
+        .iter()
+        .filter(|m| layer(m).is_none())
+        .collect();
+    assert!(
+        unplaced.is_empty(),
+        "modules with no layer in tests/it/layering.rs LAYERS (place them): {unplaced:?}"
+    );
+    let mut upward = Vec::new();
+    for (from, tos) in &graph.edges {
+        for (to, site) in tos {
+            if layer(to) > layer(from) {
+                upward.push(format!("  {from} -> {to}: {site}"));
+            }
+        }
+    }
+    assert!(
+        upward.is_empty(),
+        "imports that go up the layers (domain → … → cli):\n{}",
+        upward.join("\n")
+    );
+}
+
 /// A place in `src/` where one module refers to another.
 #[derive(Clone, Debug, PartialEq)]
 struct Site {
