@@ -19,15 +19,17 @@ use redb::{ReadableTable, Table, WriteTransaction};
 use serde::Serialize;
 use uuid::Uuid;
 
+use super::feed::{raise_floor, write_seq, write_upstream_cursor, LogWriter};
 use super::read::assemble;
 use super::schema::{
     counter, decode, decode_watermark, encode, kind_slot, Id, ASSIGNMENTS, ASSIGNMENT_BY_CLASS,
     ASSIGNMENT_BY_TEACHER, CLASSES, COUNTERS, DEAD_LETTERS, INDEXES, META, META_WATERMARK, OFFSETS,
     PENDING_DOCS, TEACHERS, TEACHER_DOCS, TOMBSTONES,
 };
-use super::{DeadLetter, PartitionOffset, Result, Store};
+use super::{DeadLetter, PartitionOffset, Result, Store, StoreError};
 use crate::domain::{
-    Change, Entity, EntityKind, OrderKey, Record, SchoolSnapshot, SyncSource, Timestamp, Tombstone,
+    Change, Cursor, Entity, EntityKind, OrderKey, Record, SchoolFilter, SchoolSnapshot, SyncSource,
+    Timestamp, Tombstone,
 };
 
 /// Everything one write transaction commits.
@@ -112,19 +114,18 @@ impl Store {
             ..ApplyReport::default()
         };
         let mut watermark = None;
-        {
-            let mut tables = WriteTables::open(&txn)?;
-            for (key, change) in &batch.changes {
-                let applied = tables.apply(key, change, now, source)?;
-                report.outcomes.push(applied);
-                if applied {
-                    report.applied += 1;
-                } else {
-                    report.stale += 1;
-                }
-                watermark = watermark.max(Some(key.timestamp));
+        let mut tables = WriteTables::open(&txn)?;
+        for (key, change) in &batch.changes {
+            let applied = tables.apply(key, change, now, source)?;
+            report.outcomes.push(applied);
+            if applied {
+                report.applied += 1;
+            } else {
+                report.stale += 1;
             }
+            watermark = watermark.max(Some(key.timestamp));
         }
+        let seq = tables.close(&txn)?;
         {
             let mut dead = txn.open_table(DEAD_LETTERS)?;
             let first = dead.last()?.map_or(0, |(k, _)| k.value() + 1);
@@ -154,6 +155,74 @@ impl Store {
         #[cfg(feature = "fault-injection")]
         self.injected_fault()?; // dropping `txn` aborts it
         txn.commit()?;
+        self.committed(seq);
+        Ok(report)
+    }
+
+    /// Applies one page of a parent's change feed (contract §6) with the
+    /// parent's `cursor` after it in ONE write transaction, like a Kafka
+    /// batch with its offsets: after a crash either both are there or
+    /// neither. Lines go through the convergence rule and take positions in
+    /// this store's change log, so this node's own followers see them.
+    /// Lines of schools `filter` does not serve are skipped. `outcomes`
+    /// says, per line, whether it changed anything.
+    pub fn apply_feed_page(
+        &self,
+        lines: &[(OrderKey, Change)],
+        cursor: &Cursor,
+        filter: &SchoolFilter,
+        now: Timestamp,
+    ) -> Result<ApplyReport> {
+        self.write(
+            now,
+            |_| true,
+            || self.apply_feed_page_txn(lines, cursor, filter, now),
+        )
+    }
+
+    fn apply_feed_page_txn(
+        &self,
+        lines: &[(OrderKey, Change)],
+        cursor: &Cursor,
+        filter: &SchoolFilter,
+        now: Timestamp,
+    ) -> Result<ApplyReport> {
+        let txn = self.begin_write()?;
+        let mut report = ApplyReport::default();
+        let mut watermark = None;
+        let mut tables = WriteTables::open(&txn)?;
+        for (key, change) in lines {
+            if !filter.serves(change.school_id()) {
+                report.skipped += 1;
+                report.outcomes.push(false);
+                continue;
+            }
+            let applied = tables.apply(key, change, now, SyncSource::Upstream)?;
+            report.outcomes.push(applied);
+            if applied {
+                report.applied += 1;
+            } else {
+                report.stale += 1;
+            }
+            watermark = watermark.max(Some(key.timestamp));
+        }
+        let seq = tables.close(&txn)?;
+        write_upstream_cursor(&txn, cursor)?;
+        add_counters(
+            &txn,
+            &[
+                (counter::FEED_APPLIED, report.applied),
+                (counter::FEED_STALE, report.stale),
+                (counter::FEED_SKIPPED, report.skipped),
+            ],
+        )?;
+        if let Some(w) = watermark {
+            raise_watermark(&txn, w)?;
+        }
+        #[cfg(feature = "fault-injection")]
+        self.injected_fault()?;
+        txn.commit()?;
+        self.committed(seq);
         Ok(report)
     }
 
@@ -200,11 +269,14 @@ impl Store {
         dry_run: bool,
     ) -> Result<Vec<ReconcileReport>> {
         let txn = self.begin_write()?;
-        let reports = WriteTables::open(&txn)?.reconcile(snapshots, now, source, dry_run)?;
+        let mut tables = WriteTables::open(&txn)?;
+        let reports = tables.reconcile(snapshots, now, source, dry_run)?;
         if dry_run {
+            drop(tables);
             txn.abort()?;
             return Ok(reports);
         }
+        let seq = tables.close(&txn)?;
         let (applied, deleted) = reports
             .iter()
             .fold((0, 0), |(a, d), r| (a + r.applied, d + r.deleted));
@@ -219,11 +291,13 @@ impl Store {
             raise_watermark(&txn, as_of)?;
         }
         txn.commit()?;
+        self.committed(seq);
         Ok(reports)
     }
 
-    /// Removes tombstones older than `retention_nanos` at `now`; returns how
-    /// many went.
+    /// Removes tombstones older than `retention_nanos` at `now`, and their
+    /// entries in the change log, whose floor rises past them (a feed
+    /// cursor below it has expired); returns how many went.
     pub fn purge_tombstones(&self, now: Timestamp, retention_nanos: i64) -> Result<u64> {
         self.write(
             now,
@@ -236,6 +310,7 @@ impl Store {
         let txn = self.begin_write()?;
         let mut purged = 0u64;
         let mut classes = Vec::new();
+        let mut gone = Vec::new();
         {
             let mut table = txn.open_table(TOMBSTONES)?;
             let mut corrupt = None;
@@ -245,6 +320,7 @@ impl Store {
                     if kind == EntityKind::Class.code() {
                         classes.push(id);
                     }
+                    gone.push((kind, id));
                     false
                 }
                 Ok(_) => true,
@@ -263,7 +339,16 @@ impl Store {
         for class in classes {
             tables.invalidate_class(class)?;
         }
+        let mut floor = None;
+        for (code, id) in gone {
+            let kind = EntityKind::from_code(code)
+                .ok_or_else(|| StoreError::Corrupt(format!("unknown entity kind code {code}")))?;
+            floor = floor.max(tables.log.forget(kind, id)?);
+        }
         drop(tables);
+        if let Some(floor) = floor {
+            raise_floor(&txn, floor)?;
+        }
         add_counters(&txn, &[(counter::TOMBSTONES_PURGED, purged)])?;
         txn.commit()?;
         Ok(purged)
@@ -334,6 +419,8 @@ fn raise_watermark(txn: &WriteTransaction, t: Timestamp) -> Result<()> {
 struct Prior {
     live: Option<Record<Entity>>,
     key: Option<OrderKey>,
+    /// The school of the live record, else of the tombstone.
+    school: Option<Id>,
 }
 
 /// The tables a write transaction changes, opened once per batch.
@@ -345,6 +432,8 @@ struct WriteTables<'t> {
     by_class: Table<'t, (Id, Id), Id>,
     docs: Table<'t, Id, &'static [u8]>,
     pending: Table<'t, Id, ()>,
+    /// The change log: every applied change takes a position.
+    log: LogWriter<'t>,
     /// Teachers whose document this transaction already invalidated.
     invalidated: HashSet<Id>,
 }
@@ -366,8 +455,20 @@ impl<'t> WriteTables<'t> {
             by_class: txn.open_table(ASSIGNMENT_BY_CLASS)?,
             docs: txn.open_table(TEACHER_DOCS)?,
             pending: txn.open_table(PENDING_DOCS)?,
+            log: LogWriter::open(txn)?,
             invalidated: Default::default(),
         })
+    }
+
+    /// Closes the tables and stores how far the change log got; returns
+    /// the last position given out (to announce after the commit).
+    fn close(self, txn: &WriteTransaction) -> Result<u64> {
+        let advanced = self.log.advanced();
+        drop(self);
+        if let Some(seq) = advanced {
+            write_seq(txn, seq)?;
+        }
+        Ok(advanced.unwrap_or(0))
     }
 
     /// The teacher's rendered document is out of date: drop it and queue
@@ -523,16 +624,17 @@ impl<'t> WriteTables<'t> {
         let entities = &self.entities[kind_slot(kind)];
         let live: Option<Record<Entity>> =
             entities.get(id)?.map(|v| decode(v.value())).transpose()?;
-        let key = match &live {
-            Some(r) => Some(r.key),
+        let (key, school) = match &live {
+            Some(r) => (Some(r.key), Some(r.data.school_id().as_u128())),
             None => {
                 let tomb = self.tombstones.get((kind.code(), id))?;
                 tomb.map(|v| decode::<Tombstone>(v.value()))
                     .transpose()?
-                    .map(|t| t.key)
+                    .map(|t| (t.key, t.school_id.as_u128()))
+                    .unzip()
             }
         };
-        Ok(Prior { live, key })
+        Ok(Prior { live, key, school })
     }
 
     /// Applies one change if the convergence rule lets it; returns whether
@@ -554,6 +656,7 @@ impl<'t> WriteTables<'t> {
         Prior {
             live,
             key: stored_key,
+            school: prior_school,
         }: Prior,
         key: &OrderKey,
         change: &Change,
@@ -620,6 +723,12 @@ impl<'t> WriteTables<'t> {
                     self.invalidate(teacher)?;
                 }
             }
+        }
+        // Followers of the school it left learn of it too.
+        let school = change.school_id().as_u128();
+        match prior_school.filter(|&p| p != school) {
+            Some(previous) => self.log.record(kind, id, &[school, previous])?,
+            None => self.log.record(kind, id, &[school])?,
         }
         Ok(true)
     }

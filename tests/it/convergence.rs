@@ -88,15 +88,47 @@ fn payload(s: &Spec, n: usize) -> (OrderKey, Change) {
     parse(t, &merge(env, body))
 }
 
+/// What the change feed of the final state serves, read from the
+/// beginning: each entity's line (its kind, id and state: the record, or
+/// the delete with its school and key), sorted. Checks on the way that the
+/// feed lists each entity once and every live entity under its school.
+fn feed_lines(r: &emis_edge::store::Reader, entities: usize) -> Vec<String> {
+    let schools: Vec<_> = (1..=3).map(school).collect();
+    let page = r.changes(&schools, None, 10_000).unwrap();
+    assert!(!page.more);
+    let mut lines: Vec<String> = page
+        .items
+        .iter()
+        .map(|i| String::from_utf8(i.line()).unwrap())
+        .collect();
+    lines.sort();
+    assert_eq!(lines.len(), entities, "the feed lists each entity once");
+    for s in &schools {
+        let theirs = r.changes(&[*s], None, 10_000).unwrap();
+        for kind in EntityKind::ALL {
+            let live = r.page(kind, *s, None, 1000).unwrap();
+            for record in live.items {
+                assert!(
+                    theirs.items.iter().any(|i| i.id() == record.data.id()),
+                    "{kind:?} {} is missing from its school's feed",
+                    record.data.id()
+                );
+            }
+        }
+    }
+    lines
+}
+
 /// Everything a user could observe, minus when this node applied it.
-fn observe(store: &Store) -> (Vec<String>, Vec<Value>) {
+fn observe(store: &Store) -> (Vec<String>, Vec<Value>, Vec<String>) {
     let r = store.read().unwrap();
-    let dump = r
+    let dump: Vec<String> = r
         .dump()
         .unwrap()
         .into_iter()
         .map(|row| format!("{row:?}"))
         .collect();
+    let feed = feed_lines(&r, dump.len());
     let mut answers = Vec::new();
     for n in 1..=IDS {
         // What the API serves: the rendered document when it is up to
@@ -127,7 +159,7 @@ fn observe(store: &Store) -> (Vec<String>, Vec<Value>) {
             answers.push(Value::Array(items));
         }
     }
-    (dump, answers)
+    (dump, answers, feed)
 }
 
 /// Applies `events` in random batch splits, advancing the clock per batch.

@@ -7,6 +7,7 @@ mod convergence;
 mod demo;
 mod e2e;
 mod faults;
+mod feed;
 mod fuzz;
 mod hostile;
 mod http;
