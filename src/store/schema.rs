@@ -91,7 +91,11 @@ pub(super) const META_UPSTREAM_CURSOR: &str = "upstream_cursor";
 pub mod counter {
     pub const APPLIED: &str = "events_applied";
     pub const STALE: &str = "events_stale";
+    /// Events of schools not served that removed nothing here.
     pub const SKIPPED: &str = "events_skipped";
+    /// Events of schools not served that removed an entity held here (the
+    /// transfer rule).
+    pub const TRANSFERRED_OUT: &str = "events_transferred_out";
     pub const DEAD_LETTERED: &str = "events_dead_lettered";
     pub const TOMBSTONES_PURGED: &str = "tombstones_purged";
     pub const RESYNC_APPLIED: &str = "resync_applied";
@@ -100,6 +104,7 @@ pub mod counter {
     pub const FEED_APPLIED: &str = "feed_applied";
     pub const FEED_STALE: &str = "feed_stale";
     pub const FEED_SKIPPED: &str = "feed_skipped";
+    pub const FEED_TRANSFERRED_OUT: &str = "feed_transferred_out";
 }
 
 pub(super) fn encode<T: Serialize>(value: &T) -> Vec<u8> {

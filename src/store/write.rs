@@ -37,15 +37,19 @@ use crate::domain::{
 pub struct Batch {
     /// Valid changes of served schools, each with its order key.
     pub changes: Vec<(OrderKey, Change)>,
+    /// Valid changes of schools the node does not serve. Each one removes
+    /// the entity here if the node holds it and the change is newer (the
+    /// transfer rule, contract §2); the others are skipped. Applied after
+    /// `changes`, so that an older create and its transfer out in one batch
+    /// end in the transfer whatever their order.
+    pub foreign: Vec<(OrderKey, Change)>,
     pub dead_letters: Vec<DeadLetter>,
-    /// Events skipped because their school is not served.
-    pub skipped: u64,
     /// Positions consumed up to and including this batch.
     pub offsets: Vec<PartitionOffset>,
-    /// The topic of each change (same order), and of each skipped event:
+    /// The topic of each change and of each foreign change (same order):
     /// for per-topic metrics only; not stored.
     pub change_topics: Vec<String>,
-    pub skipped_topics: Vec<String>,
+    pub foreign_topics: Vec<String>,
 }
 
 /// What a batch did.
@@ -54,9 +58,25 @@ pub struct ApplyReport {
     pub applied: u64,
     pub stale: u64,
     pub dead_lettered: u64,
+    /// Changes of schools not served that removed nothing.
     pub skipped: u64,
+    /// Changes of schools not served that removed an entity held here.
+    pub transferred_out: u64,
     /// For each change of the batch, in order: whether it was applied.
     pub outcomes: Vec<bool>,
+    /// For each foreign change, in order: whether it removed an entity.
+    pub foreign_outcomes: Vec<bool>,
+}
+
+/// What a change of a school the node does not serve did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Foreign {
+    /// The node held the entity: it is removed here.
+    TransferredOut,
+    /// The node held a tombstone of it: the tombstone took the change's key.
+    Recorded,
+    /// Nothing here is older: skipped.
+    Skipped,
 }
 
 /// How a school's local state compared with a snapshot, per entity kind.
@@ -109,10 +129,7 @@ impl Store {
         source: SyncSource,
     ) -> Result<ApplyReport> {
         let txn = self.begin_write()?;
-        let mut report = ApplyReport {
-            skipped: batch.skipped,
-            ..ApplyReport::default()
-        };
+        let mut report = ApplyReport::default();
         let mut watermark = None;
         let mut tables = WriteTables::open(&txn)?;
         for (key, change) in &batch.changes {
@@ -124,6 +141,13 @@ impl Store {
                 report.stale += 1;
             }
             watermark = watermark.max(Some(key.timestamp));
+        }
+        for (key, change) in &batch.foreign {
+            let outcome = tables.apply_foreign(key, change, now, source)?;
+            report.count_foreign(outcome);
+            if outcome != Foreign::Skipped {
+                watermark = watermark.max(Some(key.timestamp));
+            }
         }
         let seq = tables.close(&txn)?;
         {
@@ -147,6 +171,7 @@ impl Store {
                 (counter::STALE, report.stale),
                 (counter::DEAD_LETTERED, report.dead_lettered),
                 (counter::SKIPPED, report.skipped),
+                (counter::TRANSFERRED_OUT, report.transferred_out),
             ],
         )?;
         if let Some(w) = watermark {
@@ -164,8 +189,10 @@ impl Store {
     /// batch with its offsets: after a crash either both are there or
     /// neither. Lines go through the convergence rule and take positions in
     /// this store's change log, so this node's own followers see them.
-    /// Lines of schools `filter` does not serve are skipped. `outcomes`
-    /// says, per line, whether it changed anything.
+    /// A line of a school `filter` does not serve (an entity that left the
+    /// follower's schools) goes by the transfer rule, as a [`Batch`]'s
+    /// `foreign` changes do, after the other lines. `outcomes` says, per
+    /// line, whether it changed anything here.
     pub fn apply_feed_page(
         &self,
         lines: &[(OrderKey, Change)],
@@ -191,20 +218,28 @@ impl Store {
         let mut report = ApplyReport::default();
         let mut watermark = None;
         let mut tables = WriteTables::open(&txn)?;
-        for (key, change) in lines {
-            if !filter.serves(change.school_id()) {
-                report.skipped += 1;
-                report.outcomes.push(false);
-                continue;
-            }
+        report.outcomes = vec![false; lines.len()];
+        let (served, foreign): (Vec<_>, Vec<_>) = lines
+            .iter()
+            .enumerate()
+            .partition(|(_, (_, change))| filter.serves(change.school_id()));
+        for (i, (key, change)) in served {
             let applied = tables.apply(key, change, now, SyncSource::Upstream)?;
-            report.outcomes.push(applied);
+            report.outcomes[i] = applied;
             if applied {
                 report.applied += 1;
             } else {
                 report.stale += 1;
             }
             watermark = watermark.max(Some(key.timestamp));
+        }
+        for (i, (key, change)) in foreign {
+            let outcome = tables.apply_foreign(key, change, now, SyncSource::Upstream)?;
+            report.count_foreign(outcome);
+            report.outcomes[i] = outcome != Foreign::Skipped;
+            if outcome != Foreign::Skipped {
+                watermark = watermark.max(Some(key.timestamp));
+            }
         }
         let seq = tables.close(&txn)?;
         write_upstream_cursor(&txn, cursor)?;
@@ -214,6 +249,7 @@ impl Store {
                 (counter::FEED_APPLIED, report.applied),
                 (counter::FEED_STALE, report.stale),
                 (counter::FEED_SKIPPED, report.skipped),
+                (counter::FEED_TRANSFERRED_OUT, report.transferred_out),
             ],
         )?;
         if let Some(w) = watermark {
@@ -390,6 +426,18 @@ impl Store {
             txn.commit()?;
         }
         Ok(n)
+    }
+}
+
+impl ApplyReport {
+    fn count_foreign(&mut self, outcome: Foreign) {
+        let out = outcome == Foreign::TransferredOut;
+        self.foreign_outcomes.push(out);
+        if out {
+            self.transferred_out += 1;
+        } else {
+            self.skipped += 1;
+        }
     }
 }
 
@@ -648,6 +696,39 @@ impl<'t> WriteTables<'t> {
     ) -> Result<bool> {
         let prior = self.prior(change.kind(), change.id().as_u128())?;
         self.apply_over(prior, key, change, now, source)
+    }
+
+    /// The transfer rule (contract §2) for a change of a school the node
+    /// does not serve: if it is newer than what is stored, an entity held
+    /// here is removed, as by a delete with the change's key (kept as it
+    /// is, so the same upsert again is a duplicate and no older event
+    /// brings the entity back), and a tombstone here takes the key; the
+    /// tombstone names the change's school, the one the entity moved to.
+    /// An entity the node never held stays unknown: the change is skipped.
+    fn apply_foreign(
+        &mut self,
+        key: &OrderKey,
+        change: &Change,
+        now: Timestamp,
+        source: SyncSource,
+    ) -> Result<Foreign> {
+        let (kind, id) = (change.kind(), change.id());
+        let prior = self.prior(kind, id.as_u128())?;
+        if prior.key.is_none() || !key.supersedes(prior.key.as_ref()) {
+            return Ok(Foreign::Skipped);
+        }
+        let held = prior.live.is_some();
+        let gone = Change::Delete {
+            kind,
+            id,
+            school_id: change.school_id(),
+        };
+        self.apply_over(prior, key, &gone, now, source)?;
+        Ok(if held {
+            Foreign::TransferredOut
+        } else {
+            Foreign::Recorded
+        })
     }
 
     /// [`WriteTables::apply`] with what is stored already looked up.

@@ -15,3 +15,4 @@ mod kafka;
 mod resync;
 mod store;
 mod support;
+mod transfer;
