@@ -228,13 +228,14 @@ pub(super) fn write_upstream_cursor(txn: &WriteTransaction, cursor: &Cursor) -> 
 /// Builds the log of a store that has none (the upgrade to format 3):
 /// every live entity, then every tombstone, each kind in id order, takes
 /// the next position under its school.
+/// Streams the tables: memory stays flat however large the store is.
 pub(super) fn build_log(txn: &WriteTransaction) -> Result<u64> {
-    let mut rows: Vec<(EntityKind, Id, Id)> = Vec::new();
+    let mut log = LogWriter::open(txn)?;
     for kind in EntityKind::ALL {
         for entry in txn.open_table(entity_table(kind))?.iter()? {
             let (id, value) = entry?;
             let record: Record<Entity> = decode(value.value())?;
-            rows.push((kind, id.value(), record.data.school_id().as_u128()));
+            log.record(kind, id.value(), &[record.data.school_id().as_u128()])?;
         }
     }
     for entry in txn.open_table(TOMBSTONES)?.iter()? {
@@ -243,11 +244,7 @@ pub(super) fn build_log(txn: &WriteTransaction) -> Result<u64> {
         let kind = EntityKind::from_code(code)
             .ok_or_else(|| StoreError::Corrupt(format!("unknown entity kind code {code}")))?;
         let tomb: Tombstone = decode(value.value())?;
-        rows.push((kind, id, tomb.school_id.as_u128()));
-    }
-    let mut log = LogWriter::open(txn)?;
-    for (kind, id, school) in rows {
-        log.record(kind, id, &[school])?;
+        log.record(kind, id, &[tomb.school_id.as_u128()])?;
     }
     let head = log.seq;
     drop(log);
