@@ -293,7 +293,28 @@ impl Store {
         self.write(
             now,
             |_| !dry_run,
-            || self.reconcile_many_txn(snapshots, now, source, dry_run),
+            || self.reconcile_many_txn(snapshots, now, source, dry_run, None),
+        )
+    }
+
+    /// [`Store::reconcile_many`] for a follower starting again from its
+    /// parent's snapshots (a first start, or an expired cursor: contract
+    /// §6): the schools are reconciled and `cursor` becomes the stored
+    /// upstream cursor in ONE write transaction, so that a crash leaves
+    /// either the old state and cursor or both new. With snapshots read at
+    /// different moments, pass the earliest of their cursors: the feed
+    /// then repeats what a later snapshot already had, which the
+    /// convergence rule ignores.
+    pub fn reconcile_upstream(
+        &self,
+        snapshots: &[SchoolSnapshot],
+        cursor: &Cursor,
+        now: Timestamp,
+    ) -> Result<Vec<ReconcileReport>> {
+        self.write(
+            now,
+            |_| true,
+            || self.reconcile_many_txn(snapshots, now, SyncSource::Upstream, false, Some(cursor)),
         )
     }
 
@@ -303,6 +324,7 @@ impl Store {
         now: Timestamp,
         source: SyncSource,
         dry_run: bool,
+        upstream: Option<&Cursor>,
     ) -> Result<Vec<ReconcileReport>> {
         let txn = self.begin_write()?;
         let mut tables = WriteTables::open(&txn)?;
@@ -325,6 +347,9 @@ impl Store {
         )?;
         if let Some(as_of) = snapshots.iter().map(|s| s.as_of).max() {
             raise_watermark(&txn, as_of)?;
+        }
+        if let Some(cursor) = upstream {
+            write_upstream_cursor(&txn, cursor)?;
         }
         txn.commit()?;
         self.committed(seq);

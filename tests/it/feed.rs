@@ -547,3 +547,76 @@ fn a_format_2_store_is_upgraded_and_its_feed_lists_every_entity() {
         3u32.to_le_bytes()
     );
 }
+
+/// A school's snapshot as a follower downloads and validates it.
+fn snapshot_of(store: &Store, school_n: u128) -> SchoolSnapshot {
+    let mut reader = emis_edge::domain::SnapshotReader::new();
+    let mut done = None;
+    store
+        .read()
+        .unwrap()
+        .write_snapshot(school(school_n), |line| {
+            if let Some(s) = reader.feed(line.trim_ascii_end()) {
+                done = Some(s.unwrap());
+            }
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+    done.expect("a complete snapshot")
+}
+
+#[test]
+fn a_follower_whose_cursor_expired_starts_again_from_a_snapshot_and_its_cursor() {
+    let parent = Store::open_in_memory().unwrap();
+    let creates: Vec<_> = (1..=3)
+        .map(|n| ev(EventType::TeacherCreated, n, 1, 1))
+        .collect();
+    apply(&parent, creates.clone());
+    let follower = Store::open_in_memory().unwrap();
+    let mine = SchoolFilter::Only([school(1)].into());
+    let p = page(&parent, &[1], None, 100);
+    follower
+        .apply_feed_page(&wire(&p), &p.next, &mine, T0)
+        .unwrap();
+
+    // The parent is rebuilt (a new store) and holds a different state:
+    // teacher 1 is gone (a delete it got meanwhile), teacher 4 is new.
+    let rebuilt = Store::open_in_memory().unwrap();
+    apply(&rebuilt, creates);
+    apply(
+        &rebuilt,
+        vec![
+            ev(EventType::TeacherDeleted, 1, 2, 1),
+            ev(EventType::TeacherCreated, 4, 2, 1),
+        ],
+    );
+    let after = follower.read().unwrap().upstream_cursor().unwrap().unwrap();
+    assert!(expired(&rebuilt, &[1], &after).contains("another store"));
+    let snapshot = snapshot_of(&rebuilt, 1);
+    let cursor = snapshot.cursor.expect("a node's snapshot has a cursor");
+    let reports = follower
+        .reconcile_upstream(std::slice::from_ref(&snapshot), &cursor, T0)
+        .unwrap();
+    assert_eq!((reports[0].applied, reports[0].deleted), (1, 1));
+    assert_eq!(
+        follower.read().unwrap().upstream_cursor().unwrap(),
+        Some(cursor)
+    );
+    // It continues from the snapshot's cursor.
+    apply(&rebuilt, vec![ev(EventType::TeacherUpdated, 2, 3, 1)]);
+    let p = page(&rebuilt, &[1], Some(&cursor), 100);
+    assert_eq!(ids(&p.items), [(EntityKind::Teacher, id(2), false)]);
+    follower
+        .apply_feed_page(&wire(&p), &p.next, &mine, T0)
+        .unwrap();
+    let live = |s: &Store| {
+        s.read()
+            .unwrap()
+            .dump()
+            .unwrap()
+            .into_iter()
+            .filter(|row| row.2.is_some())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(live(&follower), live(&rebuilt));
+}
