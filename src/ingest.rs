@@ -423,7 +423,9 @@ impl Reader {
         }
     }
 
-    /// Decodes one record into the batch: a change, a skip or a dead letter.
+    /// Decodes one record into the batch: a change, a change of a school
+    /// not served (the store removes what it moved away, or skips it) or a
+    /// dead letter.
     fn handle(
         &self,
         topic: &str,
@@ -444,9 +446,9 @@ impl Reader {
                 batch.changes.push((e.key, e.change));
                 batch.change_topics.push(topic.to_owned());
             }
-            Ok(_) => {
-                batch.skipped += 1;
-                batch.skipped_topics.push(topic.to_owned());
+            Ok(e) => {
+                batch.foreign.push((e.key, e.change));
+                batch.foreign_topics.push(topic.to_owned());
             }
             Err(reason) => {
                 tracing::warn!(topic, partition, offset, %reason, "event dead-lettered");
@@ -511,7 +513,7 @@ impl Reader {
     fn record(&self, batch: &Batch, report: &crate::store::ApplyReport, took: Duration) {
         let m = &self.state.metrics;
         m.commit_duration.observe(took.as_secs_f64());
-        let messages = batch.changes.len() + batch.dead_letters.len() + batch.skipped as usize;
+        let messages = batch.changes.len() + batch.dead_letters.len() + batch.foreign.len();
         m.batch_size.observe(messages as f64);
         let count = |topic: &str, outcome: &str| {
             m.topic_events
@@ -524,8 +526,8 @@ impl Reader {
         for (topic, applied) in batch.change_topics.iter().zip(&report.outcomes) {
             count(topic, if *applied { "applied" } else { "stale" });
         }
-        for topic in &batch.skipped_topics {
-            count(topic, "skipped");
+        for (topic, out) in batch.foreign_topics.iter().zip(&report.foreign_outcomes) {
+            count(topic, if *out { "transferred_out" } else { "skipped" });
         }
         for d in &batch.dead_letters {
             count(&d.topic, "dead_lettered");

@@ -25,7 +25,8 @@ pub struct Metrics {
     /// Event `timestamp` → applied here, seconds: the key freshness signal.
     pub sync_latency: Histogram,
     /// Events handled by the ingest loop, by topic and outcome (`applied`,
-    /// `stale`, `skipped`, `dead_lettered`), since this process started.
+    /// `stale`, `skipped`, `transferred_out`, `dead_lettered`), since this
+    /// process started.
     pub topic_events: Family<Labels, Counter>,
     /// Messages per committed ingest batch.
     pub batch_size: Histogram,

@@ -314,6 +314,7 @@ impl Collector for NodeCollector {
             ("applied", counter::APPLIED),
             ("stale", counter::STALE),
             ("skipped", counter::SKIPPED),
+            ("transferred_out", counter::TRANSFERRED_OUT),
             ("dead_lettered", counter::DEAD_LETTERED),
         ] {
             let n = stats.counters.get(name).copied().unwrap_or(0);

@@ -68,6 +68,8 @@ pub enum SyncSource {
     Kafka,
     Resync,
     Import,
+    /// A parent node's change feed (contract §6).
+    Upstream,
 }
 
 impl SyncSource {
@@ -76,6 +78,7 @@ impl SyncSource {
             SyncSource::Kafka => "kafka",
             SyncSource::Resync => "resync",
             SyncSource::Import => "import",
+            SyncSource::Upstream => "upstream",
         }
     }
 }

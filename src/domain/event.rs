@@ -344,6 +344,20 @@ impl Fields<'_> {
             .transpose()
     }
 
+    pub(crate) fn opt_bool(&self, field: &'static str) -> Result<Option<bool>, EventError> {
+        self.get(field)
+            .map(|v| {
+                v.as_bool().ok_or_else(|| {
+                    invalid(field, format!("expected a boolean, got {}", type_name(v)))
+                })
+            })
+            .transpose()
+    }
+
+    pub(crate) fn bool(&self, field: &'static str) -> Result<bool, EventError> {
+        self.opt_bool(field)?.ok_or(EventError::Missing(field))
+    }
+
     pub(crate) fn u64(&self, field: &'static str) -> Result<u64, EventError> {
         self.required(field)?;
         Ok(self.opt_u64(field)?.unwrap_or_default())

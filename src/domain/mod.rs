@@ -9,6 +9,7 @@
 pub mod detail;
 pub mod entity;
 pub mod event;
+pub mod feed;
 pub mod school;
 pub mod snapshot;
 
@@ -18,5 +19,6 @@ pub use entity::{
     SyncSource, Teacher, TeacherStatus, Timestamp, Tombstone,
 };
 pub use event::{Event, EventError, EventType};
+pub use feed::{Cursor, CursorError, FeedLine};
 pub use school::SchoolFilter;
 pub use snapshot::{SchoolSnapshot, SnapshotError, SnapshotLine, SnapshotReader};

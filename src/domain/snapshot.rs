@@ -6,6 +6,7 @@ use uuid::Uuid;
 
 use super::entity::{format_timestamp, Entity, EntityKind, OrderKey, Record, Timestamp};
 use super::event::{parse_object, EventError, Fields};
+use super::feed::{Cursor, CursorError};
 
 /// One parsed line of a snapshot.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -19,6 +20,9 @@ pub enum SnapshotLine {
         school_id: Uuid,
         count: u64,
         as_of: Timestamp,
+        /// The serving node's change-feed position at the snapshot's read
+        /// transaction (contract §3); a central service has none.
+        cursor: Option<Cursor>,
     },
 }
 
@@ -33,6 +37,19 @@ impl SnapshotLine {
                 school_id,
                 count: f.u64("count")?,
                 as_of: f.timestamp("asOf")?,
+                cursor: f
+                    .0
+                    .get("cursor")
+                    .filter(|v| !v.is_null())
+                    .map(|_| {
+                        f.string("cursor", 1, 100)?
+                            .parse()
+                            .map_err(|e: CursorError| EventError::Invalid {
+                                field: "cursor",
+                                reason: e.to_string(),
+                            })
+                    })
+                    .transpose()?,
             });
         }
         let kind = EntityKind::ALL
@@ -44,17 +61,24 @@ impl SnapshotLine {
                     "{kind:?} is not one of \"class\", \"teacher\", \"assignment\", \"end\""
                 ),
             })?;
-        let key = OrderKey {
-            version: f.opt_u64("version")?,
-            timestamp: f.timestamp("timestamp")?,
-            delete: false,
-            event_id: f.opt_uuid("eventId")?.unwrap_or(Uuid::nil()),
-        };
-        Ok(SnapshotLine::Record {
-            key,
-            entity: f.entity(kind, school_id)?,
-        })
+        let (key, entity) = parse_record(&f, kind, school_id)?;
+        Ok(SnapshotLine::Record { key, entity })
     }
+}
+
+/// The entity and order key of a record line (snapshot and feed alike).
+pub(crate) fn parse_record(
+    f: &Fields,
+    kind: EntityKind,
+    school_id: Uuid,
+) -> Result<(OrderKey, Entity), EventError> {
+    let key = OrderKey {
+        version: f.opt_u64("version")?,
+        timestamp: f.timestamp("timestamp")?,
+        delete: false,
+        event_id: f.opt_uuid("eventId")?.unwrap_or(Uuid::nil()),
+    };
+    Ok((key, f.entity(kind, school_id)?))
 }
 
 #[derive(Serialize)]
@@ -91,15 +115,34 @@ fn line_of<T: Serialize>(kind: EntityKind, data: &T, record: &Record<Entity>) ->
     out
 }
 
-/// The closing line, newline included.
+/// The closing line of a source without a change feed (a central
+/// service's, the generator's), newline included.
 pub fn end_line(school_id: Uuid, count: u64, as_of: Timestamp) -> Vec<u8> {
-    let mut out = serde_json::to_vec(&serde_json::json!({
+    end_line_with(school_id, count, as_of, None)
+}
+
+/// The closing line with the serving node's change-feed position at the
+/// snapshot (contract §3), newline included.
+pub fn end_line_at(school_id: Uuid, count: u64, as_of: Timestamp, cursor: &Cursor) -> Vec<u8> {
+    end_line_with(school_id, count, as_of, Some(cursor))
+}
+
+fn end_line_with(
+    school_id: Uuid,
+    count: u64,
+    as_of: Timestamp,
+    cursor: Option<&Cursor>,
+) -> Vec<u8> {
+    let mut line = serde_json::json!({
         "kind": "end",
         "schoolId": school_id,
         "count": count,
         "asOf": format_timestamp(as_of),
-    }))
-    .expect("end line always serializes");
+    });
+    if let Some(cursor) = cursor {
+        line["cursor"] = cursor.to_string().into();
+    }
+    let mut out = serde_json::to_vec(&line).expect("end line always serializes");
     out.push(b'\n');
     out
 }
@@ -143,15 +186,29 @@ mod tests {
     }
 
     #[test]
-    fn the_end_line_round_trips() {
-        let line = end_line(Uuid::from_u128(2), 3, 1_761_472_800_000_000_000);
-        assert_eq!(
-            SnapshotLine::parse(line.trim_ascii_end()).unwrap(),
-            SnapshotLine::End {
-                school_id: Uuid::from_u128(2),
-                count: 3,
-                as_of: 1_761_472_800_000_000_000
-            }
+    fn the_end_line_round_trips_with_or_without_a_cursor() {
+        let cursor = Cursor::at(Uuid::from_u128(77), 12);
+        for cursor in [None, Some(cursor)] {
+            let line = end_line_with(
+                Uuid::from_u128(2),
+                3,
+                1_761_472_800_000_000_000,
+                cursor.as_ref(),
+            );
+            assert_eq!(
+                SnapshotLine::parse(line.trim_ascii_end()).unwrap(),
+                SnapshotLine::End {
+                    school_id: Uuid::from_u128(2),
+                    count: 3,
+                    as_of: 1_761_472_800_000_000_000,
+                    cursor,
+                }
+            );
+        }
+        let bad = br#"{"kind":"end","schoolId":"00000000-0000-0000-0000-000000000002","count":0,"asOf":"2025-10-26T10:00:00Z","cursor":"nope"}"#;
+        assert!(
+            SnapshotLine::parse(bad).is_err(),
+            "a malformed cursor is refused"
         );
     }
 }
@@ -162,6 +219,8 @@ pub struct SchoolSnapshot {
     pub school_id: Uuid,
     pub records: Vec<(OrderKey, Entity)>,
     pub as_of: Timestamp,
+    /// The source's change-feed position at the snapshot, if it has a feed.
+    pub cursor: Option<Cursor>,
 }
 
 /// Why a school's snapshot was rejected; `line` is 1-based.
@@ -216,6 +275,7 @@ impl SnapshotReader {
                 school_id,
                 count,
                 as_of,
+                cursor,
             }) => {
                 let records = std::mem::take(&mut self.records);
                 if let Some(mut e) = self.first_error.take() {
@@ -247,6 +307,7 @@ impl SnapshotReader {
                     school_id,
                     records,
                     as_of,
+                    cursor,
                 }))
             }
             Err(e) => {

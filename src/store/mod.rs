@@ -1,10 +1,14 @@
 //! The replica on disk: one redb file, read and written only through here.
 //!
-//! The interface is narrow on purpose: [`Store::apply_batch`] is the only way
-//! changes get in (data, dead letters, counters and consumed offsets in ONE
-//! write transaction — the delivery guarantee of contract §2), and a
-//! [`Reader`] (one read transaction) is the only way data gets out, so every
-//! HTTP answer is a consistent view.
+//! The interface is narrow on purpose: changes get in only through the
+//! writers — [`Store::apply_batch`] (data, dead letters, counters and
+//! consumed offsets in ONE write transaction: the delivery guarantee of
+//! contract §2), the reconciles of snapshots, and
+//! [`Store::apply_feed_page`] (a parent's feed page with its cursor) — each
+//! of which gives every change it applies a position in the change log in
+//! the same transaction; and a [`Reader`] (one read transaction) is the
+//! only way data gets out, so every HTTP answer, feed pages included, is a
+//! consistent view.
 //!
 //! Values are a one-byte value format followed by bincode (see
 //! `docs/ARCHITECTURE.md` for why), and the `meta` table records the store
@@ -28,7 +32,9 @@
 //!   I/O error;
 //! - `write.rs`: the writers (batches, reconciles, purges, document
 //!   rendering) and the convergence rule on tables;
-//! - `read.rs`: the [`Reader`] and the teacher-detail assembly.
+//! - `read.rs`: the [`Reader`] and the teacher-detail assembly;
+//! - `feed.rs`: the change log (positions of applied changes by school)
+//!   and the pages of the change feed read from it.
 //!
 //! The test-only fault injection (`Store::fail_next_commit`,
 //! `StoreError::InjectedFault`) exists only with the `fault-injection`
@@ -45,12 +51,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::Timestamp;
 
+mod feed;
 mod open;
 mod read;
 mod reopen;
 mod schema;
 mod write;
 
+pub use feed::{ChangesPage, FeedError, FeedInfo, FeedItem, FeedState};
 pub use read::{Page, Reader, StateRow, StoreStats};
 pub use schema::{counter, FORMAT_VERSION};
 pub use write::{ApplyReport, Batch, Drift, ReconcileReport};
@@ -222,26 +230,48 @@ pub struct Store {
     /// The file and its options, to reopen it (`None`: in memory).
     file: Option<(PathBuf, StoreOptions)>,
     health: Mutex<StoreHealth>,
+    /// The last change-log position committed (see [`Store::subscribe`]).
+    committed: tokio::sync::watch::Sender<u64>,
     #[cfg(feature = "fault-injection")]
     fail_next_commit: AtomicBool,
 }
 
 impl Store {
-    /// The handle of a checked, initialised database.
-    fn new(db: Database, file: Option<(PathBuf, StoreOptions)>) -> Store {
+    /// The handle of a checked, initialised database whose change log
+    /// stands at `head`.
+    fn new(db: Database, file: Option<(PathBuf, StoreOptions)>, head: u64) -> Store {
         Store {
             slot: Mutex::new(reopen::Slot::holding(db)),
             reopened: Condvar::new(),
             file,
             health: Mutex::new(StoreHealth::default()),
+            committed: tokio::sync::watch::channel(head).0,
             #[cfg(feature = "fault-injection")]
             fail_next_commit: AtomicBool::new(false),
         }
     }
 
-    /// Fault injection for tests: the next [`Store::apply_batch`] writes
-    /// everything, then fails with [`StoreError::InjectedFault`] instead of
-    /// committing.
+    /// The last change-log position committed, updated after every
+    /// committed write that gave out positions: a long-poll waits on it
+    /// (`changed()`) instead of polling the store.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.committed.subscribe()
+    }
+
+    /// Tells subscribers that positions up to `seq` are committed.
+    fn committed(&self, seq: u64) {
+        self.committed.send_if_modified(|last| {
+            let newer = seq > *last;
+            if newer {
+                *last = seq;
+            }
+            newer
+        });
+    }
+
+    /// Fault injection for tests: the next [`Store::apply_batch`] or
+    /// [`Store::apply_feed_page`] writes everything, then fails with
+    /// [`StoreError::InjectedFault`] instead of committing.
     #[cfg(feature = "fault-injection")]
     pub fn fail_next_commit(&self) {
         self.fail_next_commit.store(true, Ordering::SeqCst);

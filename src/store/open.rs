@@ -1,6 +1,6 @@
 //! Getting a [`Store`] from a path: refusing a file it must not use before
 //! anything writes to it, creating a new store whole under another name,
-//! checking the format version and upgrading a format 1 file in place.
+//! checking the format version and upgrading an older format in place.
 //!
 //! Every refusal says what is wrong with the file and what to do, and
 //! leaves the file byte-for-byte as it was. It deliberately does not deal
@@ -13,8 +13,9 @@ use std::path::Path;
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable};
 
 use super::schema::{
-    create_tables, decode, decode_format_version, write_format_version, ASSIGNMENTS,
-    ASSIGNMENT_BY_CLASS, FORMAT_VERSION, META, META_FORMAT, PENDING_DOCS, TEACHERS, TEACHER_DOCS,
+    create_tables, decode, decode_format_version, meta_u64, write_format_version, write_store_id,
+    ASSIGNMENTS, ASSIGNMENT_BY_CLASS, FORMAT_VERSION, META, META_FEED_SEQ, META_FORMAT,
+    PENDING_DOCS, TEACHERS, TEACHER_DOCS,
 };
 use super::{Result, Store, StoreError, StoreOptions};
 use crate::domain::{Entity, Record};
@@ -227,7 +228,11 @@ impl Store {
         let found = check_format(&db.begin_read()?, path)?;
         match found {
             Some(FORMAT_VERSION) => {}
-            Some(1) => migrate_from_1(&db, path)?,
+            Some(1) => {
+                migrate_from_1(&db, path)?;
+                migrate_from_2(&db, path)?;
+            }
+            Some(2) => migrate_from_2(&db, path)?,
             Some(other) => {
                 return Err(StoreError::Corrupt(format!(
                     "unknown store format version {other}"
@@ -235,16 +240,35 @@ impl Store {
             }
             None => {
                 let txn = db.begin_write()?;
-                write_format_version(&txn)?;
+                write_format_version(&txn, FORMAT_VERSION)?;
+                write_store_id(&txn)?;
                 create_tables(&txn)?;
                 txn.commit()?;
             }
         }
+        let head = meta_u64(&db.begin_read()?.open_table(META)?, META_FEED_SEQ)?;
         Ok(Store::new(
             db,
             options.map(|o| (path.to_owned(), o.clone())),
+            head,
         ))
     }
+}
+
+/// Format 2 → 3: the change log and the store's identity are new. Gives
+/// every live entity and every tombstone a position (see
+/// [`build_log`](super::feed::build_log)) and the store an id, in one
+/// transaction.
+fn migrate_from_2(db: &Database, path: &Path) -> Result<()> {
+    tracing::info!(path = %path.display(), "upgrading the store from format 2 to 3");
+    let txn = db.begin_write()?;
+    create_tables(&txn)?;
+    let head = super::feed::build_log(&txn)?;
+    write_store_id(&txn)?;
+    write_format_version(&txn, 3)?;
+    txn.commit()?;
+    tracing::info!(entries = head, "change log built");
+    Ok(())
 }
 
 /// Format 1 → 2: the class → assignments index and the rendered teacher
@@ -268,7 +292,7 @@ fn migrate_from_1(db: &Database, path: &Path) -> Result<()> {
             pending.insert(entry?.0.value(), ())?;
         }
         txn.open_table(TEACHER_DOCS)?;
-        write_format_version(&txn)?;
+        write_format_version(&txn, 2)?;
     }
     txn.commit()?;
     Ok(())

@@ -56,7 +56,7 @@ pub type StateRow = (EntityKind, Uuid, Option<Entity>, OrderKey);
 
 /// One read transaction: every answer it gives is from the same moment.
 pub struct Reader {
-    txn: ReadTransaction,
+    pub(super) txn: ReadTransaction,
     /// Tells a reopen that this transaction of the handle is still in use.
     _token: Arc<()>,
 }
@@ -276,9 +276,10 @@ impl Reader {
     }
 
     /// Writes a school's snapshot (contract §3) line by line into `sink`:
-    /// every live record, then the `end` line with the count and, as
-    /// `asOf`, the store's watermark (the Unix epoch when it never saw a
-    /// change, so that a reader deletes nothing on the strength of it).
+    /// every live record, then the `end` line with the count, as `asOf`
+    /// the store's watermark (the Unix epoch when it never saw a change, so
+    /// that a reader deletes nothing on the strength of it) and as `cursor`
+    /// the change-feed position of this read transaction.
     /// Returns the record count, or `None` when `sink` broke off.
     pub fn write_snapshot(
         &self,
@@ -297,7 +298,10 @@ impl Reader {
             return Ok(None);
         }
         let as_of = self.watermark()?.unwrap_or(0);
-        match sink(&crate::domain::snapshot::end_line(school, count, as_of)) {
+        let cursor = self.feed_cursor()?;
+        match sink(&crate::domain::snapshot::end_line_at(
+            school, count, as_of, &cursor,
+        )) {
             ControlFlow::Continue(()) => Ok(Some(count)),
             ControlFlow::Break(()) => Ok(None),
         }

@@ -7,7 +7,7 @@
 //! logic of its own: it opens no file, applies no change and answers no
 //! query.
 
-use redb::{TableDefinition, WriteTransaction};
+use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use serde::{de::DeserializeOwned, Serialize};
 
 use super::{Result, StoreError};
@@ -15,7 +15,7 @@ use crate::domain::{EntityKind, Timestamp};
 
 /// The layout of tables and keys. Bump it (and add a migration in
 /// `open.rs`) when a release changes them.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// First byte of every encoded value: how the rest is encoded.
 const VALUE_FORMAT: u8 = 1;
 
@@ -52,6 +52,19 @@ pub(super) const PENDING_DOCS: TableDefinition<Id, ()> = TableDefinition::new("p
 pub(super) const OFFSETS: TableDefinition<(&str, i32), i64> = TableDefinition::new("offsets");
 /// sequence number → dead letter.
 pub(super) const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
+/// The change log (contract §6): (school, position) → (entity kind code,
+/// id). Every applied change takes the next position of the store's
+/// sequence (`meta` `feed_seq`) in its write transaction, and is entered
+/// under the entity's school and, if that changed, its previous one; its
+/// older entries under those schools go. So "changes of schools S after
+/// position p" is one range scan per school, and the log holds each entity
+/// about once (plus one entry per school it has left), not its history.
+pub(super) const FEED_LOG: TableDefinition<(Id, u64), (u8, Id)> = TableDefinition::new("feed_log");
+/// (entity kind code, id) → the entity's entries in `feed_log`, as an
+/// encoded `Vec<(school, position)>`, so that a change finds the entries
+/// it replaces and a tombstone purge the ones it drops.
+pub(super) const FEED_ENTRIES: TableDefinition<(u8, Id), &[u8]> =
+    TableDefinition::new("feed_entries");
 /// counter name → value; written in the same transaction as the data.
 pub(super) const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 /// name → value: `format_version`, `watermark`, …
@@ -61,17 +74,37 @@ pub(super) const META_FORMAT: &str = "format_version";
 /// The latest source timestamp this store has seen (event or snapshot):
 /// the `asOf` of snapshots it serves.
 pub(super) const META_WATERMARK: &str = "watermark";
+/// The store's identity: 16 random bytes, made with the store (or by the
+/// upgrade to format 3). A feed cursor carries it, so that a cursor of
+/// another store (the parent was rebuilt) is recognised.
+pub(super) const META_STORE_ID: &str = "store_id";
+/// The last position the change log gave out (u64 LE; absent: 0).
+pub(super) const META_FEED_SEQ: &str = "feed_seq";
+/// The change log is complete above this position (u64 LE; absent: 0):
+/// the highest position a tombstone purge dropped.
+pub(super) const META_FEED_FLOOR: &str = "feed_floor";
+/// The parent's cursor up to which this node applied its feed (text).
+pub(super) const META_UPSTREAM_CURSOR: &str = "upstream_cursor";
 
 /// Persistent counters, in the store so that they survive restarts and
 /// move exactly with the data.
 pub mod counter {
     pub const APPLIED: &str = "events_applied";
     pub const STALE: &str = "events_stale";
+    /// Events of schools not served that removed nothing here.
     pub const SKIPPED: &str = "events_skipped";
+    /// Events of schools not served that removed an entity held here (the
+    /// transfer rule).
+    pub const TRANSFERRED_OUT: &str = "events_transferred_out";
     pub const DEAD_LETTERED: &str = "events_dead_lettered";
     pub const TOMBSTONES_PURGED: &str = "tombstones_purged";
     pub const RESYNC_APPLIED: &str = "resync_applied";
     pub const RESYNC_DELETED: &str = "resync_deleted";
+    /// Lines of a parent's change feed, by what they did here.
+    pub const FEED_APPLIED: &str = "feed_applied";
+    pub const FEED_STALE: &str = "feed_stale";
+    pub const FEED_SKIPPED: &str = "feed_skipped";
+    pub const FEED_TRANSFERRED_OUT: &str = "feed_transferred_out";
 }
 
 pub(super) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -132,14 +165,38 @@ pub(super) fn create_tables(txn: &WriteTransaction) -> Result<()> {
     txn.open_table(OFFSETS)?;
     txn.open_table(DEAD_LETTERS)?;
     txn.open_table(COUNTERS)?;
+    txn.open_table(FEED_LOG)?;
+    txn.open_table(FEED_ENTRIES)?;
     Ok(())
 }
 
-/// Records that the file has this release's layout.
-pub(super) fn write_format_version(txn: &WriteTransaction) -> Result<()> {
+/// Records that the file has the layout of format `version`.
+pub(super) fn write_format_version(txn: &WriteTransaction, version: u32) -> Result<()> {
     txn.open_table(META)?
-        .insert(META_FORMAT, FORMAT_VERSION.to_le_bytes().as_slice())?;
+        .insert(META_FORMAT, version.to_le_bytes().as_slice())?;
     Ok(())
+}
+
+/// Gives a new (or newly upgraded) store its identity.
+pub(super) fn write_store_id(txn: &WriteTransaction) -> Result<()> {
+    txn.open_table(META)?
+        .insert(META_STORE_ID, uuid::Uuid::new_v4().as_bytes().as_slice())?;
+    Ok(())
+}
+
+/// A u64 kept in `meta` (absent: 0).
+pub(super) fn meta_u64(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+    name: &str,
+) -> Result<u64> {
+    match meta.get(name)? {
+        None => Ok(0),
+        Some(v) => v
+            .value()
+            .try_into()
+            .map(u64::from_le_bytes)
+            .map_err(|_| StoreError::Corrupt(format!("meta {name} is not 8 bytes"))),
+    }
 }
 
 /// A stored format version.

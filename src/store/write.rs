@@ -19,15 +19,17 @@ use redb::{ReadableTable, Table, WriteTransaction};
 use serde::Serialize;
 use uuid::Uuid;
 
+use super::feed::{raise_floor, write_seq, write_upstream_cursor, LogWriter};
 use super::read::assemble;
 use super::schema::{
     counter, decode, decode_watermark, encode, kind_slot, Id, ASSIGNMENTS, ASSIGNMENT_BY_CLASS,
     ASSIGNMENT_BY_TEACHER, CLASSES, COUNTERS, DEAD_LETTERS, INDEXES, META, META_WATERMARK, OFFSETS,
     PENDING_DOCS, TEACHERS, TEACHER_DOCS, TOMBSTONES,
 };
-use super::{DeadLetter, PartitionOffset, Result, Store};
+use super::{DeadLetter, PartitionOffset, Result, Store, StoreError};
 use crate::domain::{
-    Change, Entity, EntityKind, OrderKey, Record, SchoolSnapshot, SyncSource, Timestamp, Tombstone,
+    Change, Cursor, Entity, EntityKind, OrderKey, Record, SchoolFilter, SchoolSnapshot, SyncSource,
+    Timestamp, Tombstone,
 };
 
 /// Everything one write transaction commits.
@@ -35,15 +37,19 @@ use crate::domain::{
 pub struct Batch {
     /// Valid changes of served schools, each with its order key.
     pub changes: Vec<(OrderKey, Change)>,
+    /// Valid changes of schools the node does not serve. Each one removes
+    /// the entity here if the node holds it and the change is newer (the
+    /// transfer rule, contract §2); the others are skipped. Applied after
+    /// `changes`, so that an older create and its transfer out in one batch
+    /// end in the transfer whatever their order.
+    pub foreign: Vec<(OrderKey, Change)>,
     pub dead_letters: Vec<DeadLetter>,
-    /// Events skipped because their school is not served.
-    pub skipped: u64,
     /// Positions consumed up to and including this batch.
     pub offsets: Vec<PartitionOffset>,
-    /// The topic of each change (same order), and of each skipped event:
+    /// The topic of each change and of each foreign change (same order):
     /// for per-topic metrics only; not stored.
     pub change_topics: Vec<String>,
-    pub skipped_topics: Vec<String>,
+    pub foreign_topics: Vec<String>,
 }
 
 /// What a batch did.
@@ -52,9 +58,25 @@ pub struct ApplyReport {
     pub applied: u64,
     pub stale: u64,
     pub dead_lettered: u64,
+    /// Changes of schools not served that removed nothing.
     pub skipped: u64,
+    /// Changes of schools not served that removed an entity held here.
+    pub transferred_out: u64,
     /// For each change of the batch, in order: whether it was applied.
     pub outcomes: Vec<bool>,
+    /// For each foreign change, in order: whether it removed an entity.
+    pub foreign_outcomes: Vec<bool>,
+}
+
+/// What a change of a school the node does not serve did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Foreign {
+    /// The node held the entity: it is removed here.
+    TransferredOut,
+    /// The node held a tombstone of it: the tombstone took the change's key.
+    Recorded,
+    /// Nothing here is older: skipped.
+    Skipped,
 }
 
 /// How a school's local state compared with a snapshot, per entity kind.
@@ -107,24 +129,27 @@ impl Store {
         source: SyncSource,
     ) -> Result<ApplyReport> {
         let txn = self.begin_write()?;
-        let mut report = ApplyReport {
-            skipped: batch.skipped,
-            ..ApplyReport::default()
-        };
+        let mut report = ApplyReport::default();
         let mut watermark = None;
-        {
-            let mut tables = WriteTables::open(&txn)?;
-            for (key, change) in &batch.changes {
-                let applied = tables.apply(key, change, now, source)?;
-                report.outcomes.push(applied);
-                if applied {
-                    report.applied += 1;
-                } else {
-                    report.stale += 1;
-                }
+        let mut tables = WriteTables::open(&txn)?;
+        for (key, change) in &batch.changes {
+            let applied = tables.apply(key, change, now, source)?;
+            report.outcomes.push(applied);
+            if applied {
+                report.applied += 1;
+            } else {
+                report.stale += 1;
+            }
+            watermark = watermark.max(Some(key.timestamp));
+        }
+        for (key, change) in &batch.foreign {
+            let outcome = tables.apply_foreign(key, change, now, source)?;
+            report.count_foreign(outcome);
+            if outcome != Foreign::Skipped {
                 watermark = watermark.max(Some(key.timestamp));
             }
         }
+        let seq = tables.close(&txn)?;
         {
             let mut dead = txn.open_table(DEAD_LETTERS)?;
             let first = dead.last()?.map_or(0, |(k, _)| k.value() + 1);
@@ -146,6 +171,7 @@ impl Store {
                 (counter::STALE, report.stale),
                 (counter::DEAD_LETTERED, report.dead_lettered),
                 (counter::SKIPPED, report.skipped),
+                (counter::TRANSFERRED_OUT, report.transferred_out),
             ],
         )?;
         if let Some(w) = watermark {
@@ -154,6 +180,85 @@ impl Store {
         #[cfg(feature = "fault-injection")]
         self.injected_fault()?; // dropping `txn` aborts it
         txn.commit()?;
+        self.committed(seq);
+        Ok(report)
+    }
+
+    /// Applies one page of a parent's change feed (contract §6) with the
+    /// parent's `cursor` after it in ONE write transaction, like a Kafka
+    /// batch with its offsets: after a crash either both are there or
+    /// neither. Lines go through the convergence rule and take positions in
+    /// this store's change log, so this node's own followers see them.
+    /// A line of a school `filter` does not serve (an entity that left the
+    /// follower's schools) goes by the transfer rule, as a [`Batch`]'s
+    /// `foreign` changes do, after the other lines. `outcomes` says, per
+    /// line, whether it changed anything here.
+    pub fn apply_feed_page(
+        &self,
+        lines: &[(OrderKey, Change)],
+        cursor: &Cursor,
+        filter: &SchoolFilter,
+        now: Timestamp,
+    ) -> Result<ApplyReport> {
+        self.write(
+            now,
+            |_| true,
+            || self.apply_feed_page_txn(lines, cursor, filter, now),
+        )
+    }
+
+    fn apply_feed_page_txn(
+        &self,
+        lines: &[(OrderKey, Change)],
+        cursor: &Cursor,
+        filter: &SchoolFilter,
+        now: Timestamp,
+    ) -> Result<ApplyReport> {
+        let txn = self.begin_write()?;
+        let mut report = ApplyReport::default();
+        let mut watermark = None;
+        let mut tables = WriteTables::open(&txn)?;
+        report.outcomes = vec![false; lines.len()];
+        let (served, foreign): (Vec<_>, Vec<_>) = lines
+            .iter()
+            .enumerate()
+            .partition(|(_, (_, change))| filter.serves(change.school_id()));
+        for (i, (key, change)) in served {
+            let applied = tables.apply(key, change, now, SyncSource::Upstream)?;
+            report.outcomes[i] = applied;
+            if applied {
+                report.applied += 1;
+            } else {
+                report.stale += 1;
+            }
+            watermark = watermark.max(Some(key.timestamp));
+        }
+        for (i, (key, change)) in foreign {
+            let outcome = tables.apply_foreign(key, change, now, SyncSource::Upstream)?;
+            report.count_foreign(outcome);
+            report.outcomes[i] = outcome != Foreign::Skipped;
+            if outcome != Foreign::Skipped {
+                watermark = watermark.max(Some(key.timestamp));
+            }
+        }
+        let seq = tables.close(&txn)?;
+        write_upstream_cursor(&txn, cursor)?;
+        add_counters(
+            &txn,
+            &[
+                (counter::FEED_APPLIED, report.applied),
+                (counter::FEED_STALE, report.stale),
+                (counter::FEED_SKIPPED, report.skipped),
+                (counter::FEED_TRANSFERRED_OUT, report.transferred_out),
+            ],
+        )?;
+        if let Some(w) = watermark {
+            raise_watermark(&txn, w)?;
+        }
+        #[cfg(feature = "fault-injection")]
+        self.injected_fault()?;
+        txn.commit()?;
+        self.committed(seq);
         Ok(report)
     }
 
@@ -188,7 +293,28 @@ impl Store {
         self.write(
             now,
             |_| !dry_run,
-            || self.reconcile_many_txn(snapshots, now, source, dry_run),
+            || self.reconcile_many_txn(snapshots, now, source, dry_run, None),
+        )
+    }
+
+    /// [`Store::reconcile_many`] for a follower starting again from its
+    /// parent's snapshots (a first start, or an expired cursor: contract
+    /// §6): the schools are reconciled and `cursor` becomes the stored
+    /// upstream cursor in ONE write transaction, so that a crash leaves
+    /// either the old state and cursor or both new. With snapshots read at
+    /// different moments, pass the earliest of their cursors: the feed
+    /// then repeats what a later snapshot already had, which the
+    /// convergence rule ignores.
+    pub fn reconcile_upstream(
+        &self,
+        snapshots: &[SchoolSnapshot],
+        cursor: &Cursor,
+        now: Timestamp,
+    ) -> Result<Vec<ReconcileReport>> {
+        self.write(
+            now,
+            |_| true,
+            || self.reconcile_many_txn(snapshots, now, SyncSource::Upstream, false, Some(cursor)),
         )
     }
 
@@ -198,13 +324,17 @@ impl Store {
         now: Timestamp,
         source: SyncSource,
         dry_run: bool,
+        upstream: Option<&Cursor>,
     ) -> Result<Vec<ReconcileReport>> {
         let txn = self.begin_write()?;
-        let reports = WriteTables::open(&txn)?.reconcile(snapshots, now, source, dry_run)?;
+        let mut tables = WriteTables::open(&txn)?;
+        let reports = tables.reconcile(snapshots, now, source, dry_run)?;
         if dry_run {
+            drop(tables);
             txn.abort()?;
             return Ok(reports);
         }
+        let seq = tables.close(&txn)?;
         let (applied, deleted) = reports
             .iter()
             .fold((0, 0), |(a, d), r| (a + r.applied, d + r.deleted));
@@ -218,12 +348,17 @@ impl Store {
         if let Some(as_of) = snapshots.iter().map(|s| s.as_of).max() {
             raise_watermark(&txn, as_of)?;
         }
+        if let Some(cursor) = upstream {
+            write_upstream_cursor(&txn, cursor)?;
+        }
         txn.commit()?;
+        self.committed(seq);
         Ok(reports)
     }
 
-    /// Removes tombstones older than `retention_nanos` at `now`; returns how
-    /// many went.
+    /// Removes tombstones older than `retention_nanos` at `now`, and their
+    /// entries in the change log, whose floor rises past them (a feed
+    /// cursor below it has expired); returns how many went.
     pub fn purge_tombstones(&self, now: Timestamp, retention_nanos: i64) -> Result<u64> {
         self.write(
             now,
@@ -236,6 +371,7 @@ impl Store {
         let txn = self.begin_write()?;
         let mut purged = 0u64;
         let mut classes = Vec::new();
+        let mut gone = Vec::new();
         {
             let mut table = txn.open_table(TOMBSTONES)?;
             let mut corrupt = None;
@@ -245,6 +381,7 @@ impl Store {
                     if kind == EntityKind::Class.code() {
                         classes.push(id);
                     }
+                    gone.push((kind, id));
                     false
                 }
                 Ok(_) => true,
@@ -263,7 +400,16 @@ impl Store {
         for class in classes {
             tables.invalidate_class(class)?;
         }
+        let mut floor = None;
+        for (code, id) in gone {
+            let kind = EntityKind::from_code(code)
+                .ok_or_else(|| StoreError::Corrupt(format!("unknown entity kind code {code}")))?;
+            floor = floor.max(tables.log.forget(kind, id)?);
+        }
         drop(tables);
+        if let Some(floor) = floor {
+            raise_floor(&txn, floor)?;
+        }
         add_counters(&txn, &[(counter::TOMBSTONES_PURGED, purged)])?;
         txn.commit()?;
         Ok(purged)
@@ -308,6 +454,18 @@ impl Store {
     }
 }
 
+impl ApplyReport {
+    fn count_foreign(&mut self, outcome: Foreign) {
+        let out = outcome == Foreign::TransferredOut;
+        self.foreign_outcomes.push(out);
+        if out {
+            self.transferred_out += 1;
+        } else {
+            self.skipped += 1;
+        }
+    }
+}
+
 fn add_counters(txn: &WriteTransaction, deltas: &[(&str, u64)]) -> Result<()> {
     let mut table = txn.open_table(COUNTERS)?;
     for &(name, delta) in deltas {
@@ -334,6 +492,8 @@ fn raise_watermark(txn: &WriteTransaction, t: Timestamp) -> Result<()> {
 struct Prior {
     live: Option<Record<Entity>>,
     key: Option<OrderKey>,
+    /// The school of the live record, else of the tombstone.
+    school: Option<Id>,
 }
 
 /// The tables a write transaction changes, opened once per batch.
@@ -345,6 +505,8 @@ struct WriteTables<'t> {
     by_class: Table<'t, (Id, Id), Id>,
     docs: Table<'t, Id, &'static [u8]>,
     pending: Table<'t, Id, ()>,
+    /// The change log: every applied change takes a position.
+    log: LogWriter<'t>,
     /// Teachers whose document this transaction already invalidated.
     invalidated: HashSet<Id>,
 }
@@ -366,8 +528,20 @@ impl<'t> WriteTables<'t> {
             by_class: txn.open_table(ASSIGNMENT_BY_CLASS)?,
             docs: txn.open_table(TEACHER_DOCS)?,
             pending: txn.open_table(PENDING_DOCS)?,
+            log: LogWriter::open(txn)?,
             invalidated: Default::default(),
         })
+    }
+
+    /// Closes the tables and stores how far the change log got; returns
+    /// the last position given out (to announce after the commit).
+    fn close(self, txn: &WriteTransaction) -> Result<u64> {
+        let advanced = self.log.advanced();
+        drop(self);
+        if let Some(seq) = advanced {
+            write_seq(txn, seq)?;
+        }
+        Ok(advanced.unwrap_or(0))
     }
 
     /// The teacher's rendered document is out of date: drop it and queue
@@ -523,16 +697,17 @@ impl<'t> WriteTables<'t> {
         let entities = &self.entities[kind_slot(kind)];
         let live: Option<Record<Entity>> =
             entities.get(id)?.map(|v| decode(v.value())).transpose()?;
-        let key = match &live {
-            Some(r) => Some(r.key),
+        let (key, school) = match &live {
+            Some(r) => (Some(r.key), Some(r.data.school_id().as_u128())),
             None => {
                 let tomb = self.tombstones.get((kind.code(), id))?;
                 tomb.map(|v| decode::<Tombstone>(v.value()))
                     .transpose()?
-                    .map(|t| t.key)
+                    .map(|t| (t.key, t.school_id.as_u128()))
+                    .unzip()
             }
         };
-        Ok(Prior { live, key })
+        Ok(Prior { live, key, school })
     }
 
     /// Applies one change if the convergence rule lets it; returns whether
@@ -548,12 +723,46 @@ impl<'t> WriteTables<'t> {
         self.apply_over(prior, key, change, now, source)
     }
 
+    /// The transfer rule (contract §2) for a change of a school the node
+    /// does not serve: if it is newer than what is stored, an entity held
+    /// here is removed, as by a delete with the change's key (kept as it
+    /// is, so the same upsert again is a duplicate and no older event
+    /// brings the entity back), and a tombstone here takes the key; the
+    /// tombstone names the change's school, the one the entity moved to.
+    /// An entity the node never held stays unknown: the change is skipped.
+    fn apply_foreign(
+        &mut self,
+        key: &OrderKey,
+        change: &Change,
+        now: Timestamp,
+        source: SyncSource,
+    ) -> Result<Foreign> {
+        let (kind, id) = (change.kind(), change.id());
+        let prior = self.prior(kind, id.as_u128())?;
+        if prior.key.is_none() || !key.supersedes(prior.key.as_ref()) {
+            return Ok(Foreign::Skipped);
+        }
+        let held = prior.live.is_some();
+        let gone = Change::Delete {
+            kind,
+            id,
+            school_id: change.school_id(),
+        };
+        self.apply_over(prior, key, &gone, now, source)?;
+        Ok(if held {
+            Foreign::TransferredOut
+        } else {
+            Foreign::Recorded
+        })
+    }
+
     /// [`WriteTables::apply`] with what is stored already looked up.
     fn apply_over(
         &mut self,
         Prior {
             live,
             key: stored_key,
+            school: prior_school,
         }: Prior,
         key: &OrderKey,
         change: &Change,
@@ -620,6 +829,12 @@ impl<'t> WriteTables<'t> {
                     self.invalidate(teacher)?;
                 }
             }
+        }
+        // Followers of the school it left learn of it too.
+        let school = change.school_id().as_u128();
+        match prior_school.filter(|&p| p != school) {
+            Some(previous) => self.log.record(kind, id, &[school, previous])?,
+            None => self.log.record(kind, id, &[school])?,
         }
         Ok(true)
     }

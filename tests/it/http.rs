@@ -232,9 +232,14 @@ async fn snapshot_streams_every_record_and_an_end_line_with_the_count() {
             school_id,
             count,
             as_of,
+            cursor,
         } => {
             assert_eq!((*school_id, *count), (school(1), 7));
             assert_eq!(*as_of, T0 + SEC);
+            // Where a follower continues the change feed (contract §3).
+            let here = node.node.state.store.read().unwrap().feed_cursor().unwrap();
+            assert_eq!(*cursor, Some(here));
+            assert!(here.seq > 0, "the seeded changes have positions");
         }
         other => panic!("last line is {other:?}"),
     }

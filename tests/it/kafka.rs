@@ -108,6 +108,7 @@ pub fn handled(v: &Value) -> u64 {
         "events_applied",
         "events_stale",
         "events_skipped",
+        "events_transferred_out",
         "events_dead_lettered",
     ]
     .iter()
@@ -312,6 +313,155 @@ async fn produced_events_reach_the_api_and_order_duplicates_and_schools_are_hand
     );
     assert!(value("emis_edge_batch_size_messages_count") >= 1.0);
     assert!(value("emis_edge_batch_commit_duration_seconds_count") >= 1.0);
+    promtool_check(&text);
+    node.node.stop().await.unwrap();
+}
+
+/// Contract §2, "Filtering and transfers": a teacher moved to a school
+/// the node does not serve leaves it everywhere; older events cannot bring
+/// it back; a later move back in brings it in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_teacher_transferred_to_an_unserved_school_leaves_the_node() {
+    use EventType::*;
+    let kafka = Kafka::start(1);
+    let node = TestNode::start(|c| {
+        kafka.configure(c);
+        c.schools.ids = vec![school(1)];
+    })
+    .await;
+    let teacher = |n: u128, version: u64, school_n: u128, name: &str| {
+        event(
+            TeacherUpdated,
+            n,
+            version as i64,
+            Some(version),
+            school_n,
+            teacher_fields(id(1), name),
+        )
+    };
+    kafka.send(
+        TeacherCreated,
+        &[event(
+            TeacherCreated,
+            1,
+            1,
+            Some(1),
+            1,
+            teacher_fields(id(1), "Nguyễn Thị Hương"),
+        )],
+    );
+    kafka.send(
+        ClassCreated,
+        &[event(
+            ClassCreated,
+            2,
+            1,
+            Some(1),
+            1,
+            class_fields(id(11), "Lớp 10A1"),
+        )],
+    );
+    kafka.send(
+        AssignmentCreated,
+        &[event(
+            AssignmentCreated,
+            3,
+            1,
+            Some(1),
+            1,
+            assignment_fields(id(21), id(1), id(11), "homeroom"),
+        )],
+    );
+    wait_status(&node, "3 events handled", |v| handled(v) == 3).await;
+    let detail = format!("/api/teachers/{}", id(1));
+    let list = format!("/api/schools/{}/teachers", school(1));
+    let snapshot = format!("/api/schools/{}/snapshot", school(1));
+    assert_eq!(node.get(&detail).await.0, 200);
+    let before = node.node.state.store.read().unwrap().feed_cursor().unwrap();
+
+    // Transferred to school 2, which this node does not serve.
+    kafka.send(TeacherUpdated, &[teacher(4, 3, 2, "Nguyễn Thị Hương")]);
+    let v = wait_status(&node, "the transfer", |v| handled(v) == 4).await;
+    assert_eq!(counter(&v, "events_transferred_out"), 1, "{v:#}");
+    assert_eq!(counter(&v, "events_skipped"), 0, "{v:#}");
+    assert_eq!(node.get(&detail).await.0, 404, "still served by id");
+    let (_, teachers) = node.get_json(&list).await;
+    assert_eq!(
+        teachers["items"],
+        json!([]),
+        "still in the old school's list"
+    );
+    let (_, _, body) = node.get(&snapshot).await;
+    let text = String::from_utf8(body).unwrap();
+    assert!(
+        !text.contains("\"kind\":\"teacher\""),
+        "still in the snapshot:\n{text}"
+    );
+    assert!(text.contains("\"count\":2"), "{text}");
+    // The old school's change feed says where it went.
+    let page = node
+        .node
+        .state
+        .store
+        .read()
+        .unwrap()
+        .changes(&[school(1)], Some(&before), 10)
+        .unwrap();
+    assert_eq!(page.items.len(), 1);
+    assert_eq!(
+        (page.items[0].id(), page.items[0].school_id()),
+        (id(1), school(2))
+    );
+
+    // Older events afterwards, from either school, do not bring it back;
+    // the same transfer again is a duplicate.
+    kafka.send(
+        TeacherUpdated,
+        &[
+            teacher(5, 2, 1, "Bản cũ"),
+            teacher(6, 2, 2, "Bản cũ"),
+            teacher(4, 3, 2, "Nguyễn Thị Hương"),
+        ],
+    );
+    let v = wait_status(&node, "the late events", |v| handled(v) == 7).await;
+    assert_eq!(counter(&v, "events_transferred_out"), 1, "{v:#}");
+    assert_eq!(counter(&v, "events_skipped"), 2, "{v:#}");
+    assert_eq!(
+        node.get(&detail).await.0,
+        404,
+        "an older event brought it back"
+    );
+
+    // Transferred back in later: here again.
+    kafka.send(TeacherUpdated, &[teacher(7, 4, 1, "Nguyễn Thị Hương")]);
+    wait_status(&node, "the transfer back", |v| handled(v) == 8).await;
+    let (status, back) = node.get_json(&detail).await;
+    assert_eq!(status, 200);
+    assert_eq!(back["schoolId"], school(1).to_string());
+    assert_eq!(back["classAssignments"][0]["className"], "Lớp 10A1");
+
+    let (_, _, body) = node.get("/metrics").await;
+    let text = String::from_utf8(body).unwrap();
+    let value = |line: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(line))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{line} not in\n{text}"))
+    };
+    assert_eq!(
+        value("emis_edge_events_total{outcome=\"transferred_out\"}"),
+        1.0
+    );
+    assert_eq!(value("emis_edge_events_total{outcome=\"skipped\"}"), 2.0);
+    assert_eq!(
+        value("emis_edge_topic_events_total{topic=\"emis.teacher.updated\",outcome=\"transferred_out\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("emis_edge_topic_events_total{topic=\"emis.teacher.updated\",outcome=\"skipped\"}"),
+        2.0
+    );
     promtool_check(&text);
     node.node.stop().await.unwrap();
 }

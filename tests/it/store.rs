@@ -423,14 +423,25 @@ fn a_format_1_store_is_upgraded_in_place_and_keeps_its_data() {
     {
         let db = redb::Database::open(&path).unwrap();
         let txn = db.begin_write().unwrap();
-        for name in ["assignment_by_class", "teacher_docs", "pending_docs"] {
+        for name in [
+            "assignment_by_class",
+            "teacher_docs",
+            "pending_docs",
+            "feed_log",
+            "feed_entries",
+        ] {
             txn.delete_table(TableDefinition::<u128, ()>::new(name))
                 .unwrap();
         }
-        txn.open_table(TableDefinition::<&str, &[u8]>::new("meta"))
-            .unwrap()
-            .insert("format_version", 1u32.to_le_bytes().as_slice())
+        let mut meta = txn
+            .open_table(TableDefinition::<&str, &[u8]>::new("meta"))
             .unwrap();
+        for key in ["store_id", "feed_seq", "feed_floor"] {
+            meta.remove(key).unwrap();
+        }
+        meta.insert("format_version", 1u32.to_le_bytes().as_slice())
+            .unwrap();
+        drop(meta);
         txn.commit().unwrap();
     }
     let store = open(&dir);
@@ -439,6 +450,13 @@ fn a_format_1_store_is_upgraded_in_place_and_keeps_its_data() {
         1,
         "every teacher queued"
     );
+    // Upgraded through format 2 to the change log: every entity is in it.
+    let feed = store
+        .read()
+        .unwrap()
+        .changes(&[school(1)], None, 100)
+        .unwrap();
+    assert_eq!(feed.items.len(), 3);
     assert_eq!(
         teacher_doc(&store, id(1))["classAssignments"][0]["className"],
         "Lớp 6A1"
@@ -472,6 +490,6 @@ fn a_format_1_store_is_upgraded_in_place_and_keeps_its_data() {
         .unwrap();
     assert_eq!(
         meta.get("format_version").unwrap().unwrap().value(),
-        2u32.to_le_bytes()
+        emis_edge::store::FORMAT_VERSION.to_le_bytes()
     );
 }

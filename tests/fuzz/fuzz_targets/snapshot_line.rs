@@ -9,7 +9,7 @@
 
 #![no_main]
 
-use emis_edge::domain::snapshot::{end_line, record_line};
+use emis_edge::domain::snapshot::{end_line, end_line_at, record_line};
 use emis_edge::domain::{Record, SnapshotLine, SnapshotReader, SyncSource};
 use libfuzzer_sys::fuzz_target;
 
@@ -59,7 +59,14 @@ fn round_trip(raw: &[u8]) {
             school_id,
             count,
             as_of,
+            cursor: None,
         } => end_line(*school_id, *count, *as_of),
+        SnapshotLine::End {
+            school_id,
+            count,
+            as_of,
+            cursor: Some(cursor),
+        } => end_line_at(*school_id, *count, *as_of, cursor),
     };
     let text = String::from_utf8_lossy(&written);
     match SnapshotLine::parse(written.strip_suffix(b"\n").expect("a line ends in \\n")) {
