@@ -8,6 +8,7 @@ mod demo;
 mod e2e;
 mod faults;
 mod fuzz;
+mod generated;
 mod hostile;
 mod http;
 mod kafka;
