@@ -80,7 +80,8 @@ Prometheus alert rules for the node's metrics.
 .SH "SEE ALSO"
 \fBemis\-edge\-serve\fR(1), \fBemis\-edge\-status\fR(1), \fBsystemctl\fR(1),
 \fBjournalctl\fR(1), and the operator's guide
-\fI/usr/share/doc/emis\-edge/OPERATIONS.md\fR.
+\fI/usr/share/doc/emis\-edge/OPERATIONS.md\fR. While the node runs, its status
+page answers at \fBhttp://\fR\fIhttp.listen\fR\fB/\fR in a browser.
 "#;
 
 /// `emis-edge.1` and one page per subcommand (`emis-edge-serve.1`, …),

@@ -12,6 +12,7 @@ mod generated;
 mod hostile;
 mod http;
 mod kafka;
+mod page;
 mod resync;
 mod store;
 mod support;
