@@ -77,6 +77,9 @@ The local replica (one redb file in \fBnode.data_dir\fR).
 .TP
 \fI/usr/share/emis\-edge/prometheus/emis\-edge.rules.yml\fR
 Prometheus alert rules for the node's metrics.
+.TP
+\fI/usr/share/emis\-edge/grafana/emis\-edge.json\fR
+A Grafana dashboard over the node's metrics, to import as it is.
 .SH "SEE ALSO"
 \fBemis\-edge\-serve\fR(1), \fBemis\-edge\-status\fR(1), \fBsystemctl\fR(1),
 \fBjournalctl\fR(1), and the operator's guide

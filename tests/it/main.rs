@@ -4,6 +4,7 @@
 
 mod cli;
 mod convergence;
+mod dashboard;
 mod demo;
 mod e2e;
 mod faults;
