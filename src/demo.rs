@@ -244,7 +244,8 @@ fn print_hints(province: &Province, addr: SocketAddr, config: &std::path::Path) 
     println!("\n{rule}\n emis-edge DEMO: generated data, not for production\n{rule}");
     println!(
         "The node replicated {} schools ({} teachers, {} classes) from an in-process\n\
-         Kafka cluster and serves them on {base}. Try:\n",
+         Kafka cluster and serves them on {base}.\n\n\
+         Open {base}/ in a browser: the node's status page. Or try:\n",
         province.spec.schools,
         province.spec.teachers(),
         province.spec.classes(),

@@ -481,6 +481,15 @@ impl Reader {
             "batch applied"
         );
         self.record(&batch, &report, started.elapsed());
+        self.state.activity.record(
+            now,
+            batch
+                .changes
+                .iter()
+                .zip(&report.outcomes)
+                .filter(|(_, applied)| **applied)
+                .map(|((_, change), _)| (change.school_id(), 1)),
+        );
         let committed = self.state.clock.now();
         for (key, _) in &batch.changes {
             let seconds = committed.saturating_sub(key.timestamp).max(0) as f64 / 1e9;

@@ -274,6 +274,9 @@ pub async fn run_for_node(
         }
     }
     if !dry_run {
+        state
+            .activity
+            .record(state.clock.now(), changed_schools(&report.schools));
         let ok = report.ok();
         let outcome = ResyncOutcome {
             at: state.clock.now(),
@@ -289,6 +292,15 @@ pub async fn run_for_node(
     }
     tracing::info!(dry_run, summary = %report.summary(), ms = report.duration_ms, "resync run finished");
     Ok(report)
+}
+
+/// Changes a resync or import applied per school (records applied and
+/// entities deleted), for `NodeState::activity`.
+pub fn changed_schools(outcomes: &[SchoolOutcome]) -> impl Iterator<Item = (Uuid, u64)> + '_ {
+    outcomes
+        .iter()
+        .filter_map(|o| o.report.as_ref())
+        .map(|r| (r.school_id, r.applied + r.deleted))
 }
 
 /// The worker that schedules resync runs: every `resync.interval_secs`

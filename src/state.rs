@@ -1,7 +1,7 @@
 //! The shared state of a running node, below the workers and the HTTP
 //! layer: the store handle, the run-time sync state, the configuration,
-//! the clock, the recorded metrics, the resync trigger and the worker
-//! registry, in [`NodeState`] — and the two things everybody derives from
+//! the clock, the recorded metrics, the recent activity, the resync trigger
+//! and the worker registry, in [`NodeState`] — and the two things everybody derives from
 //! them: [`NodeState::readiness`] and the status document
 //! ([`NodeState::status`]).
 //!
@@ -16,8 +16,8 @@ use crate::config::{Config, SchoolFilter};
 use crate::domain::format_timestamp;
 use crate::metrics::Metrics;
 use crate::status::{
-    EntityCounts, KafkaStatus, OffsetOutOfRange, PartitionStatus, ResyncStatus, ServedSchools,
-    StoreStatus, SyncState, SyncStatus,
+    Activity, EntityCounts, KafkaStatus, OffsetOutOfRange, PartitionStatus, ResyncStatus,
+    SchoolFreshness, ServedSchools, StoreStatus, SyncState, SyncStatus, STATUS_SCHOOLS_MAX,
 };
 use crate::store::{Store, StoreError};
 use crate::worker::Workers;
@@ -34,6 +34,8 @@ pub struct Parts {
     pub config: Arc<Config>,
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
+    /// Changes applied recently, per minute and per school (in memory).
+    pub activity: Arc<Activity>,
     /// Signalled when the event stream cannot repair the replica by itself
     /// (offset out of range); the resync worker listens.
     pub resync_wanted: Arc<tokio::sync::Notify>,
@@ -99,6 +101,7 @@ impl NodeState {
             workers: Arc::new(Workers::new(clock.clone())),
             clock,
             metrics: Arc::new(Metrics::default()),
+            activity: Arc::new(Activity::default()),
             resync_wanted: Arc::new(tokio::sync::Notify::new()),
         }))
     }
@@ -184,13 +187,16 @@ impl NodeState {
                 .unwrap_or(i64::MAX)
                 .saturating_mul(1_000_000_000)
         };
+        let now = self.clock.now();
         let stale = state.is_stale(
-            self.clock.now(),
+            now,
             secs(config.kafka.stale_after_secs),
             secs(config.resync.interval_secs.saturating_mul(2)),
         );
+        let (school_count, schools) = self.school_freshness(&reader)?;
         Ok(SyncStatus {
             node_id: config.node.id.clone(),
+            generated_at: Some(format_timestamp(now)),
             served_schools: match config.school_filter() {
                 SchoolFilter::All => ServedSchools::All,
                 SchoolFilter::Only(ids) => ServedSchools::Only(ids.into_iter().collect()),
@@ -215,6 +221,7 @@ impl NodeState {
                 write_failures: health.write_failures,
                 reopens: health.reopens,
                 pending_documents: stats.pending_documents,
+                file_bytes: std::fs::metadata(config.store_path()).ok().map(|m| m.len()),
             },
             caught_up: state.first_sync_done,
             partitions,
@@ -235,6 +242,46 @@ impl NodeState {
             },
             counters: stats.counters,
             workers: self.workers.reports(),
+            school_count,
+            schools,
+            applied_per_minute: self.activity.per_minute(now),
         })
+    }
+
+    /// How many schools the node serves (serving all: holds data of), and
+    /// the freshness of the [`STATUS_SCHOOLS_MAX`] changed least recently.
+    /// Cheap enough per request: the schools come from the configuration or
+    /// one seek per school in the indexes, the last changes from memory, and
+    /// only the listed schools' index keys are counted.
+    fn school_freshness(
+        &self,
+        reader: &crate::store::Reader,
+    ) -> Result<(u64, Vec<SchoolFreshness>), StoreError> {
+        let schools: Vec<uuid::Uuid> = match self.config.school_filter() {
+            SchoolFilter::All => reader.schools()?,
+            SchoolFilter::Only(ids) => ids.into_iter().collect(),
+        };
+        let last = self.activity.last_changes();
+        let mut ordered: Vec<_> = schools
+            .iter()
+            .map(|school| (last.get(school).copied(), *school))
+            .collect();
+        // `None` (no change since start) sorts first, then the oldest.
+        ordered.sort_unstable();
+        ordered.truncate(STATUS_SCHOOLS_MAX);
+        let listed = ordered
+            .into_iter()
+            .map(|(at, school_id)| {
+                let [classes, teachers, assignments] = reader.school_counts(school_id)?;
+                Ok(SchoolFreshness {
+                    school_id,
+                    last_change_at: at.map(format_timestamp),
+                    classes,
+                    teachers,
+                    assignments,
+                })
+            })
+            .collect::<Result<_, StoreError>>()?;
+        Ok((schools.len() as u64, listed))
     }
 }

@@ -4,9 +4,11 @@
 //! and [`SyncStatus`], the typed document of `GET /api/sync/status` that
 //! `emis-edge status` deserializes too, so a renamed field breaks the
 //! build, not the CLI. (Whether the store can be written is the store's
-//! own `StoreHealth`; the document is assembled in `state`.)
+//! own `StoreHealth`; the document is assembled in `state`.) [`Activity`]
+//! remembers, in memory, what the workers applied recently: changes per
+//! minute and each school's last change, for the status page.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
@@ -89,12 +91,98 @@ impl SyncSnapshot {
     }
 }
 
+/// Minutes of applied-change counts [`Activity`] keeps (and the status
+/// document shows): the last hour.
+pub const ACTIVITY_MINUTES: usize = 60;
+
+const MINUTE: i64 = 60 * 1_000_000_000;
+
+/// What the node applied recently, in memory only (a restart starts it
+/// empty): changes per minute of the node's clock over the last
+/// [`ACTIVITY_MINUTES`], and when a change of each school was last applied.
+/// Kept apart from [`SyncState`], which is copied whole on every read, while
+/// this holds an entry per school (a provincial node: about 1,000).
+///
+/// Why here and not from the store: the store keeps no per-school times or
+/// counts, and deriving them means reading every record of a school. The
+/// writers (ingest, resync, import) know what they applied, so they say it
+/// here once per batch or school.
+#[derive(Debug, Default)]
+pub struct Activity(Mutex<ActivityInner>);
+
+#[derive(Debug, Default)]
+struct ActivityInner {
+    /// (minute since the epoch, changes applied in it), oldest first, at
+    /// most [`ACTIVITY_MINUTES`] entries; minutes with none are absent.
+    minutes: VecDeque<(i64, u64)>,
+    /// School → when this node last applied a change of it (node clock).
+    last_change: HashMap<Uuid, Timestamp>,
+}
+
+impl Activity {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ActivityInner> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records changes applied at `now`: `n` for each `(school, n)`; a
+    /// school with `n == 0` changed nothing and is not recorded.
+    pub fn record(&self, now: Timestamp, applied: impl IntoIterator<Item = (Uuid, u64)>) {
+        let minute = now.div_euclid(MINUTE);
+        let mut inner = self.lock();
+        let mut total = 0u64;
+        for (school, n) in applied {
+            if n > 0 {
+                total += n;
+                inner.last_change.insert(school, now);
+            }
+        }
+        if total == 0 {
+            return;
+        }
+        match inner.minutes.back_mut() {
+            Some((m, count)) if *m == minute => *count += total,
+            // A clock set back lands in an earlier minute: it is counted in
+            // the newest one rather than reorder the ring.
+            Some((m, count)) if *m > minute => *count += total,
+            _ => inner.minutes.push_back((minute, total)),
+        }
+        while inner.minutes.len() > ACTIVITY_MINUTES {
+            inner.minutes.pop_front();
+        }
+    }
+
+    /// Changes applied in each of the last [`ACTIVITY_MINUTES`] minutes up
+    /// to `now`'s, oldest first (the last entry is the current minute, still
+    /// counting).
+    pub fn per_minute(&self, now: Timestamp) -> Vec<u64> {
+        let current = now.div_euclid(MINUTE);
+        let first = current - (ACTIVITY_MINUTES as i64 - 1);
+        let mut out = vec![0; ACTIVITY_MINUTES];
+        for &(minute, count) in &self.lock().minutes {
+            // A minute after `now` (the clock was set back) counts as now.
+            if minute >= first {
+                out[(minute.min(current) - first) as usize] += count;
+            }
+        }
+        out
+    }
+
+    /// When a change of each school was last applied here, since start.
+    pub fn last_changes(&self) -> HashMap<Uuid, Timestamp> {
+        self.lock().last_change.clone()
+    }
+}
+
 /// The sync status document (`GET /api/sync/status`, `emis-edge status`).
 /// Times are RFC 3339 strings; absent ones are `null`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SyncStatus {
     pub node_id: String,
+    /// When the node made this document (its own clock): the time the
+    /// others compare with, whatever the reader's clock says.
+    #[serde(default)]
+    pub generated_at: Option<String>,
     pub served_schools: ServedSchools,
     pub kafka: KafkaStatus,
     /// The store's last write error (also in `store.error`), while writes fail.
@@ -117,6 +205,39 @@ pub struct SyncStatus {
     /// The node's background workers; empty when read from a stopped node's store.
     #[serde(default)]
     pub workers: Vec<WorkerReport>,
+    /// How many schools the node serves (`schools.ids`), or, serving all,
+    /// how many the store holds data of.
+    #[serde(default)]
+    pub school_count: u64,
+    /// Per-school freshness of at most [`STATUS_SCHOOLS_MAX`] of them, those
+    /// changed least recently first (no change since start first), then by
+    /// id: the ones to look at on a node serving many.
+    #[serde(default)]
+    pub schools: Vec<SchoolFreshness>,
+    /// Changes applied (events, resync and import records) in each of the
+    /// last 60 minutes of the node's clock, oldest first, the current
+    /// minute last; since start (all zero when read from a stopped node's
+    /// store).
+    #[serde(default)]
+    pub applied_per_minute: Vec<u64>,
+}
+
+/// The most schools the status document lists (their entity counts are
+/// read per request).
+pub const STATUS_SCHOOLS_MAX: usize = 50;
+
+/// One school in the status document.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SchoolFreshness {
+    pub school_id: Uuid,
+    /// When this node last applied a change of the school (its own clock),
+    /// since it started; `null`: none since start.
+    pub last_change_at: Option<String>,
+    /// Live entities of the school here.
+    pub classes: u64,
+    pub teachers: u64,
+    pub assignments: u64,
 }
 
 /// `"all"`, or the list of served school ids.
@@ -195,6 +316,11 @@ pub struct StoreStatus {
     pub write_failures: u64,
     pub reopens: u64,
     pub pending_documents: u64,
+    /// Size of the store file on disk (`null` when it cannot be read). It
+    /// grows with the data and does not shrink when data is deleted: redb
+    /// reuses the free pages inside it.
+    #[serde(default)]
+    pub file_bytes: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -245,6 +371,36 @@ mod tests {
         };
         assert!(!s.is_stale(100, 10, 10));
         assert!(s.is_stale(106, 10, 10));
+    }
+
+    #[test]
+    fn activity_counts_changes_per_minute_over_the_last_hour() {
+        let a = Activity::default();
+        let school = Uuid::from_u128(7);
+        let other = Uuid::from_u128(8);
+        let t = 1_000 * MINUTE;
+        a.record(t, [(school, 3), (other, 0)]);
+        a.record(t + MINUTE / 2, [(school, 2)]);
+        a.record(t + 2 * MINUTE, [(other, 4)]);
+        let per = a.per_minute(t + 2 * MINUTE);
+        assert_eq!(per.len(), ACTIVITY_MINUTES);
+        assert_eq!(&per[ACTIVITY_MINUTES - 3..], &[5, 0, 4]);
+        assert_eq!(per.iter().sum::<u64>(), 9);
+        let last = a.last_changes();
+        assert_eq!(last[&school], t + MINUTE / 2);
+        assert_eq!(last[&other], t + 2 * MINUTE);
+        // An hour later the first minute has left the window.
+        let per = a.per_minute(t + 60 * MINUTE);
+        assert_eq!(per.iter().sum::<u64>(), 4);
+        // Nothing applied: nothing recorded.
+        a.record(t + 61 * MINUTE, [(school, 0)]);
+        assert_eq!(a.last_changes()[&school], t + MINUTE / 2);
+        // The ring never holds more than an hour of minutes.
+        for m in 0..200 {
+            a.record(t + (100 + m) * MINUTE, [(school, 1)]);
+        }
+        assert_eq!(a.lock().minutes.len(), ACTIVITY_MINUTES);
+        assert_eq!(a.per_minute(t + 299 * MINUTE), vec![1; ACTIVITY_MINUTES]);
     }
 
     #[test]

@@ -178,5 +178,7 @@ async fn admin_import(
     if outcomes.iter().any(|o| o.report.is_some()) {
         s.sync.update(|st| st.first_sync_done = true);
     }
+    s.activity
+        .record(now, crate::resync::changed_schools(&outcomes));
     Ok(Json(json!({ "schools": outcomes })).into_response())
 }

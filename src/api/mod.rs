@@ -21,6 +21,7 @@ use crate::state::NodeState;
 
 pub mod admin;
 pub mod ops;
+pub mod page;
 pub mod problem;
 pub mod read;
 
@@ -114,7 +115,10 @@ pub fn router_with(state: ApiState, extra: Router<ApiState>) -> Router {
         ))
     };
     let api = api.layer(limits);
-    let main = Router::new().merge(api).merge(admin::routes());
+    let main = Router::new()
+        .merge(api)
+        .merge(admin::routes())
+        .merge(page::routes());
     let main = if state.config.http.ops_listen.is_none() {
         main.merge(ops::routes(&state))
     } else {

@@ -324,6 +324,25 @@ impl Reader {
         Ok(out)
     }
 
+    /// Live classes, teachers and assignments of a school, counted from the
+    /// school indexes (keys only, no record is read): a walk over the
+    /// school's share of the index, so callers bound how many schools they
+    /// ask for per request.
+    pub fn school_counts(&self, school: Uuid) -> Result<[u64; 3]> {
+        let s = school.as_u128();
+        let mut out = [0; 3];
+        for (slot, kind) in EntityKind::ALL.into_iter().enumerate() {
+            let index = self.txn.open_table(school_index(kind))?;
+            let mut n = 0u64;
+            for entry in index.range((s, 0)..=(s, Id::MAX))? {
+                entry?;
+                n += 1;
+            }
+            out[slot] = n;
+        }
+        Ok(out)
+    }
+
     /// Every school with a live class, teacher or assignment here.
     pub fn schools(&self) -> Result<Vec<Uuid>> {
         let mut out = BTreeSet::new();

@@ -453,7 +453,22 @@ fn the_debian_package_holds_the_binary_unit_config_and_maintainer_scripts() {
             "./usr/share/emis-edge/prometheus/emis-edge.rules.yml",
             "-rw-r--r--",
         ),
+        ("./usr/share/emis-edge/grafana/emis-edge.json", "-rw-r--r--"),
         ("./usr/share/doc/emis-edge/OPERATIONS.md", "-rw-r--r--"),
+        ("./usr/share/man/man1/emis-edge.1.gz", "-rw-r--r--"),
+        ("./usr/share/man/man1/emis-edge-serve.1.gz", "-rw-r--r--"),
+        (
+            "./usr/share/bash-completion/completions/emis-edge",
+            "-rw-r--r--",
+        ),
+        (
+            "./usr/share/zsh/vendor-completions/_emis-edge",
+            "-rw-r--r--",
+        ),
+        (
+            "./usr/share/fish/vendor_completions.d/emis-edge.fish",
+            "-rw-r--r--",
+        ),
     ] {
         assert!(
             files

@@ -4,15 +4,18 @@
 
 mod cli;
 mod convergence;
+mod dashboard;
 mod demo;
 mod e2e;
 mod faults;
 mod feed;
 mod fuzz;
+mod generated;
 mod hostile;
 mod http;
 mod kafka;
 mod layering;
+mod page;
 mod resync;
 mod store;
 mod support;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::routing::get;
 use emis_edge::domain::EventType;
 use emis_edge::resync;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::support::*;
 
@@ -190,14 +190,36 @@ async fn resync_repairs_lost_events_removes_deleted_entities_and_keeps_newer_one
     assert_eq!(without_sync_times(from_b), without_sync_times(from_a));
     let (_, status) = b.get_json("/api/sync/status").await;
     assert_eq!(status["lastResync"]["result"], "ok");
+    // The status page's figures: the school changed now, with what it holds
+    // after the repair (classes 1, 2 and 4; the teacher; the assignment),
+    // and this minute's changes are the run's.
+    let resynced_at = rfc3339(b.clock.now_value());
+    let first = report.schools[0].report.as_ref().unwrap();
+    assert_eq!(status["schoolCount"], 1);
+    assert_eq!(
+        status["schools"],
+        json!([{"schoolId": school(1), "lastChangeAt": resynced_at,
+                "classes": 3, "teachers": 1, "assignments": 1}])
+    );
+    let per_minute = status["appliedPerMinute"].as_array().unwrap();
+    assert_eq!(per_minute.len(), 60);
+    assert_eq!(per_minute[59], first.applied + first.deleted);
     let (_, class) = b.get_json(&format!("/api/classes/{}", id(2))).await;
     assert_eq!(class["syncSource"], "resync");
-    // A second run changes nothing.
+    // A second run changes nothing, and so is no change of the school.
+    b.clock.set(b.clock.now_value() + 120 * SEC);
     let again = resync::run_for_node(&b.node.state, None, false)
         .await
         .unwrap();
     let r = again.schools[0].report.as_ref().unwrap();
     assert_eq!((r.applied, r.deleted), (0, 0), "{r:?}");
+    let (_, status) = b.get_json("/api/sync/status").await;
+    assert_eq!(status["schools"][0]["lastChangeAt"], resynced_at);
+    assert_eq!(
+        status["appliedPerMinute"][57],
+        first.applied + first.deleted
+    );
+    assert_eq!(status["appliedPerMinute"][59], 0);
 }
 
 /// Serves `body` (and `status`) as every snapshot, after `delay`.
@@ -555,4 +577,15 @@ async fn an_import_beyond_the_body_size_limit_gets_a_clean_413_and_changes_nothi
         c.node.state.store.read().unwrap().schools().unwrap().len(),
         2
     );
+    // The import is the schools' last change, and this minute's changes.
+    let (_, status) = c.get_json("/api/sync/status").await;
+    let now = rfc3339(c.clock.now_value());
+    let changed: Vec<&Value> = status["schools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| &s["lastChangeAt"])
+        .collect();
+    assert_eq!(changed, [&json!(now), &json!(now)], "{status:#}");
+    assert_eq!(status["appliedPerMinute"][59], 5, "{status:#}");
 }
