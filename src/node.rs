@@ -91,6 +91,12 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         &stop,
         crate::maintenance::Purger::new(state.clone()),
     );
+    spawn(
+        &mut tasks,
+        &state,
+        &stop,
+        crate::maintenance::SpaceMeter::new(state.clone()),
+    );
     if config.kafka.brokers.trim().is_empty() {
         tracing::warn!(
             "kafka.brokers is empty: no events will be consumed; serving the store as it is"

@@ -73,6 +73,12 @@ enum Command {
         /// Print the status document as JSON instead of a summary.
         #[arg(long)]
         json: bool,
+        /// Also print where the store file's bytes go, per table: entries,
+        /// stored bytes, B-tree overhead, unused page space, pages; and the
+        /// file's allocated size and free share. On a stopped node this
+        /// reads the whole file.
+        #[arg(long)]
+        tables: bool,
     },
     /// Run one resync now: fetch each served school's snapshot from
     /// resync.central_url and reconcile (all or nothing per school). Through
@@ -198,12 +204,16 @@ pub fn run() -> ExitCode {
     match cli.command {
         Command::Serve { config } => serve::serve(config.as_deref()),
         Command::CheckConfig { config } => serve::check_config(&config),
-        Command::Status { config, json } => {
+        Command::Status {
+            config,
+            json,
+            tables,
+        } => {
             let config = match load(config.as_deref()) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            match status::status(&config, json) {
+            match status::status(&config, json, tables) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&e),
             }

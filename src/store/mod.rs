@@ -56,11 +56,13 @@ mod open;
 mod read;
 mod reopen;
 mod schema;
+mod space;
 mod write;
 
 pub use feed::{ChangesPage, FeedError, FeedInfo, FeedItem, FeedState};
 pub use read::{Page, Reader, StateRow, StoreStats};
 pub use schema::{counter, FORMAT_VERSION};
+pub use space::{allocated_bytes, CompactReport, StoreSpace, TableSpace, SPACE_EVERY};
 pub use write::{ApplyReport, Batch, Drift, ReconcileReport};
 
 /// Dead letters keep at most this much of the raw payload.
@@ -99,6 +101,10 @@ pub enum StoreError {
     /// The store is being reopened after an I/O error, or could not be.
     #[error("the store is not available: {0}")]
     Unavailable(String),
+    /// An operation that needs the store to itself (a compaction) found it
+    /// in use; nothing was changed.
+    #[error("the store is busy: {0}")]
+    Busy(String),
     #[error("store data is corrupt: {0}")]
     Corrupt(String),
     #[error("store I/O failed: {0}")]
@@ -230,6 +236,8 @@ pub struct Store {
     /// The file and its options, to reopen it (`None`: in memory).
     file: Option<(PathBuf, StoreOptions)>,
     health: Mutex<StoreHealth>,
+    /// The last measurement of where the file's bytes go.
+    space: space::SpaceCache,
     /// The last change-log position committed (see [`Store::subscribe`]).
     committed: tokio::sync::watch::Sender<u64>,
     #[cfg(feature = "fault-injection")]
@@ -245,6 +253,7 @@ impl Store {
             reopened: Condvar::new(),
             file,
             health: Mutex::new(StoreHealth::default()),
+            space: Default::default(),
             committed: tokio::sync::watch::channel(head).0,
             #[cfg(feature = "fault-injection")]
             fail_next_commit: AtomicBool::new(false),
