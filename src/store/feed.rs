@@ -21,8 +21,8 @@ use uuid::Uuid;
 
 use super::read::Reader;
 use super::schema::{
-    decode, encode, entity_table, meta_u64, Id, FEED_ENTRIES, FEED_LOG, META, META_FEED_FLOOR,
-    META_FEED_SEQ, META_STORE_ID, META_UPSTREAM_CURSOR, TOMBSTONES,
+    decode, decode_record, encode, entity_table, meta_u64, Id, FEED_ENTRIES, FEED_LOG, META,
+    META_FEED_FLOOR, META_FEED_SEQ, META_STORE_ID, META_UPSTREAM_CURSOR, TOMBSTONES,
 };
 use super::{Result, StoreError};
 use crate::domain::feed::delete_line;
@@ -234,7 +234,7 @@ pub(super) fn build_log(txn: &WriteTransaction) -> Result<u64> {
     for kind in EntityKind::ALL {
         for entry in txn.open_table(entity_table(kind))?.iter()? {
             let (id, value) = entry?;
-            let record: Record<Entity> = decode(value.value())?;
+            let record = decode_record(id.value(), value.value())?;
             log.record(kind, id.value(), &[record.data.school_id().as_u128()])?;
         }
     }
@@ -391,7 +391,7 @@ impl Reader {
                 .ok_or_else(|| StoreError::Corrupt(format!("unknown entity kind code {code}")))?;
             let slot = super::schema::kind_slot(kind);
             let state = if let Some(v) = tables[slot].get(id)? {
-                FeedState::Live(decode(v.value())?)
+                FeedState::Live(decode_record(id, v.value())?)
             } else if let Some(v) = tombstones.get((code, id))? {
                 let t: Tombstone = decode(v.value())?;
                 FeedState::Deleted {

@@ -51,6 +51,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::Timestamp;
 
+mod codec;
 mod feed;
 mod open;
 mod read;

@@ -3,7 +3,7 @@
 
 use emis_edge::domain::{EntityKind, EventType, SyncSource};
 use emis_edge::store::{Batch, DeadLetter, Store, StoreError, StoreOptions};
-use redb::{ReadableDatabase, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde_json::json;
 
 use crate::support::*;
@@ -492,4 +492,203 @@ fn a_format_1_store_is_upgraded_in_place_and_keeps_its_data() {
         meta.get("format_version").unwrap().unwrap().value(),
         emis_edge::store::FORMAT_VERSION.to_le_bytes()
     );
+}
+
+/// Every answer a store gives about the generator's tiny province: state,
+/// teacher documents, the change feed and the snapshots.
+fn answers(store: &Store, p: &emis_edge::gen::Province) -> serde_json::Value {
+    let r = store.read().unwrap();
+    let dump = format!("{:?}", r.dump().unwrap());
+    let mut docs = Vec::new();
+    for s in 0..p.spec.schools {
+        for t in 0..p.spec.teachers_per_school {
+            let body = r.teacher_detail_body(p.teacher_id(s, t)).unwrap().unwrap();
+            docs.push(String::from_utf8(body).unwrap());
+        }
+    }
+    let feed = r.changes(&p.school_ids(), None, 1_000_000).unwrap();
+    let feed: Vec<String> = feed
+        .items
+        .iter()
+        .map(|i| format!("{} {}", i.seq, String::from_utf8(i.line()).unwrap()))
+        .collect();
+    let mut snapshots = Vec::new();
+    for s in p.school_ids() {
+        r.write_snapshot(s, |line| {
+            snapshots.push(String::from_utf8(line.to_vec()).unwrap());
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+    }
+    json!({ "dump": dump, "docs": docs, "feed": feed, "snapshots": snapshots })
+}
+
+/// A store of the generator's tiny province with one class deleted and
+/// every document rendered.
+fn tiny_province(store: &Store) -> emis_edge::gen::Province {
+    let p = emis_edge::gen::Province::new(emis_edge::gen::Spec::scale("tiny", 1).unwrap());
+    let mut changes = Vec::new();
+    for s in 0..p.spec.schools {
+        for e in p.school(s) {
+            changes.push((p.initial_key(&e), emis_edge::domain::Change::Upsert(e)));
+        }
+    }
+    store
+        .apply_batch(&batch(changes), T0, SyncSource::Kafka)
+        .unwrap();
+    let class = p.class_id(0, 0);
+    store
+        .apply_batch(
+            &batch(vec![parse(
+                EventType::ClassDeleted,
+                &merge(
+                    envelope(EventType::ClassDeleted, id(77), T0, Some(9), p.school_id(0)),
+                    json!({ "classId": class }),
+                ),
+            )]),
+            T0,
+            SyncSource::Kafka,
+        )
+        .unwrap();
+    while store.materialize(1000, T0).unwrap() > 0 {}
+    p
+}
+
+#[test]
+fn a_format_3_store_is_upgraded_in_place_and_keeps_every_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let (p, before) = {
+        let store = open(&dir);
+        let p = tiny_province(&store);
+        let before = answers(&store, &p);
+        (p, before)
+    };
+    // Turn it into what format 3 wrote: records in bincode (value format
+    // 1), a copy of every assignment record in the by-teacher index, plain
+    // JSON documents.
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        let bincode = |r: &emis_edge::domain::Record<emis_edge::domain::Entity>| {
+            let mut v = vec![1u8];
+            v.extend(bincode::serde::encode_to_vec(r, bincode::config::standard()).unwrap());
+            v
+        };
+        let store_answers = before["docs"].as_array().unwrap().clone();
+        txn.delete_table(TableDefinition::<(u128, u128), ()>::new(
+            "assignment_by_teacher",
+        ))
+        .unwrap();
+        {
+            let mut by_teacher = txn
+                .open_table(TableDefinition::<(u128, u128), &[u8]>::new(
+                    "assignment_by_teacher",
+                ))
+                .unwrap();
+            let mut docs = txn
+                .open_table(TableDefinition::<u128, &[u8]>::new("teacher_docs"))
+                .unwrap();
+            let mut n = 0;
+            for s in 0..p.spec.schools {
+                for t in 0..p.spec.teachers_per_school {
+                    let doc = store_answers[n].as_str().unwrap();
+                    docs.insert(p.teacher_id(s, t).as_u128(), doc.as_bytes())
+                        .unwrap();
+                    n += 1;
+                }
+            }
+            for s in 0..p.spec.schools {
+                for e in p.school(s) {
+                    let mut record = p.record(e.clone());
+                    record.last_synced_at = T0;
+                    record.source = SyncSource::Kafka;
+                    let table = match e.kind() {
+                        EntityKind::Class => "classes",
+                        EntityKind::Teacher => "teachers",
+                        EntityKind::Assignment => "assignments",
+                    };
+                    let mut entities = txn
+                        .open_table(TableDefinition::<u128, &[u8]>::new(table))
+                        .unwrap();
+                    if entities.get(e.id().as_u128()).unwrap().is_none() {
+                        continue; // deleted
+                    }
+                    entities
+                        .insert(e.id().as_u128(), bincode(&record).as_slice())
+                        .unwrap();
+                    if let emis_edge::domain::Entity::Assignment(a) = &e {
+                        by_teacher
+                            .insert(
+                                (a.teacher_id.as_u128(), a.assignment_id.as_u128()),
+                                bincode(&record).as_slice(),
+                            )
+                            .unwrap();
+                    }
+                }
+            }
+            let mut meta = txn
+                .open_table(TableDefinition::<&str, &[u8]>::new("meta"))
+                .unwrap();
+            meta.insert("format_version", 3u32.to_le_bytes().as_slice())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let store = open(&dir);
+    assert_eq!(
+        answers(&store, &p),
+        before,
+        "the same answers after the upgrade"
+    );
+    // Changes go on as before: a class rename reaches its teachers.
+    let class = p.class_id(0, 1);
+    let mut renamed = p.class(0, 1);
+    renamed.class_name = "Lớp 12Z9".into();
+    let mut fields = serde_json::to_value(&renamed).unwrap();
+    fields["classId"] = json!(class);
+    store
+        .apply_batch(
+            &batch(vec![parse(
+                EventType::ClassUpdated,
+                &merge(
+                    envelope(EventType::ClassUpdated, id(78), T0, Some(9), p.school_id(0)),
+                    fields,
+                ),
+            )]),
+            T0,
+            SyncSource::Kafka,
+        )
+        .unwrap();
+    while store.materialize(1000, T0).unwrap() > 0 {}
+    let shown = (0..p.spec.teachers_per_school)
+        .map(|t| teacher_doc(&store, p.teacher_id(0, t)).to_string())
+        .filter(|d| d.contains("Lớp 12Z9"))
+        .count();
+    assert!(
+        shown > 0,
+        "the renamed class shows in its teachers' documents"
+    );
+    drop(store);
+    let db = redb::Database::open(&path).unwrap();
+    let txn = db.begin_read().unwrap();
+    assert_eq!(
+        txn.open_table(TableDefinition::<&str, &[u8]>::new("meta"))
+            .unwrap()
+            .get("format_version")
+            .unwrap()
+            .unwrap()
+            .value(),
+        emis_edge::store::FORMAT_VERSION.to_le_bytes()
+    );
+    // The index holds keys only, and documents are compressed.
+    txn.open_table(TableDefinition::<(u128, u128), ()>::new(
+        "assignment_by_teacher",
+    ))
+    .unwrap();
+    let docs = txn
+        .open_table(TableDefinition::<u128, &[u8]>::new("teacher_docs"))
+        .unwrap();
+    let doc = docs.get(p.teacher_id(1, 0).as_u128()).unwrap().unwrap();
+    assert_ne!(doc.value()[0], b'{', "stored compressed, not as JSON");
 }
