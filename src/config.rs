@@ -139,6 +139,10 @@ pub struct StoreConfig {
     pub tombstone_retention: Duration,
     /// redb page cache, MiB.
     pub cache_mb: usize,
+    /// At start, the node compacts the store file (gives free pages back to
+    /// the file system) when at least this share of it is free, 0.0–1.0;
+    /// 1.0 never. Measuring it reads every page of the file once.
+    pub compact_at_free_share: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -240,6 +244,7 @@ impl Default for StoreConfig {
         StoreConfig {
             tombstone_retention: Duration::from_secs(30 * 86_400),
             cache_mb: 64,
+            compact_at_free_share: 0.5,
         }
     }
 }
@@ -462,6 +467,12 @@ impl Config {
         }
         if !(1..=65_536).contains(&self.store.cache_mb) {
             return Err(bad("store.cache_mb", "must be between 1 and 65536"));
+        }
+        if !(0.0..=1.0).contains(&self.store.compact_at_free_share) {
+            return Err(bad(
+                "store.compact_at_free_share",
+                "must be between 0.0 and 1.0 (1.0: never)",
+            ));
         }
         if log_filter(&self.log.level).is_err() {
             return Err(bad(

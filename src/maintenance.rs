@@ -94,8 +94,9 @@ impl Worker for Purger {
 }
 
 /// Measures where the store file's bytes go (`Store::measure_space`: a
-/// walk of every table, about a read of the whole file) a minute after
-/// start and then every [`crate::store::SPACE_EVERY`], so that status and
+/// walk of every table, about a read of the whole file) every
+/// [`crate::store::SPACE_EVERY`] (a minute after start if the start did
+/// not measure it), so that status and
 /// `/metrics` show file size, live bytes and free share without walking
 /// the file themselves.
 pub struct SpaceMeter {
@@ -118,8 +119,12 @@ impl Worker for SpaceMeter {
     }
 
     async fn step(&mut self, _stop: &CancellationToken) -> anyhow::Result<Next> {
-        if std::mem::take(&mut self.first) && self.state.store.space().is_none() {
-            return Ok(Next::After(Self::FIRST_AFTER));
+        if std::mem::take(&mut self.first) {
+            // Measured at start already when the node considered compacting.
+            return Ok(Next::After(match self.state.store.space() {
+                Some(_) => crate::store::SPACE_EVERY,
+                None => Self::FIRST_AFTER,
+            }));
         }
         let (store, now) = (self.state.store.clone(), self.state.clock.now());
         let space = blocking(move || store.measure_space(now)).await?;

@@ -23,6 +23,7 @@ use clap::{Parser, Subcommand};
 use crate::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
 use crate::store::{Store, StoreOptions};
 
+mod compact;
 mod gen;
 mod resync;
 mod serve;
@@ -141,6 +142,16 @@ enum Command {
     /// changes (--trickle), and the teacher ids for load scripts
     /// (--teacher-ids). For tests, benchmarks and load tests.
     Gen(GenArgs),
+    /// Give the store file's free pages back to the file system (redb's
+    /// compaction), on a stopped node: exit 1 if a node answers at
+    /// http.listen. Prints the file's size before and after. A running node
+    /// compacts by itself at start when the free share is at least
+    /// store.compact_at_free_share; an offline import compacts when done.
+    Compact {
+        /// Configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Load a snapshot file (from `export` or central) into the store: all or
     /// nothing per school; a truncated or corrupt school changes nothing and
     /// its line is named. Through the running node if there is one.
@@ -229,6 +240,7 @@ pub fn run() -> ExitCode {
             out,
         } => with_config(&config, |c| transfer::export(c, schools, &out)),
         Command::Import { config, file } => with_config(&config, |c| transfer::import(c, &file)),
+        Command::Compact { config } => with_config(&config, compact::compact),
         Command::Demo {
             scale,
             seed,

@@ -4,10 +4,13 @@
 //! file with `crate::resync`.
 
 use std::path::Path;
+
+use futures::StreamExt;
 use std::time::Duration;
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
+use crate::resync::ImportProgress;
 use crate::store::Store;
 
 use super::{
@@ -77,7 +80,16 @@ pub(super) fn import(config: &Config, file: &Path) -> anyhow::Result<bool> {
     let rt = runtime()?;
     let via_node = rt.block_on(async {
         let f = tokio::fs::File::open(file).await?;
-        let stream = tokio_util::io::ReaderStream::with_capacity(f, 1 << 20);
+        // The bar shows what was sent; the node logs how far it got.
+        let mut tick = progress(Some(size), "bytes sent to the node");
+        let mut sent = 0u64;
+        let stream = tokio_util::io::ReaderStream::with_capacity(f, 1 << 20).map(move |chunk| {
+            if let Ok(chunk) = &chunk {
+                sent += chunk.len() as u64;
+                tick(sent);
+            }
+            chunk
+        });
         ask_node(
             config,
             Ask::Admin,
@@ -98,14 +110,23 @@ pub(super) fn import(config: &Config, file: &Path) -> anyhow::Result<bool> {
                 read: 0,
                 tick: &mut tick,
             };
+            let mut writing: Option<Box<dyn FnMut(u64)>> = None;
             let outcomes = crate::resync::import(
                 &store,
                 &config.school_filter(),
                 std::io::BufReader::with_capacity(1 << 20, counted),
                 SystemClock.now(),
-                |_| {},
+                |p| {
+                    if let ImportProgress::Written { rows, of } = p {
+                        writing.get_or_insert_with(|| {
+                            Box::new(progress(Some(of), "rows written (empty store: bulk load)"))
+                        })(rows)
+                    }
+                },
             )?;
+            drop(writing);
             render_documents(&store)?;
+            compact(&store)?;
             serde_json::json!({ "schools": outcomes })
         }
     };
@@ -129,6 +150,21 @@ fn render_documents(store: &Store) -> anyhow::Result<()> {
         done += n as u64;
         tick(done);
     }
+}
+
+/// Gives the free pages an import left back to the file system: the node
+/// then starts on a file no larger than its data.
+fn compact(store: &Store) -> anyhow::Result<()> {
+    let report = store.compact(SystemClock.now())?;
+    let mib =
+        |s: &crate::store::StoreSpace| s.file_allocated.unwrap_or(0) as f64 / f64::from(1 << 20);
+    eprintln!(
+        "emis-edge: store compacted: {:.0} MiB → {:.0} MiB on disk ({:.0} MiB of data)",
+        mib(&report.before),
+        mib(&report.after),
+        report.after.live_bytes as f64 / f64::from(1 << 20)
+    );
+    Ok(())
 }
 
 /// Reports the bytes read so far to `tick`: the progress of an import.

@@ -31,6 +31,8 @@ use crate::domain::{
 /// First byte of a record value in this encoding (bincode ones start
 /// with 1).
 pub(super) const RECORD_FORMAT: u8 = 2;
+/// First byte of an entity's change-log entries in this encoding.
+pub(super) const ENTRIES_FORMAT: u8 = 4;
 /// First byte of a stored document: zstd with [`DICTIONARY`].
 pub(super) const DOC_FORMAT: u8 = 3;
 /// The zstd level documents are compressed at: with the dictionary,
@@ -104,6 +106,41 @@ pub(super) fn decode_doc(stored: &[u8]) -> Result<Vec<u8>> {
         Some((b'{', _)) => Ok(stored.to_vec()),
         Some((other, _)) => Err(corrupt(format!("unknown document format {other}"))),
         None => Err(corrupt("empty stored document")),
+    }
+}
+
+// ---- change-log entries ---------------------------------------------------
+
+/// An entity's entries in the change log, (school, position) each: 16 raw
+/// bytes and a LEB128 position (bincode took 17 and up to 9).
+pub(super) fn encode_entries(entries: &[(u128, u64)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + entries.len() * 20);
+    out.push(ENTRIES_FORMAT);
+    put_varint(&mut out, entries.len() as u64);
+    for &(school, seq) in entries {
+        out.extend_from_slice(&school.to_be_bytes());
+        put_varint(&mut out, seq);
+    }
+    out
+}
+
+/// Reads what [`encode_entries`] wrote, or format 3's bincode.
+pub(super) fn decode_entries(bytes: &[u8]) -> Result<Vec<(u128, u64)>> {
+    match bytes.split_first() {
+        Some((&ENTRIES_FORMAT, rest)) => {
+            let mut r = Bytes(rest);
+            let n = r.varint()?;
+            let mut out = Vec::with_capacity(n.min(64) as usize);
+            for _ in 0..n {
+                let school = u128::from_be_bytes(r.take(16)?.try_into().expect("16 bytes"));
+                out.push((school, r.varint()?));
+            }
+            if !r.0.is_empty() {
+                return Err(corrupt("trailing bytes after change-log entries"));
+            }
+            Ok(out)
+        }
+        _ => super::schema::decode(bytes),
     }
 }
 
@@ -490,6 +527,19 @@ mod tests {
         let mut longer = bytes.clone();
         longer.push(0);
         assert!(decode_record(5, &longer).is_err());
+    }
+
+    #[test]
+    fn change_log_entries_roundtrip_in_both_encodings() {
+        let entries = vec![(u128::MAX, 0), (7, u64::MAX), (0, 300)];
+        assert_eq!(decode_entries(&encode_entries(&entries)).unwrap(), entries);
+        assert_eq!(
+            decode_entries(&super::super::schema::encode(&entries)).unwrap(),
+            entries
+        );
+        assert_eq!(decode_entries(&encode_entries(&[])).unwrap(), vec![]);
+        let bytes = encode_entries(&entries);
+        assert!(decode_entries(&bytes[..bytes.len() - 1]).is_err());
     }
 
     #[test]

@@ -21,8 +21,9 @@ use uuid::Uuid;
 
 use super::read::Reader;
 use super::schema::{
-    decode, decode_record, encode, entity_table, meta_u64, Id, FEED_ENTRIES, FEED_LOG, META,
-    META_FEED_FLOOR, META_FEED_SEQ, META_STORE_ID, META_UPSTREAM_CURSOR, TOMBSTONES,
+    decode, decode_entries, decode_record, encode_entries, entity_table, meta_u64, Id,
+    FEED_ENTRIES, FEED_LOG, META, META_FEED_FLOOR, META_FEED_SEQ, META_STORE_ID,
+    META_UPSTREAM_CURSOR, TOMBSTONES,
 };
 use super::{Result, StoreError};
 use crate::domain::feed::delete_line;
@@ -159,7 +160,7 @@ impl<'t> LogWriter<'t> {
     fn entries_of(&self, kind: EntityKind, id: Id) -> Result<Vec<(Id, u64)>> {
         self.entries
             .get((kind.code(), id))?
-            .map_or(Ok(Vec::new()), |v| decode(v.value()))
+            .map_or(Ok(Vec::new()), |v| decode_entries(v.value()))
     }
 
     /// Enters a change of the entity at the next position under each of
@@ -181,7 +182,7 @@ impl<'t> LogWriter<'t> {
             self.log.insert((school, seq), (kind.code(), id))?;
         }
         self.entries
-            .insert((kind.code(), id), encode(&entries).as_slice())?;
+            .insert((kind.code(), id), encode_entries(&entries).as_slice())?;
         Ok(())
     }
 

@@ -51,6 +51,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::Timestamp;
 
+mod bulk;
 mod codec;
 mod feed;
 mod open;
@@ -60,6 +61,7 @@ mod schema;
 mod space;
 mod write;
 
+pub use bulk::{BulkLoad, Repeated};
 pub use feed::{ChangesPage, FeedError, FeedInfo, FeedItem, FeedState};
 pub use read::{Page, Reader, StateRow, StoreStats};
 pub use schema::{counter, FORMAT_VERSION};

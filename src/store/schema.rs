@@ -10,7 +10,9 @@
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use serde::{de::DeserializeOwned, Serialize};
 
-pub(super) use super::codec::{decode_doc, decode_record, encode_doc, encode_record};
+pub(super) use super::codec::{
+    decode_doc, decode_entries, decode_record, encode_doc, encode_entries, encode_record,
+};
 use super::{Result, StoreError};
 use crate::domain::{EntityKind, Timestamp};
 

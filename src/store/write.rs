@@ -471,7 +471,7 @@ impl ApplyReport {
     }
 }
 
-fn add_counters(txn: &WriteTransaction, deltas: &[(&str, u64)]) -> Result<()> {
+pub(super) fn add_counters(txn: &WriteTransaction, deltas: &[(&str, u64)]) -> Result<()> {
     let mut table = txn.open_table(COUNTERS)?;
     for &(name, delta) in deltas {
         if delta > 0 {
@@ -482,7 +482,7 @@ fn add_counters(txn: &WriteTransaction, deltas: &[(&str, u64)]) -> Result<()> {
     Ok(())
 }
 
-fn raise_watermark(txn: &WriteTransaction, t: Timestamp) -> Result<()> {
+pub(super) fn raise_watermark(txn: &WriteTransaction, t: Timestamp) -> Result<()> {
     let mut meta = txn.open_table(META)?;
     let old = meta
         .get(META_WATERMARK)?
