@@ -414,11 +414,62 @@ pub enum ImportProgress {
 pub fn import(
     store: &Store,
     filter: &SchoolFilter,
-    input: impl BufRead,
+    input: impl BufRead + Send,
     now: Timestamp,
     mut progress: impl FnMut(ImportProgress),
 ) -> anyhow::Result<Vec<SchoolOutcome>> {
+    // The file is read and parsed on a thread of its own while this one
+    // writes: parsing JSON is a third of an import's work.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Parsed>(64);
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(move || parse_schools(input, tx));
+        let result = import_parsed(store, filter, &rx, now, &mut progress);
+        // On an error here the parser stops at its next send.
+        drop(rx);
+        let parsed = reader.join().expect("the snapshot parser panicked");
+        let outcomes = result?;
+        parsed?;
+        Ok(outcomes)
+    })
+}
+
+/// What the parsing thread of [`import`] hands over.
+enum Parsed {
+    School(Result<SchoolSnapshot, crate::domain::SnapshotError>),
+    Lines(u64),
+    /// The input ended (with a school left unfinished, if any).
+    End(Option<crate::domain::SnapshotError>, u64),
+}
+
+fn parse_schools(
+    input: impl BufRead,
+    tx: std::sync::mpsc::SyncSender<Parsed>,
+) -> std::io::Result<()> {
     let mut reader = SnapshotReader::new();
+    for line in input.split(b'\n') {
+        let line = line?;
+        if let Some(result) = reader.feed(&line) {
+            if tx.send(Parsed::School(result)).is_err() {
+                return Ok(()); // the writer gave up
+            }
+        }
+        if reader.lines().is_multiple_of(10_000) && tx.send(Parsed::Lines(reader.lines())).is_err()
+        {
+            return Ok(());
+        }
+    }
+    let lines = reader.lines();
+    let _ = tx.send(Parsed::End(reader.finish(), lines));
+    Ok(())
+}
+
+fn import_parsed(
+    store: &Store,
+    filter: &SchoolFilter,
+    parsed: &std::sync::mpsc::Receiver<Parsed>,
+    now: Timestamp,
+    progress: &mut dyn FnMut(ImportProgress),
+) -> anyhow::Result<Vec<SchoolOutcome>> {
     let mut outcomes = Vec::new();
     let mut pending: Vec<SchoolSnapshot> = Vec::new();
     let mut pending_records = 0;
@@ -448,41 +499,47 @@ pub fn import(
         }));
         Ok(())
     };
-    for line in input.split(b'\n') {
-        let line = line?;
-        match reader.feed(&line) {
-            Some(Ok(snapshot)) if !filter.serves(snapshot.school_id) => {
+    let mut unfinished = None;
+    // Ends without `End` only if the parser failed (it says why).
+    for item in parsed {
+        match item {
+            Parsed::School(Ok(snapshot)) if !filter.serves(snapshot.school_id) => {
                 outcomes.push(SchoolOutcome {
                     school_id: snapshot.school_id,
                     report: None,
                     error: Some("not a school this node serves (schools.ids): skipped".into()),
                 })
             }
-            Some(Ok(snapshot)) => {
+            Parsed::School(Ok(snapshot)) => {
                 pending_records += snapshot.records.len();
                 pending.push(snapshot);
                 if pending_records >= IMPORT_BATCH_RECORDS {
-                    flush(&mut pending, &mut outcomes, &mut progress)?;
+                    flush(&mut pending, &mut outcomes, progress)?;
                     pending_records = 0;
                 }
             }
-            Some(Err(e)) => outcomes.push(SchoolOutcome {
+            Parsed::School(Err(e)) => outcomes.push(SchoolOutcome {
                 school_id: e.school.unwrap_or(Uuid::nil()),
                 report: None,
                 error: Some(e.to_string()),
             }),
-            None => {}
-        }
-        if reader.lines().is_multiple_of(10_000) {
-            progress(ImportProgress::Read(reader.lines()));
+            Parsed::Lines(n) => progress(ImportProgress::Read(n)),
+            Parsed::End(e, lines) => {
+                progress(ImportProgress::Read(lines));
+                unfinished = Some(e);
+            }
         }
     }
-    flush(&mut pending, &mut outcomes, &mut progress)?;
-    progress(ImportProgress::Read(reader.lines()));
+    let Some(unfinished) = unfinished else {
+        // The parser stopped on a read error: `import` reports it; what
+        // was read is not written.
+        return Ok(outcomes);
+    };
+    flush(&mut pending, &mut outcomes, progress)?;
     if let Some(bulk) = bulk {
-        finish_bulk(bulk, &mut progress)?;
+        finish_bulk(bulk, progress)?;
     }
-    if let Some(e) = reader.finish() {
+    if let Some(e) = unfinished {
         outcomes.push(SchoolOutcome {
             school_id: e.school.unwrap_or(Uuid::nil()),
             report: None,
