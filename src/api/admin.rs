@@ -85,15 +85,8 @@ async fn admin_schools(
     headers: axum::http::HeaderMap,
 ) -> Result<Response, Problem> {
     loopback_only(&s, peer, &headers)?;
-    let schools = s.schools_to_sync(Vec::new()).map_err(|e| {
-        tracing::error!(error = %e, "listing schools failed");
-        Problem::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "store-error",
-            "Store error",
-            format!("{e:#}"),
-        )
-    })?;
+    let node = s.node().clone();
+    let schools = super::blocking(move || node.schools_to_sync(Vec::new())).await??;
     Ok(Json(json!({ "schools": schools })).into_response())
 }
 

@@ -18,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 
 use crate::state::NodeState;
+use crate::store::Reader;
 
 pub mod admin;
 pub mod ops;
@@ -51,6 +52,69 @@ impl ApiState {
     fn tokens(&self) -> &[String] {
         &self.0.tokens
     }
+}
+
+impl ApiState {
+    /// Runs `f` on one read transaction of the store without blocking this
+    /// async thread for long. The fast path reads here: a lookup is a few
+    /// microseconds of redb reads from its page cache, cheaper than a hop
+    /// to the blocking pool (see docs/PERFORMANCE.md). Only when the store
+    /// is being reopened, or the handle turns out poisoned by a writer's
+    /// I/O error, the read moves to the blocking pool, where it waits for
+    /// the writer's reopen and runs once more
+    /// ([`Store::read_with`](crate::store::Store::read_with)); a
+    /// store that does not come back in time is `503` with `Retry-After`,
+    /// never `500`. A reader never reopens the file itself.
+    pub(crate) async fn read<T, F>(&self, f: F) -> Result<T, Problem>
+    where
+        F: Fn(&Reader) -> crate::store::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        match self.store.try_read().and_then(|r| f(&r)) {
+            Err(e) if e.is_transient() => {}
+            done => return done.map_err(Problem::from),
+        }
+        let store = self.store.clone();
+        blocking(move || store.read_with(STORE_WAIT, f))
+            .await?
+            .map_err(Problem::from)
+    }
+
+    /// A read transaction to hand to blocking work (a snapshot stream):
+    /// at once when the store is open, else from the blocking pool once the
+    /// reopen is done.
+    pub(crate) async fn reader(&self) -> Result<Reader, Problem> {
+        match self.store.try_read() {
+            Err(e) if e.is_transient() => {}
+            done => return done.map_err(Problem::from),
+        }
+        let store = self.store.clone();
+        blocking(move || store.read_within(STORE_WAIT))
+            .await?
+            .map_err(Problem::from)
+    }
+}
+
+/// How long a request waits (on the blocking pool) for the store to be
+/// reopened before it is answered `503` with `Retry-After`: a reopen on a
+/// full disk takes about a second.
+pub const STORE_WAIT: Duration = Duration::from_secs(2);
+
+/// Runs work that may block (store reads that wait for a reopen, status
+/// documents, readiness, the metrics scrape) on tokio's blocking pool, so
+/// that `/health/live` and every other request keep their async threads.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Problem> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        tracing::error!(error = %e, "blocking request work failed");
+        Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "Internal error",
+            "the request failed; see the node's log".into(),
+        )
+    })
 }
 
 impl std::ops::Deref for ApiState {

@@ -2,8 +2,12 @@
 //! `/metrics` (served on the API listener, or alone on `http.ops_listen`),
 //! and the Prometheus exposition of the node's state behind `/metrics`.
 //! The instruments recorded as things happen are `crate::metrics`; the
-//! gauges here are read at scrape time from the store, the sync state and
-//! the worker registry, so they cannot drift from what status reports.
+//! gauges here are read at scrape time from the store (counts, offsets and
+//! the watermark: a few look-ups, never a walk over records), the sync
+//! state and the worker registry, so they cannot drift from what status
+//! reports. Per-school freshness needs a walk: the `freshness` worker does
+//! it and the scrape reads its last result. A scrape runs on the blocking
+//! pool.
 
 use std::sync::Arc;
 
@@ -34,12 +38,14 @@ pub(super) fn routes(state: &ApiState) -> Router<ApiState> {
         .route(
             "/metrics",
             get(move |headers: axum::http::HeaderMap| async move {
-                let text = render(&registry);
+                // The collector reads the store: off the async threads.
+                let registry = registry.clone();
+                let text = super::blocking(move || render(&registry)).await?;
                 let openmetrics = headers
                     .get(header::ACCEPT)
                     .and_then(|v| v.to_str().ok())
                     .is_some_and(|v| v.contains("application/openmetrics-text"));
-                if openmetrics {
+                Ok::<_, Problem>(if openmetrics {
                     (
                         [(
                             header::CONTENT_TYPE,
@@ -55,13 +61,14 @@ pub(super) fn routes(state: &ApiState) -> Router<ApiState> {
                         )],
                         to_prometheus_text(&text),
                     )
-                }
+                })
             }),
         )
 }
 
 async fn ready(State(s): State<ApiState>) -> Result<Response, Problem> {
-    match s.readiness()? {
+    let node = s.node().clone();
+    match super::blocking(move || node.readiness()).await?? {
         Ok(()) => Ok("ready\n".into_response()),
         Err(why) => Err(Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -116,10 +123,7 @@ pub fn registry(state: NodeState) -> Registry {
         "Drift found by resync runs, by entity kind and category",
         m.resync_drift.clone(),
     );
-    registry.register_collector(Box::new(NodeCollector {
-        state,
-        freshness: std::sync::Mutex::new(None),
-    }));
+    registry.register_collector(Box::new(NodeCollector { state }));
     registry
 }
 
@@ -162,39 +166,8 @@ pub fn render(registry: &Registry) -> String {
     out
 }
 
-/// How long a computed per-school freshness is reused: computing it walks
-/// every served school's records.
-const FRESHNESS_TTL: std::time::Duration = std::time::Duration::from_secs(300);
-
-type Freshness = Vec<(uuid::Uuid, crate::domain::Timestamp)>;
-
 struct NodeCollector {
     state: NodeState,
-    freshness: std::sync::Mutex<Option<(std::time::Instant, Freshness)>>,
-}
-
-impl NodeCollector {
-    fn freshness(&self) -> Freshness {
-        let mut cached = self.freshness.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((at, value)) = cached.as_ref() {
-            if at.elapsed() < FRESHNESS_TTL {
-                return value.clone();
-            }
-        }
-        let s = &self.state;
-        let value = s
-            .schools_to_sync(Vec::new())
-            .and_then(|schools| s.store.read()?.oldest_synced(&schools))
-            .unwrap_or_else(|e| {
-                tracing::error!(error = %format!("{e:#}"), "metrics: freshness not computed");
-                Vec::new()
-            });
-        // Nothing to report yet is not worth caching.
-        if !value.is_empty() {
-            *cached = Some((std::time::Instant::now(), value.clone()));
-        }
-        value
-    }
 }
 
 impl std::fmt::Debug for NodeCollector {
@@ -384,15 +357,19 @@ impl Collector for NodeCollector {
             "Seconds since this node last received an event of the partition",
             since,
         )?;
-        let fresh = self
-            .freshness()
+        // As the freshness worker last computed it: a scrape never walks
+        // the records.
+        let fresh = s
+            .metrics
+            .school_freshness
+            .get()
             .iter()
             .map(|(school, t)| (labels(&[("school", &school.to_string())]), *t as f64 / 1e9))
             .collect();
         gauge(
             &mut encoder,
             "school_oldest_synced_timestamp_seconds",
-            "Oldest lastSyncedAt among a served school's live records (refreshed every 5 minutes)",
+            "Oldest lastSyncedAt among a served school's live records (computed every 5 minutes)",
             fresh,
         )?;
         if let Ok(meta) = std::fs::metadata(s.config.store_path()) {

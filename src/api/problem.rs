@@ -24,6 +24,8 @@ pub struct Problem {
     kind: &'static str,
     title: &'static str,
     detail: String,
+    /// Seconds for a `Retry-After` header (a `503` that will pass).
+    retry_after: Option<u32>,
 }
 
 impl Problem {
@@ -38,6 +40,22 @@ impl Problem {
             kind,
             title,
             detail,
+            retry_after: None,
+        }
+    }
+
+    /// `503 store-unavailable` with `Retry-After`: the store is being
+    /// reopened after an I/O error, a moment and not a fault of the
+    /// request.
+    pub fn store_unavailable(detail: String) -> Self {
+        Problem {
+            retry_after: Some(1),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store-unavailable",
+                "Store unavailable",
+                detail,
+            )
         }
     }
 
@@ -68,27 +86,35 @@ impl IntoResponse for Problem {
             "status": self.status.as_u16(),
             "detail": self.detail,
         });
-        (
+        let mut response = (
             self.status,
             [(header::CONTENT_TYPE, "application/problem+json")],
             body.to_string(),
         )
-            .into_response()
+            .into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, secs.into());
+        }
+        response
     }
 }
 
 impl From<StoreError> for Problem {
     fn from(e: StoreError) -> Self {
-        tracing::error!(error = %e, "store read failed");
-        if let StoreError::Unavailable(why) = e {
+        if e.is_transient() {
             // Reopening after an I/O error: a moment, not a fault of the request.
-            return Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store-unavailable",
-                "Store unavailable",
-                format!("the local store is not available ({why}); try again shortly"),
-            );
+            tracing::warn!(error = %e, "store read deferred: the store is being reopened");
+            let why = match e {
+                StoreError::Unavailable(why) => why,
+                other => other.to_string(),
+            };
+            return Problem::store_unavailable(format!(
+                "the local store is not available ({why}); try again shortly"
+            ));
         }
+        tracing::error!(error = %e, "store read failed");
         Problem::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "store-error",

@@ -82,7 +82,7 @@ async fn teacher_detail(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Problem> {
     let id = path_id("teacherId", path)?;
-    let body = s.store.read()?.teacher_detail_body(id)?;
+    let body = s.read(move |r| r.teacher_detail_body(id)).await?;
     let body = body.ok_or_else(|| Problem::not_found(format!("teacher {id} is not known here")))?;
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
@@ -92,7 +92,7 @@ async fn class(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Problem> {
     let id = path_id("classId", path)?;
-    let record = s.store.read()?.entity(EntityKind::Class, id)?;
+    let record = s.read(move |r| r.entity(EntityKind::Class, id)).await?;
     let record =
         record.ok_or_else(|| Problem::not_found(format!("class {id} is not known here")))?;
     Ok(Json(entity_json(&record)).into_response())
@@ -111,7 +111,7 @@ async fn list(
         .get("after")
         .map(|raw| parse_id("after", raw))
         .transpose()?;
-    let page = s.store.read()?.page(kind, school, after, limit)?;
+    let page = s.read(move |r| r.page(kind, school, after, limit)).await?;
     Ok(Json(json!({
         "items": page.items.iter().map(entity_json).collect::<Vec<_>>(),
         "next": page.next,
@@ -148,7 +148,7 @@ async fn snapshot(
             "school {school} is not served by this node"
         )));
     }
-    let reader = s.store.read()?;
+    let reader = s.reader().await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
     // A client that takes no data for this long is cut off, so that it does
     // not hold the read transaction, a blocking thread and the buffered
@@ -211,7 +211,8 @@ async fn snapshot(
 }
 
 async fn sync_status(State(s): State<ApiState>) -> Result<Response, Problem> {
-    Ok(Json(s.status()?).into_response())
+    let node = s.node().clone();
+    Ok(Json(super::blocking(move || node.status()).await??).into_response())
 }
 
 async fn dead_letters(
@@ -220,7 +221,7 @@ async fn dead_letters(
 ) -> Result<Response, Problem> {
     let Query(params) = query?;
     let limit = limit_param(&params)?;
-    let letters = s.store.read()?.dead_letters(limit)?;
+    let letters = s.read(move |r| r.dead_letters(limit)).await?;
     // Stored payloads are up to 64 KiB each, and binary ones grow up to six
     // times as JSON text: the list stops at a budget of raw bytes.
     let mut budget = DEAD_LETTERS_MAX_RAW_BYTES;

@@ -403,3 +403,190 @@ async fn health_and_metrics_can_move_to_their_own_listener() {
     assert_eq!(r.status().as_u16(), 404, "the API is not on the ops port");
     assert_eq!(node.get("/api/sync/status").await.0, 200);
 }
+
+/// `GET /health/live` on a plain blocking socket from a thread of its own,
+/// so the probe does not depend on the node's runtime having a free
+/// thread: the status code, or `None` when no answer came within `bound`.
+fn probe_live(addr: std::net::SocketAddr, bound: std::time::Duration) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, bound).ok()?;
+    stream.set_read_timeout(Some(bound)).unwrap();
+    stream
+        .write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut got = [0u8; 12];
+    stream.read_exact(&mut got).ok()?;
+    std::str::from_utf8(&got[9..12]).ok()?.parse().ok()
+}
+
+/// Polls `done` until it holds, failing after `limit` with `what`. It
+/// blocks the test's own thread, which is none of the runtime's: it works
+/// also while every thread of the runtime is stuck.
+fn until(what: &str, limit: std::time::Duration, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// Lookups that find the store being reopened (after an I/O error) wait
+/// on the blocking pool, not on the async threads: with more of them
+/// waiting than the runtime has threads, `/health/live` (the systemd
+/// watchdog's probe) still answers at once, and the lookups are answered
+/// once the store is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_live_answers_while_lookups_wait_for_a_store_reopen() {
+    let node = TestNode::start(|_| {}).await;
+    seed(&node);
+    let store = node.node.state.store.clone();
+    let held = store.hold_reopen();
+    const LOOKUPS: usize = 8;
+    let lookups: Vec<_> = (0..LOOKUPS)
+        .map(|_| {
+            let request = node
+                .http
+                .get(node.url(&format!("/api/teachers/{}", id(TEACHER))))
+                .send();
+            tokio::spawn(async move {
+                let r = request.await.unwrap();
+                (r.status().as_u16(), r.json::<Value>().await.unwrap())
+            })
+        })
+        .collect();
+    // At least as many lookups waiting for the handle as the runtime has
+    // threads (on an async thread, they would hold every one).
+    until(
+        "the lookups waiting for the reopen",
+        std::time::Duration::from_secs(10),
+        || held.readers_waiting() >= 2,
+    );
+    let bound = std::time::Duration::from_secs(2);
+    let live = probe_live(node.node.addr, bound);
+    assert_eq!(
+        live,
+        Some(200),
+        "/health/live must answer within {bound:?} while lookups wait for the store"
+    );
+    drop(held);
+    for lookup in lookups {
+        let (status, detail) = lookup.await.unwrap();
+        assert_eq!(status, 200, "{detail}");
+        assert_eq!(detail["fullName"], "Nguyễn Thị Hương");
+    }
+}
+
+/// A store that stays unavailable is a `503` with `Retry-After`, never a
+/// `500`, and a lookup does not wait for it on an async thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_while_the_store_stays_unavailable_are_503_with_retry_after() {
+    let node = TestNode::start(|_| {}).await;
+    seed(&node);
+    let store = node.node.state.store.clone();
+    let _held = store.hold_reopen();
+    let requests = [
+        format!("/api/teachers/{}", id(TEACHER)),
+        format!("/api/classes/{}", id(11)),
+        format!("/api/schools/{}/classes", school(1)),
+        format!("/api/schools/{}/snapshot", school(1)),
+        "/api/sync/dead-letters".to_owned(),
+    ]
+    .map(|path| {
+        let request = tokio::spawn(node.http.get(node.url(&path)).send());
+        (path, request)
+    });
+    for (path, request) in requests {
+        let r = request.await.unwrap().unwrap();
+        assert_eq!(r.status().as_u16(), 503, "{path}");
+        assert_eq!(r.headers()["retry-after"], "1", "{path}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["type"], "urn:emis-edge:problem:store-unavailable", "{v}");
+    }
+}
+
+fn freshness(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| l.starts_with("emis_edge_school_oldest_synced_timestamp_seconds{"))
+        .map(|l| {
+            let (name, value) = l.rsplit_once(' ').unwrap();
+            (name.to_owned(), value.parse().unwrap())
+        })
+        .collect()
+}
+
+/// Per-school freshness needs a walk over every record: the `freshness`
+/// worker does it, and a scrape only reads what it last computed. Records
+/// changed after the worker ran do not show until it runs again — a
+/// scrape that walked the records would show them.
+#[tokio::test]
+async fn school_freshness_comes_from_the_worker_not_from_a_scrape() {
+    let s = school(1);
+    let ev = |t: EventType, n: u128, ts: i64, body: Value| {
+        parse(t, &merge(envelope(t, id(5000 + n), ts, Some(1), s), body))
+    };
+    // Synced at T0 + 1 h (the test clock) before the node starts.
+    let node = TestNode::start_seeded(
+        vec![
+            ev(
+                EventType::TeacherCreated,
+                1,
+                T0,
+                teacher_fields(id(TEACHER), "Nguyễn Thị Hương"),
+            ),
+            ev(
+                EventType::ClassCreated,
+                2,
+                T0,
+                class_fields(id(11), "Lớp 10A1"),
+            ),
+        ],
+        |_| {},
+    )
+    .await;
+    let synced = (T0 + 3600 * SEC) as f64 / 1e9;
+    let worker_ran = || async {
+        let (_, v) = node.get_json("/api/sync/status").await;
+        v["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["name"] == "freshness" && w["steps"].as_u64() >= Some(1))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !worker_ran().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the freshness worker never ran"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // Every record of the school is synced again, an hour later.
+    node.clock.set(T0 + 7200 * SEC);
+    node.apply(vec![
+        ev(
+            EventType::TeacherUpdated,
+            3,
+            T0 + SEC,
+            teacher_fields(id(TEACHER), "Nguyễn Thị Hương"),
+        ),
+        ev(
+            EventType::ClassUpdated,
+            4,
+            T0 + SEC,
+            class_fields(id(11), "Lớp 10A1"),
+        ),
+    ]);
+    for _ in 0..3 {
+        let (status, _, body) = node.get("/metrics").await;
+        assert_eq!(status, 200);
+        let text = String::from_utf8(body).unwrap();
+        assert_eq!(
+            freshness(&text),
+            vec![(
+                format!("emis_edge_school_oldest_synced_timestamp_seconds{{school=\"{s}\"}}"),
+                synced
+            )],
+            "a scrape shows the worker's result, it does not walk the records"
+        );
+    }
+}
