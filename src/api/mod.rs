@@ -178,7 +178,7 @@ pub fn router_with(state: ApiState, extra: Router<ApiState>) -> Router {
         ))
     };
     let api = api.layer(limits);
-    let main = Router::new().merge(api).merge(admin::routes());
+    let main = Router::new().merge(api).merge(admin::routes(&state));
     let main = if state.config.http.ops_listen.is_none() {
         main.merge(ops::routes(&state))
     } else {

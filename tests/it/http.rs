@@ -590,3 +590,156 @@ async fn school_freshness_comes_from_the_worker_not_from_a_scrape() {
         );
     }
 }
+
+/// The admin rule alone, for peers a test cannot connect from: with a
+/// token file the token decides for every peer, loopback too; without
+/// one only this host gets in.
+#[test]
+fn admin_access_needs_the_token_from_every_peer_or_else_this_host() {
+    use emis_edge::api::admin::{admin_access, AdminAccess::*};
+    use std::net::IpAddr;
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let (any, lo) = (ip("0.0.0.0"), ip("127.0.0.1"));
+    // A token file: loopback (a reverse proxy on this host) is no proof.
+    for peer in ["127.0.0.1", "::1", "10.1.2.3", "192.168.1.5"] {
+        assert_eq!(
+            admin_access(true, false, ip(peer), any),
+            NeedsToken,
+            "{peer}"
+        );
+        assert_eq!(admin_access(true, true, ip(peer), any), Granted, "{peer}");
+    }
+    // No token file: loopback and this host's own listen address only.
+    for peer in ["127.0.0.1", "127.0.0.2", "::1", "::ffff:127.0.0.1"] {
+        assert_eq!(admin_access(false, false, ip(peer), any), Granted, "{peer}");
+    }
+    for (peer, listen) in [
+        ("10.1.2.3", any),
+        ("10.1.2.3", lo),
+        ("192.168.1.6", ip("192.168.1.5")),
+        ("2001:db8::2", ip("::")),
+    ] {
+        assert_eq!(
+            admin_access(false, false, ip(peer), listen),
+            Forbidden,
+            "{peer} → {listen}"
+        );
+        // A token is no way around it when the node has none configured.
+        assert_eq!(admin_access(false, true, ip(peer), listen), Forbidden);
+    }
+    assert_eq!(
+        admin_access(false, false, ip("192.168.1.5"), ip("192.168.1.5")),
+        Granted,
+        "the command line on a node bound to one of the host's addresses"
+    );
+}
+
+/// Runs the command line against `node`, with `env` on top.
+async fn cli(node: &TestNode, args: &[&str], env: &[(&str, String)]) -> (i32, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_emis-edge"));
+    cmd.args(args)
+        .env_remove("RUST_LOG")
+        .env("EMIS_EDGE__HTTP__LISTEN", node.node.addr.to_string());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// With `http.token_file` set, a request from loopback without the token
+/// is refused on every admin route (a reverse proxy on the same host
+/// would otherwise make every client an admin), and the command line,
+/// which reads the token from the same file, still works through the
+/// node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_token_file_admin_routes_need_it_from_loopback_too_and_the_cli_sends_it() {
+    let secrets = tempfile::tempdir().unwrap();
+    let path = token_file(secrets.path(), 0o600);
+    let node = TestNode::start(|c| c.http.token_file = Some(path.clone())).await;
+    seed(&node);
+    let token = "school-app-token-0123456789";
+    for (method, route) in [
+        (reqwest::Method::GET, "/api/admin/schools"),
+        (reqwest::Method::POST, "/api/admin/resync"),
+        (reqwest::Method::POST, "/api/admin/import"),
+    ] {
+        let r = node
+            .http
+            .request(method.clone(), node.url(route))
+            .body("")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 401, "{route} without a token");
+        assert_eq!(r.headers()["www-authenticate"], "Bearer");
+        let r = node
+            .http
+            .request(method, node.url(route))
+            .bearer_auth("school-app-token-0123456780")
+            .body("")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 401, "{route} with a wrong token");
+    }
+    let r = node
+        .http
+        .get(node.url("/api/admin/schools"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+
+    // The command line reads http.token_file and goes through the node.
+    let env = [(
+        "EMIS_EDGE__HTTP__TOKEN_FILE",
+        path.to_str().unwrap().to_owned(),
+    )];
+    let (code, out, err) = cli(&node, &["status", "--config", "/dev/null", "--json"], &env).await;
+    assert_eq!(code, 0, "{err}");
+    let doc: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["entities"]["classes"], 2);
+    let file = secrets.path().join("usb.ndjson");
+    let file = file.to_str().unwrap();
+    let (code, _, err) = cli(
+        &node,
+        &["export", "--config", "/dev/null", "--out", file],
+        &env,
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let exported = std::fs::read_to_string(file).unwrap();
+    assert!(exported.contains("Nguyễn Thị Hương"), "{exported}");
+    // Import a school the node did not have, through the node.
+    let lines = [
+        merge(
+            json!({"kind": "teacher", "schoolId": school(2), "version": 1,
+                   "timestamp": rfc3339(T0)}),
+            teacher_fields(id(900), "Nguyễn Thị Hương"),
+        ),
+        json!({"kind": "end", "schoolId": school(2), "count": 1, "asOf": rfc3339(T0)}),
+    ];
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(file, text).unwrap();
+    let (code, out, err) = cli(&node, &["import", "--config", "/dev/null", file], &env).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("  ok  records"), "{out}");
+    let (status, page) = node
+        .get_json_with(&format!("/api/schools/{}/teachers", school(2)), token)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(page["items"][0]["fullName"], "Nguyễn Thị Hương");
+
+    // Without the token file the command line is refused, and says why.
+    let (code, _, err) = cli(&node, &["import", "--config", "/dev/null", file], &[]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("401"), "{err}");
+}
