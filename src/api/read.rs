@@ -11,7 +11,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::header;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -33,11 +33,28 @@ pub(super) fn routes() -> Router<ApiState> {
     Router::new()
         .route("/api/teachers/{teacher_id}", get(teacher_detail))
         .route("/api/classes/{class_id}", get(class))
-        .route("/api/schools/{school_id}/classes", get(school_classes))
-        .route("/api/schools/{school_id}/teachers", get(school_teachers))
-        .route("/api/schools/{school_id}/snapshot", get(snapshot))
+        .route(
+            "/api/schools/{school_id}/classes",
+            get(school_classes).layer(gzip()),
+        )
+        .route(
+            "/api/schools/{school_id}/teachers",
+            get(school_teachers).layer(gzip()),
+        )
+        .route(
+            "/api/schools/{school_id}/snapshot",
+            get(snapshot).layer(gzip()),
+        )
         .route("/api/sync/status", get(sync_status))
         .route("/api/sync/dead-letters", get(dead_letters))
+}
+
+/// gzip for a route with large answers (lists, snapshot, change feed),
+/// for clients that send `Accept-Encoding: gzip`. Lookups stay
+/// uncompressed: a 4 KB document costs more to compress than to send on
+/// the networks the node serves.
+pub(super) fn gzip() -> tower_http::compression::CompressionLayer {
+    tower_http::compression::CompressionLayer::new()
 }
 
 #[derive(Serialize)]
@@ -77,25 +94,90 @@ pub fn entity_json(record: &Record<Entity>) -> serde_json::Value {
     value.expect("entities always serialize")
 }
 
+/// `Cache-Control` of lookups and lists. An answer is as fresh as this
+/// node's replica at the moment it is read, and a change may arrive at any
+/// moment after: a cache may keep it but must ask again before each reuse,
+/// which costs a `304` without a body when nothing changed (`ETag`).
+pub const CACHE_CONTROL: &str = "no-cache";
+
+/// The teacher document's entity tag: a hash of its bytes. A change of the
+/// teacher, of any of its assignments or of their classes changes the
+/// document, while the teacher's own order key covers only the first.
+pub fn teacher_etag(body: &[u8]) -> String {
+    format!("\"t{:016x}\"", xxhash_rust::xxh3::xxh3_64(body))
+}
+
+/// An entity's tag: its order key (contract §2), which names the change
+/// that produced the stored state, and when it was applied here.
+pub fn entity_etag(record: &Record<Entity>) -> String {
+    let k = &record.key;
+    format!(
+        "\"{}.{}.{}.{}.{}\"",
+        k.version.map_or_else(|| "u".to_owned(), |v| v.to_string()),
+        k.timestamp,
+        k.event_id.simple(),
+        if k.delete { "d" } else { "u" },
+        record.last_synced_at
+    )
+}
+
+/// Whether `If-None-Match` names `etag` (weak comparison, RFC 9110
+/// §13.1.2), or is `*`.
+fn not_modified(headers: &HeaderMap, etag: &str) -> bool {
+    let strip = |t: &str| t.trim().trim_start_matches("W/").to_owned();
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim() == "*" || strip(t) == strip(etag))
+}
+
+/// A lookup's answer with its `ETag` and `Cache-Control`, or `304 Not
+/// Modified` when the client holds it already.
+fn tagged(headers: &HeaderMap, etag: String, answer: impl FnOnce() -> Response) -> Response {
+    let mut response = if not_modified(headers, &etag) {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        answer()
+    };
+    let h = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, v);
+    }
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(CACHE_CONTROL),
+    );
+    response
+}
+
 async fn teacher_detail(
     State(s): State<ApiState>,
+    headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Problem> {
     let id = path_id("teacherId", path)?;
     let body = s.read(move |r| r.teacher_detail_body(id)).await?;
     let body = body.ok_or_else(|| Problem::not_found(format!("teacher {id} is not known here")))?;
-    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+    let etag = teacher_etag(&body);
+    Ok(tagged(&headers, etag, || {
+        ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+    }))
 }
 
 async fn class(
     State(s): State<ApiState>,
+    headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Problem> {
     let id = path_id("classId", path)?;
     let record = s.read(move |r| r.entity(EntityKind::Class, id)).await?;
     let record =
         record.ok_or_else(|| Problem::not_found(format!("class {id} is not known here")))?;
-    Ok(Json(entity_json(&record)).into_response())
+    Ok(tagged(&headers, entity_etag(&record), || {
+        Json(entity_json(&record)).into_response()
+    }))
 }
 
 async fn list(
@@ -112,11 +194,14 @@ async fn list(
         .map(|raw| parse_id("after", raw))
         .transpose()?;
     let page = s.read(move |r| r.page(kind, school, after, limit)).await?;
-    Ok(Json(json!({
-        "items": page.items.iter().map(entity_json).collect::<Vec<_>>(),
-        "next": page.next,
-    }))
-    .into_response())
+    Ok((
+        [(header::CACHE_CONTROL, CACHE_CONTROL)],
+        Json(json!({
+            "items": page.items.iter().map(entity_json).collect::<Vec<_>>(),
+            "next": page.next,
+        })),
+    )
+        .into_response())
 }
 
 async fn school_classes(
@@ -204,7 +289,11 @@ async fn snapshot(
     })
     .filter_map(std::future::ready);
     Ok((
-        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson"),
+            // A snapshot is a copy to apply, not an answer to reuse.
+            (header::CACHE_CONTROL, "no-store"),
+        ],
         Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx).chain(cut_off)),
     )
         .into_response())

@@ -743,3 +743,124 @@ async fn with_a_token_file_admin_routes_need_it_from_loopback_too_and_the_cli_se
     assert_eq!(code, 1);
     assert!(err.contains("401"), "{err}");
 }
+
+async fn get_with(node: &TestNode, path: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+    let mut request = node.http.get(node.url(path));
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    request.send().await.unwrap()
+}
+
+fn gunzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(bytes)
+        .read_to_end(&mut out)
+        .unwrap();
+    out
+}
+
+/// A teacher or class a client holds already costs a `304` without a
+/// body; any change of what the answer shows (for a teacher: also an
+/// assignment of it) gives a new tag. Answers say how long they may be
+/// reused: not without asking again.
+#[tokio::test]
+async fn lookups_carry_an_etag_and_answer_304_to_a_client_that_holds_them() {
+    let node = TestNode::start(|_| {}).await;
+    seed(&node);
+    for path in [
+        format!("/api/teachers/{}", id(TEACHER)),
+        format!("/api/classes/{}", id(12)),
+    ] {
+        let r = get_with(&node, &path, &[]).await;
+        assert_eq!(r.status().as_u16(), 200);
+        assert_eq!(r.headers()["cache-control"], "no-cache", "{path}");
+        let etag = r.headers()["etag"].to_str().unwrap().to_owned();
+        assert!(etag.starts_with('"') && etag.ends_with('"'), "{etag}");
+        let body = r.bytes().await.unwrap();
+        for held in [
+            etag.clone(),
+            format!("W/{etag}"),
+            format!("\"x\", {etag}"),
+            "*".into(),
+        ] {
+            let r = get_with(&node, &path, &[("if-none-match", &held)]).await;
+            assert_eq!(r.status().as_u16(), 304, "{path} {held}");
+            assert_eq!(r.headers()["etag"], etag.as_str());
+            assert_eq!(r.headers()["cache-control"], "no-cache");
+            assert!(r.bytes().await.unwrap().is_empty());
+        }
+        let r = get_with(&node, &path, &[("if-none-match", "\"other\"")]).await;
+        assert_eq!(r.status().as_u16(), 200);
+        assert_eq!(r.bytes().await.unwrap(), body);
+    }
+
+    // The teacher's document changes when one of its classes does: the
+    // teacher's own record (and order key) stays the same.
+    let teacher = format!("/api/teachers/{}", id(TEACHER));
+    let class = format!("/api/classes/{}", id(12));
+    let before: Vec<String> = {
+        let mut tags = Vec::new();
+        for path in [&teacher, &class] {
+            let r = get_with(&node, path, &[]).await;
+            tags.push(r.headers()["etag"].to_str().unwrap().to_owned());
+        }
+        tags
+    };
+    let t = EventType::ClassUpdated;
+    node.apply(vec![parse(
+        t,
+        &merge(
+            envelope(t, id(5100), T0 + 2 * SEC, Some(2), school(1)),
+            class_fields(id(12), "Lớp 10A1 (chuyên Toán)"),
+        ),
+    )]);
+    for (path, old) in [&teacher, &class].into_iter().zip(&before) {
+        let r = get_with(&node, path, &[("if-none-match", old)]).await;
+        assert_eq!(r.status().as_u16(), 200, "{path}: a changed answer");
+        assert_ne!(r.headers()["etag"].to_str().unwrap(), old);
+        let v: Value = r.json().await.unwrap();
+        assert!(v.to_string().contains("Lớp 10A1 (chuyên Toán)"), "{v}");
+    }
+    // Errors are not tagged.
+    let r = get_with(&node, &format!("/api/teachers/{}", id(999)), &[]).await;
+    assert_eq!(r.status().as_u16(), 404);
+    assert!(r.headers().get("etag").is_none());
+}
+
+/// Lists and the snapshot are gzip-compressed for clients that accept it,
+/// and the same bytes once decompressed; a lookup is not compressed.
+#[tokio::test]
+async fn lists_and_snapshots_are_gzipped_for_clients_that_accept_it() {
+    let node = TestNode::start(|_| {}).await;
+    seed(&node);
+    let gzip = [("accept-encoding", "gzip")];
+    for path in [
+        format!("/api/schools/{}/classes", school(1)),
+        format!("/api/schools/{}/teachers", school(1)),
+        format!("/api/schools/{}/snapshot", school(1)),
+    ] {
+        let plain = get_with(&node, &path, &[]).await;
+        assert_eq!(plain.status().as_u16(), 200);
+        assert!(plain.headers().get("content-encoding").is_none(), "{path}");
+        let plain = plain.bytes().await.unwrap();
+        let zipped = get_with(&node, &path, &gzip).await;
+        assert_eq!(zipped.status().as_u16(), 200);
+        assert_eq!(zipped.headers()["content-encoding"], "gzip", "{path}");
+        assert_eq!(zipped.headers()["vary"], "accept-encoding", "{path}");
+        let zipped = zipped.bytes().await.unwrap();
+        assert_ne!(zipped, plain);
+        assert_eq!(
+            String::from_utf8(gunzip(&zipped)).unwrap(),
+            String::from_utf8(plain.to_vec()).unwrap(),
+            "{path}"
+        );
+    }
+    let r = get_with(&node, &format!("/api/schools/{}/classes", school(1)), &[]).await;
+    assert_eq!(r.headers()["cache-control"], "no-cache");
+    let r = get_with(&node, &format!("/api/schools/{}/snapshot", school(1)), &[]).await;
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    let r = get_with(&node, &format!("/api/teachers/{}", id(TEACHER)), &gzip).await;
+    assert!(r.headers().get("content-encoding").is_none());
+}
