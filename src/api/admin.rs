@@ -13,24 +13,28 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use futures::StreamExt;
 use serde_json::json;
 use uuid::Uuid;
 
-use super::problem::{parse_id, Problem};
+use super::problem::{parse_id, Problem, ProblemDocument};
 use super::{has_token, unauthorized, ApiState};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-pub(super) fn routes(state: &ApiState) -> Router<ApiState> {
-    Router::new()
-        .route("/api/admin/resync", post(admin_resync))
-        .route("/api/admin/import", post(admin_import))
-        .route("/api/admin/schools", get(admin_schools))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            admin_only,
-        ))
+/// The admin routes, before [`admin_only`] is put in front of them.
+pub(super) fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(admin_resync))
+        .routes(routes!(admin_import))
+        .routes(routes!(admin_schools))
+}
+
+/// The schools a resync run or an export covers.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct AdminSchools {
+    schools: Vec<Uuid>,
 }
 
 /// Who may use an admin route: a resync run, an import or the school list
@@ -74,7 +78,7 @@ pub fn admin_access(
 }
 
 /// The gate in front of every admin route ([`admin_access`]).
-async fn admin_only(
+pub(super) async fn admin_only(
     State(s): State<ApiState>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
@@ -119,6 +123,24 @@ fn school_params(params: &HashMap<String, String>) -> Result<Option<Vec<Uuid>>, 
         .transpose()
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/admin/resync",
+    tag = "admin",
+    summary = "Run one resync now (`emis-edge resync`)",
+    params(
+        ("school" = Option<String>, Query, description = "Comma-separated school ids; default: every served school"),
+        ("dryRun" = Option<bool>, Query, description = "Change nothing; report the drift"),
+    ),
+    responses(
+        (status = 200, description = "The run's report, per school", body = Object),
+        (status = 400, description = "A malformed school id", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "`http.token_file` is set and the request has no valid bearer token", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 403, description = "No `http.token_file`, and the client is not on this host", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 409, description = "No `resync.central_url`, or a run is under way", body = ProblemDocument, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
 async fn admin_resync(
     State(s): State<ApiState>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
@@ -141,11 +163,23 @@ async fn admin_resync(
     Ok(Json(report).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/admin/schools",
+    tag = "admin",
+    summary = "The schools a resync or an export covers",
+    responses(
+        (status = 200, description = "School ids", body = AdminSchools),
+        (status = 401, description = "`http.token_file` is set and the request has no valid bearer token", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 403, description = "No `http.token_file`, and the client is not on this host", body = ProblemDocument, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
 async fn admin_schools(State(s): State<ApiState>) -> Result<Response, Problem> {
     let node = s.node().clone();
     let schools = super::blocking(move || node.schools_to_sync(Vec::new())).await?;
     let schools = schools?;
-    Ok(Json(json!({ "schools": schools })).into_response())
+    Ok(Json(AdminSchools { schools }).into_response())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -165,6 +199,21 @@ fn too_large(limit: u64) -> Problem {
 }
 
 /// Imports an NDJSON snapshot file streamed in the request body.
+#[utoipa::path(
+    post,
+    path = "/api/admin/import",
+    tag = "admin",
+    summary = "Import a snapshot file (`emis-edge import`), all or nothing per school",
+    request_body(content = String, content_type = "application/x-ndjson", description = "Snapshot lines of one or more schools (contract §3), at most `http.max_import_bytes`"),
+    responses(
+        (status = 200, description = "The outcome per school", body = Object),
+        (status = 401, description = "`http.token_file` is set and the request has no valid bearer token", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 403, description = "No `http.token_file`, and the client is not on this host", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 413, description = "The body exceeds `http.max_import_bytes`", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 500, description = "The import failed (e.g. the disk is full); nothing of a failed school is kept", body = ProblemDocument, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
 async fn admin_import(
     State(s): State<ApiState>,
     headers: axum::http::HeaderMap,

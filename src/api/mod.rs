@@ -21,6 +21,7 @@ use crate::state::NodeState;
 use crate::store::Reader;
 
 pub mod admin;
+pub mod openapi;
 pub mod ops;
 pub mod problem;
 pub mod read;
@@ -38,11 +39,22 @@ struct ApiParts {
     node: NodeState,
     /// Bearer tokens accepted on `/api/*` (none: no authentication).
     tokens: Vec<String>,
+    /// What `/metrics` renders.
+    registry: prometheus_client::registry::Registry,
 }
 
 impl ApiState {
     pub fn new(node: NodeState, tokens: Vec<String>) -> ApiState {
-        ApiState(Arc::new(ApiParts { node, tokens }))
+        let registry = ops::registry(node.clone());
+        ApiState(Arc::new(ApiParts {
+            node,
+            tokens,
+            registry,
+        }))
+    }
+
+    fn registry(&self) -> &prometheus_client::registry::Registry {
+        &self.0.registry
     }
 
     pub fn node(&self) -> &NodeState {
@@ -167,7 +179,8 @@ pub fn router_with(state: ApiState, extra: Router<ApiState>) -> Router {
             state.config.http.max_concurrent_requests,
         ));
     // Reads: bearer token when http.token_file is set, and a time limit.
-    let api = read::routes().merge(extra);
+    let (read, _) = read::routes().split_for_parts();
+    let api = read.merge(extra);
     // Without tokens configured, no per-request token check at all.
     let api = if state.tokens().is_empty() {
         api
@@ -178,9 +191,16 @@ pub fn router_with(state: ApiState, extra: Router<ApiState>) -> Router {
         ))
     };
     let api = api.layer(limits);
-    let main = Router::new().merge(api).merge(admin::routes(&state));
+    let (admin, _) = admin::routes()
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            admin::admin_only,
+        ))
+        .split_for_parts();
+    let (description, _) = openapi::routes().split_for_parts();
+    let main = Router::new().merge(api).merge(admin).merge(description);
     let main = if state.config.http.ops_listen.is_none() {
-        main.merge(ops::routes(&state))
+        main.merge(ops::routes().split_for_parts().0)
     } else {
         main
     };
@@ -189,7 +209,7 @@ pub fn router_with(state: ApiState, extra: Router<ApiState>) -> Router {
 
 /// `/health/*` and `/metrics` alone, for `http.ops_listen`.
 pub fn ops_router(state: ApiState) -> Router {
-    let routes = ops::routes(&state);
+    let (routes, _) = ops::routes().split_for_parts();
     finish(routes, state)
 }
 

@@ -9,63 +9,90 @@
 //! it and the scrape reads its last result. A scrape runs on the blocking
 //! pool.
 
-use std::sync::Arc;
-
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::problem::Problem;
+use super::problem::{Problem, ProblemDocument};
 use super::ApiState;
 use crate::metrics::{labels, Labels};
 use crate::state::NodeState;
 use crate::store::counter;
 use crate::worker::WorkerState;
 
-pub(super) fn routes(state: &ApiState) -> Router<ApiState> {
-    let registry = Arc::new(registry(state.node().clone()));
-    Router::new()
-        .route("/health/live", get(|| async { "ok\n" }))
-        .route("/health/ready", get(ready))
-        .route(
-            "/metrics",
-            get(move |headers: axum::http::HeaderMap| async move {
-                // The collector reads the store: off the async threads.
-                let registry = registry.clone();
-                let text = super::blocking(move || render(&registry)).await?;
-                let openmetrics = headers
-                    .get(header::ACCEPT)
-                    .and_then(|v| v.to_str().ok())
-                    .is_some_and(|v| v.contains("application/openmetrics-text"));
-                Ok::<_, Problem>(if openmetrics {
-                    (
-                        [(
-                            header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        text,
-                    )
-                } else {
-                    (
-                        [(
-                            header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4; charset=utf-8",
-                        )],
-                        to_prometheus_text(&text),
-                    )
-                })
-            }),
-        )
+pub(super) fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(live))
+        .routes(routes!(ready))
+        .routes(routes!(metrics))
 }
 
+#[utoipa::path(
+    get,
+    path = "/health/live",
+    tag = "operations",
+    summary = "Liveness: 200 while the process runs",
+    responses((status = 200, description = "The process runs", body = String, content_type = "text/plain", example = "ok\n")),
+)]
+async fn live() -> &'static str {
+    "ok\n"
+}
+
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    summary = "Prometheus metrics",
+    description = "The Prometheus text format (0.0.4), or OpenMetrics 1.0 for a client whose `Accept` asks for `application/openmetrics-text`.",
+    responses((status = 200, description = "The exposition", body = String, content_type = "text/plain; version=0.0.4; charset=utf-8")),
+)]
+async fn metrics(State(s): State<ApiState>, headers: HeaderMap) -> Result<Response, Problem> {
+    // The collector reads the store: off the async threads.
+    let state = s.clone();
+    let text = super::blocking(move || render(state.registry())).await?;
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/openmetrics-text"));
+    Ok(if openmetrics {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response()
+    } else {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            to_prometheus_text(&text),
+        )
+            .into_response()
+    })
+}
+
+#[utoipa::path(
+    get,
+    path = "/health/ready",
+    tag = "operations",
+    summary = "Readiness: 200 once the store is open and the node has data or has finished its first sync",
+    responses(
+        (status = 200, description = "Ready", body = String, content_type = "text/plain", example = "ready\n"),
+        (status = 503, description = "Not ready; `detail` says why", body = ProblemDocument, content_type = "application/problem+json"),
+    ),
+)]
 async fn ready(State(s): State<ApiState>) -> Result<Response, Problem> {
     let node = s.node().clone();
     match super::blocking(move || node.readiness()).await?? {

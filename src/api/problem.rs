@@ -8,7 +8,6 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::Path;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 use uuid::Uuid;
 
 use crate::store::StoreError;
@@ -78,14 +77,31 @@ impl Problem {
     }
 }
 
+/// An error (RFC 9457 problem details, `application/problem+json`).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[schema(as = Problem)]
+pub struct ProblemDocument {
+    /// `urn:emis-edge:problem:` and a short name.
+    #[serde(rename = "type")]
+    #[schema(example = "urn:emis-edge:problem:not-found")]
+    kind: String,
+    #[schema(example = "Not found")]
+    title: &'static str,
+    #[schema(example = 404)]
+    status: u16,
+    #[schema(example = "teacher 0e150000-0000-4000-8000-000000000001 is not known here")]
+    detail: String,
+}
+
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
-        let body = json!({
-            "type": format!("urn:emis-edge:problem:{}", self.kind),
-            "title": self.title,
-            "status": self.status.as_u16(),
-            "detail": self.detail,
-        });
+        let body = serde_json::to_value(ProblemDocument {
+            kind: format!("urn:emis-edge:problem:{}", self.kind),
+            title: self.title,
+            status: self.status.as_u16(),
+            detail: self.detail,
+        })
+        .expect("a problem always serializes");
         let mut response = (
             self.status,
             [(header::CONTENT_TYPE, "application/problem+json")],

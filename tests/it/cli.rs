@@ -454,6 +454,7 @@ fn the_debian_package_holds_the_binary_unit_config_and_maintainer_scripts() {
             "-rw-r--r--",
         ),
         ("./usr/share/doc/emis-edge/OPERATIONS.md", "-rw-r--r--"),
+        ("./usr/share/doc/emis-edge/openapi.json", "-rw-r--r--"),
     ] {
         assert!(
             files

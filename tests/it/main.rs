@@ -11,6 +11,7 @@ mod fuzz;
 mod hostile;
 mod http;
 mod kafka;
+mod openapi;
 mod resync;
 mod store;
 mod support;
