@@ -11,7 +11,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
@@ -202,22 +202,45 @@ pub fn entity_etag(record: &Record<Entity>) -> String {
     )
 }
 
-/// Whether `If-None-Match` names `etag` (weak comparison, RFC 9110
-/// §13.1.2), or is `*`.
-fn not_modified(headers: &HeaderMap, etag: &str) -> bool {
-    let strip = |t: &str| t.trim().trim_start_matches("W/").to_owned();
-    headers
-        .get_all(header::IF_NONE_MATCH)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim() == "*" || strip(t) == strip(etag))
+/// The request's `If-None-Match` values, without copying the other
+/// headers (the `HeaderMap` extractor clones them all).
+pub struct IfNoneMatch(Vec<HeaderValue>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IfNoneMatch {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(IfNoneMatch(
+            parts
+                .headers
+                .get_all(header::IF_NONE_MATCH)
+                .iter()
+                .cloned()
+                .collect(),
+        ))
+    }
+}
+
+impl IfNoneMatch {
+    /// Whether it names `etag` (weak comparison, RFC 9110 §13.1.2), or is
+    /// `*`.
+    fn matches(&self, etag: &str) -> bool {
+        let strip = |t: &str| t.trim().trim_start_matches("W/").to_owned();
+        self.0
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim() == "*" || strip(t) == strip(etag))
+    }
 }
 
 /// A lookup's answer with its `ETag` and `Cache-Control`, or `304 Not
 /// Modified` when the client holds it already.
-fn tagged(headers: &HeaderMap, etag: String, answer: impl FnOnce() -> Response) -> Response {
-    let mut response = if not_modified(headers, &etag) {
+fn tagged(held: &IfNoneMatch, etag: String, answer: impl FnOnce() -> Response) -> Response {
+    let mut response = if held.matches(&etag) {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
         answer()
@@ -254,14 +277,14 @@ fn tagged(headers: &HeaderMap, etag: String, answer: impl FnOnce() -> Response) 
 )]
 async fn teacher_detail(
     State(s): State<ApiState>,
-    headers: HeaderMap,
+    held: IfNoneMatch,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Problem> {
     let id = path_id("teacherId", path)?;
     let body = s.read(move |r| r.teacher_detail_body(id)).await?;
     let body = body.ok_or_else(|| Problem::not_found(format!("teacher {id} is not known here")))?;
     let etag = teacher_etag(&body);
-    Ok(tagged(&headers, etag, || {
+    Ok(tagged(&held, etag, || {
         ([(header::CONTENT_TYPE, "application/json")], body).into_response()
     }))
 }
@@ -287,14 +310,14 @@ async fn teacher_detail(
 )]
 async fn class(
     State(s): State<ApiState>,
-    headers: HeaderMap,
+    held: IfNoneMatch,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Problem> {
     let id = path_id("classId", path)?;
     let record = s.read(move |r| r.entity(EntityKind::Class, id)).await?;
     let record =
         record.ok_or_else(|| Problem::not_found(format!("class {id} is not known here")))?;
-    Ok(tagged(&headers, entity_etag(&record), || {
+    Ok(tagged(&held, entity_etag(&record), || {
         Json(entity_json(&record)).into_response()
     }))
 }
