@@ -1,14 +1,16 @@
 //! The HTTP API (contract §4): which routes exist, behind which layers
 //! (bearer token, time and concurrency limits, request metrics), and the
 //! HTTP-only state they need on top of [`NodeState`] (the accepted
-//! tokens). The routes themselves are in [`read`] (lookups, lists,
-//! snapshot, status, dead letters), [`admin`] (what the CLI does through a
-//! running node) and [`ops`] (health and metrics); errors are
+//! tokens, the metrics registry). The routes themselves are in [`read`]
+//! (lookups, lists, snapshot, status, dead letters), [`admin`] (what the
+//! CLI does through a running node) and [`ops`] (health and metrics),
+//! each with its OpenAPI description ([`openapi`]); errors are
 //! problem+json ([`problem`]). The connection loop underneath is
 //! `crate::server`.
 //!
 //! Handlers answer from the local store only; none makes a network call
-//! (the admin resync route starts a resync run, which does).
+//! (the admin resync route starts a resync run, which does), and none
+//! blocks an async thread (`ApiState::read`, `blocking`).
 
 use std::sync::Arc;
 use std::time::Duration;
