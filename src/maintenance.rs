@@ -1,10 +1,12 @@
-//! Store upkeep that no change waits for, as two workers: rendering the
+//! Store upkeep that no change waits for, as three workers: rendering the
 //! teacher documents that changes queued (so that a lookup is one read),
-//! and purging tombstones past `store.tombstone_retention`.
+//! purging tombstones past `store.tombstone_retention`, and computing the
+//! per-school freshness that `/metrics` shows.
 //!
-//! Neither is on the path of a change or a read: a queued teacher's
-//! document is assembled on the fly by a lookup meanwhile, and a tombstone
-//! kept longer harms nothing but space.
+//! None is on the path of a change or a read: a queued teacher's
+//! document is assembled on the fly by a lookup meanwhile, a tombstone
+//! kept longer harms nothing but space, and a scrape reads the freshness
+//! last computed.
 
 use std::time::Duration;
 
@@ -88,6 +90,43 @@ impl Worker for Purger {
         if purged > 0 {
             tracing::info!(purged, "expired tombstones purged");
         }
+        Ok(Next::After(Self::EVERY))
+    }
+}
+
+/// Computes each served school's oldest `lastSyncedAt`
+/// (`emis_edge_school_oldest_synced_timestamp_seconds`) every
+/// [`Freshness::EVERY`]: a walk over every live record, done here on the
+/// blocking pool so that a scrape only reads the last result.
+pub struct Freshness {
+    state: NodeState,
+}
+
+impl Freshness {
+    pub const EVERY: Duration = Duration::from_secs(300);
+    /// How long it waits for a store being reopened.
+    const STORE_WAIT: Duration = Duration::from_secs(5);
+
+    pub fn new(state: NodeState) -> Freshness {
+        Freshness { state }
+    }
+}
+
+impl Worker for Freshness {
+    fn name(&self) -> &'static str {
+        "freshness"
+    }
+
+    async fn step(&mut self, _stop: &CancellationToken) -> anyhow::Result<Next> {
+        let state = self.state.clone();
+        let value = blocking(move || {
+            let schools = state.schools_to_sync(Vec::new())?;
+            state
+                .store
+                .read_with(Self::STORE_WAIT, |r| r.oldest_synced(&schools))
+        })
+        .await?;
+        self.state.metrics.school_freshness.set(value);
         Ok(Next::After(Self::EVERY))
     }
 }

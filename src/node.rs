@@ -5,7 +5,7 @@
 //! Start ([`start`]): token files → data directory → store (format check,
 //! migration) → [`NodeState`] → HTTP listeners bound (`http.listen`, and
 //! `http.ops_listen` if set; a conflict on either fails the start before
-//! any worker runs) → workers (document renderer, tombstone purge, ingest
+//! any worker runs) → workers (document renderer, tombstone purge, school freshness, ingest
 //! when `kafka.brokers` is set, the resync schedule when
 //! `resync.central_url` is set) → HTTP served → systemd supervisor
 //! (`READY=1`).
@@ -90,6 +90,12 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         &state,
         &stop,
         crate::maintenance::Purger::new(state.clone()),
+    );
+    spawn(
+        &mut tasks,
+        &state,
+        &stop,
+        crate::maintenance::Freshness::new(state.clone()),
     );
     if config.kafka.brokers.trim().is_empty() {
         tracing::warn!(

@@ -138,7 +138,8 @@ impl NodeState {
         if sync.high_watermarks.is_empty() {
             return 0;
         }
-        let Ok(offsets) = self.store.read().and_then(|r| r.offsets()) else {
+        // Workers ask this from async code: never wait for a reopen.
+        let Ok(offsets) = self.store.try_read().and_then(|r| r.offsets()) else {
             return 0;
         };
         offsets

@@ -175,9 +175,10 @@ impl Activity {
 
 /// The sync status document (`GET /api/sync/status`, `emis-edge status`).
 /// Times are RFC 3339 strings; absent ones are `null`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SyncStatus {
+    #[schema(example = "edge-hanoi-01")]
     pub node_id: String,
     /// When the node made this document (its own clock): the time the
     /// others compare with, whatever the reader's clock says.
@@ -227,7 +228,7 @@ pub struct SyncStatus {
 pub const STATUS_SCHOOLS_MAX: usize = 50;
 
 /// One school in the status document.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SchoolFreshness {
     pub school_id: Uuid,
@@ -246,6 +247,22 @@ pub enum ServedSchools {
     All,
     Only(Vec<Uuid>),
 }
+
+/// `"all"`, or an array of school ids (serialized by hand above).
+impl utoipa::PartialSchema for ServedSchools {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        serde_json::from_value(serde_json::json!({
+            "description": "`\"all\"`, or the ids of the schools this node serves",
+            "oneOf": [
+                {"type": "string", "enum": ["all"]},
+                {"type": "array", "items": {"type": "string", "format": "uuid"}}
+            ]
+        }))
+        .expect("a valid schema")
+    }
+}
+
+impl utoipa::ToSchema for ServedSchools {}
 
 impl Serialize for ServedSchools {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -286,7 +303,7 @@ impl std::fmt::Display for ServedSchools {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct KafkaStatus {
     /// `kafka.brokers` is set.
@@ -299,14 +316,14 @@ pub struct KafkaStatus {
     pub offset_out_of_range: Option<OffsetOutOfRange>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OffsetOutOfRange {
     pub at: String,
     pub detail: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StoreStatus {
     /// The last write failed: reads answer, nothing new comes in.
@@ -323,7 +340,7 @@ pub struct StoreStatus {
     pub file_bytes: Option<u64>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PartitionStatus {
     pub topic: String,
@@ -335,16 +352,17 @@ pub struct PartitionStatus {
     pub last_event_received_at: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ResyncStatus {
     pub at: String,
     /// `ok` or `failed`.
+    #[schema(example = "ok")]
     pub result: String,
     pub detail: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EntityCounts {
     pub classes: u64,

@@ -1,14 +1,16 @@
 //! The HTTP API (contract §4): which routes exist, behind which layers
 //! (bearer token, time and concurrency limits, request metrics), and the
 //! HTTP-only state they need on top of [`NodeState`] (the accepted
-//! tokens). The routes themselves are in [`read`] (lookups, lists,
-//! snapshot, status, dead letters), [`admin`] (what the CLI does through a
-//! running node) and [`ops`] (health and metrics); errors are
+//! tokens, the metrics registry). The routes themselves are in [`read`]
+//! (lookups, lists, snapshot, status, dead letters), [`admin`] (what the
+//! CLI does through a running node) and [`ops`] (health and metrics),
+//! each with its OpenAPI description ([`openapi`]); errors are
 //! problem+json ([`problem`]). The connection loop underneath is
 //! `crate::server`.
 //!
 //! Handlers answer from the local store only; none makes a network call
-//! (the admin resync route starts a resync run, which does).
+//! (the admin resync route starts a resync run, which does), and none
+//! blocks an async thread (`ApiState::read`, `blocking`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,8 +20,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 
 use crate::state::NodeState;
+use crate::store::Reader;
 
 pub mod admin;
+pub mod openapi;
 pub mod ops;
 pub mod page;
 pub mod problem;
@@ -38,11 +42,22 @@ struct ApiParts {
     node: NodeState,
     /// Bearer tokens accepted on `/api/*` (none: no authentication).
     tokens: Vec<String>,
+    /// What `/metrics` renders.
+    registry: prometheus_client::registry::Registry,
 }
 
 impl ApiState {
     pub fn new(node: NodeState, tokens: Vec<String>) -> ApiState {
-        ApiState(Arc::new(ApiParts { node, tokens }))
+        let registry = ops::registry(node.clone());
+        ApiState(Arc::new(ApiParts {
+            node,
+            tokens,
+            registry,
+        }))
+    }
+
+    fn registry(&self) -> &prometheus_client::registry::Registry {
+        &self.0.registry
     }
 
     pub fn node(&self) -> &NodeState {
@@ -52,6 +67,69 @@ impl ApiState {
     fn tokens(&self) -> &[String] {
         &self.0.tokens
     }
+}
+
+impl ApiState {
+    /// Runs `f` on one read transaction of the store without blocking this
+    /// async thread for long. The fast path reads here: a lookup is a few
+    /// microseconds of redb reads from its page cache, cheaper than a hop
+    /// to the blocking pool (see docs/PERFORMANCE.md). Only when the store
+    /// is being reopened, or the handle turns out poisoned by a writer's
+    /// I/O error, the read moves to the blocking pool, where it waits for
+    /// the writer's reopen and runs once more
+    /// ([`Store::read_with`](crate::store::Store::read_with)); a
+    /// store that does not come back in time is `503` with `Retry-After`,
+    /// never `500`. A reader never reopens the file itself.
+    pub(crate) async fn read<T, F>(&self, f: F) -> Result<T, Problem>
+    where
+        F: Fn(&Reader) -> crate::store::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        match self.store.try_read().and_then(|r| f(&r)) {
+            Err(e) if e.is_transient() => {}
+            done => return done.map_err(Problem::from),
+        }
+        let store = self.store.clone();
+        blocking(move || store.read_with(STORE_WAIT, f))
+            .await?
+            .map_err(Problem::from)
+    }
+
+    /// A read transaction to hand to blocking work (a snapshot stream):
+    /// at once when the store is open, else from the blocking pool once the
+    /// reopen is done.
+    pub(crate) async fn reader(&self) -> Result<Reader, Problem> {
+        match self.store.try_read() {
+            Err(e) if e.is_transient() => {}
+            done => return done.map_err(Problem::from),
+        }
+        let store = self.store.clone();
+        blocking(move || store.read_within(STORE_WAIT))
+            .await?
+            .map_err(Problem::from)
+    }
+}
+
+/// How long a request waits (on the blocking pool) for the store to be
+/// reopened before it is answered `503` with `Retry-After`: a reopen on a
+/// full disk takes about a second.
+pub const STORE_WAIT: Duration = Duration::from_secs(2);
+
+/// Runs work that may block (store reads that wait for a reopen, status
+/// documents, readiness, the metrics scrape) on tokio's blocking pool, so
+/// that `/health/live` and every other request keep their async threads.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Problem> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        tracing::error!(error = %e, "blocking request work failed");
+        Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "Internal error",
+            "the request failed; see the node's log".into(),
+        )
+    })
 }
 
 impl std::ops::Deref for ApiState {
@@ -104,7 +182,8 @@ pub fn router_with(state: ApiState, extra: Router<ApiState>) -> Router {
             state.config.http.max_concurrent_requests,
         ));
     // Reads: bearer token when http.token_file is set, and a time limit.
-    let api = read::routes().merge(extra);
+    let (read, _) = read::routes().split_for_parts();
+    let api = read.merge(extra);
     // Without tokens configured, no per-request token check at all.
     let api = if state.tokens().is_empty() {
         api
@@ -115,12 +194,20 @@ pub fn router_with(state: ApiState, extra: Router<ApiState>) -> Router {
         ))
     };
     let api = api.layer(limits);
+    let (admin, _) = admin::routes()
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            admin::admin_only,
+        ))
+        .split_for_parts();
+    let (description, _) = openapi::routes().split_for_parts();
     let main = Router::new()
         .merge(api)
-        .merge(admin::routes())
-        .merge(page::routes());
+        .merge(admin)
+        .merge(description)
+        .merge(page::routes().split_for_parts().0);
     let main = if state.config.http.ops_listen.is_none() {
-        main.merge(ops::routes(&state))
+        main.merge(ops::routes().split_for_parts().0)
     } else {
         main
     };
@@ -129,7 +216,7 @@ pub fn router_with(state: ApiState, extra: Router<ApiState>) -> Router {
 
 /// `/health/*` and `/metrics` alone, for `http.ops_listen`.
 pub fn ops_router(state: ApiState) -> Router {
-    let routes = ops::routes(&state);
+    let (routes, _) = ops::routes().split_for_parts();
     finish(routes, state)
 }
 

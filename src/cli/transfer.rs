@@ -38,7 +38,7 @@ pub(super) fn export(
                 schools
             };
             rt.block_on(async {
-                let client = node_client(config, Duration::from_secs(3600))?;
+                let client = node_client(config, Some(Duration::from_secs(3600)))?;
                 let mut lines = 0u64;
                 for school in schools {
                     let url = format!(

@@ -60,6 +60,8 @@ mod write;
 
 pub use feed::{ChangesPage, FeedError, FeedInfo, FeedItem, FeedState};
 pub use read::{Page, Reader, StateRow, StoreStats};
+#[cfg(feature = "fault-injection")]
+pub use reopen::HeldReopen;
 pub use schema::{counter, FORMAT_VERSION};
 pub use write::{ApplyReport, Batch, Drift, ReconcileReport};
 
@@ -138,6 +140,25 @@ impl StoreError {
                     | redb::Error::DatabaseClosed
             )
         )
+    }
+}
+
+impl StoreError {
+    /// The handle was poisoned by an I/O error (`PreviousIo`), or closed
+    /// for a reopen: a writer reopens the file, and a reader retries on
+    /// the new handle.
+    fn is_poisoned(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Db(redb::Error::PreviousIo | redb::Error::DatabaseClosed)
+        )
+    }
+
+    /// A moment of the store, not a fault of the request: it is being
+    /// reopened after an I/O error, or a reader met the handle that error
+    /// poisoned. HTTP answers `503` with `Retry-After`.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_)) || self.is_poisoned()
     }
 }
 

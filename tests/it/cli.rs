@@ -469,6 +469,7 @@ fn the_debian_package_holds_the_binary_unit_config_and_maintainer_scripts() {
             "./usr/share/fish/vendor_completions.d/emis-edge.fish",
             "-rw-r--r--",
         ),
+        ("./usr/share/doc/emis-edge/openapi.json", "-rw-r--r--"),
     ] {
         assert!(
             files

@@ -179,6 +179,32 @@ async fn a_full_disk_stops_intake_not_reads_and_the_node_recovers_by_itself() {
     .await;
     assert_eq!(node.get("/health/ready").await.0, 200);
 
+    // Lookups all the while the writes fail and the store is reopened:
+    // a reader that meets the handle a writer's I/O error poisoned waits
+    // for the writer's reopen and reads again; never a 500.
+    let reading = tokio_util::sync::CancellationToken::new();
+    let reader = {
+        let (http, url, reading) = (
+            node.http.clone(),
+            node.url(&format!("/api/teachers/{}", id(0))),
+            reading.clone(),
+        );
+        tokio::spawn(async move {
+            let mut seen = std::collections::BTreeMap::<u16, u64>::new();
+            while !reading.is_cancelled() {
+                let r = http.get(&url).send().await.unwrap();
+                let status = r.status().as_u16();
+                let body = r.text().await.unwrap();
+                assert!(
+                    status == 200 || status == 503,
+                    "a lookup while the disk is full: {status} {body}"
+                );
+                *seen.entry(status).or_default() += 1;
+            }
+            seen
+        })
+    };
+
     // More than the disk holds.
     let big: Vec<Vec<u8>> = (SMALL..SMALL + BIG)
         .map(|n| {
@@ -285,6 +311,11 @@ async fn a_full_disk_stops_intake_not_reads_and_the_node_recovers_by_itself() {
             .contains("No space left on device"),
         "{problem}"
     );
+
+    reading.cancel();
+    let seen = reader.await.unwrap();
+    eprintln!("lookups while the disk was full, by status: {seen:?}");
+    assert!(seen.get(&200).copied().unwrap_or(0) > 0, "{seen:?}");
 
     // Space is back: the node resumes by itself, with nothing lost or doubled.
     disk.resize("64m");

@@ -15,6 +15,7 @@ mod hostile;
 mod http;
 mod kafka;
 mod layering;
+mod openapi;
 mod page;
 mod resync;
 mod store;

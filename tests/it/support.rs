@@ -184,6 +184,18 @@ impl TestNode {
         (status, ct, r.bytes().await.unwrap().to_vec())
     }
 
+    /// GET with a bearer token → (status, JSON body).
+    pub async fn get_json_with(&self, path: &str, token: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap())
+    }
+
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
         let (status, _, body) = self.get(path).await;
         (status, serde_json::from_slice(&body).unwrap())
