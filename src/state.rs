@@ -17,7 +17,7 @@ use crate::domain::format_timestamp;
 use crate::metrics::Metrics;
 use crate::status::{
     EntityCounts, KafkaStatus, OffsetOutOfRange, PartitionStatus, ResyncStatus, ServedSchools,
-    StoreStatus, SyncState, SyncStatus,
+    StoreStatus, SyncState, SyncStatus, UpstreamStatus,
 };
 use crate::store::{Store, StoreError};
 use crate::worker::Workers;
@@ -94,7 +94,10 @@ impl NodeState {
     pub fn new(store: Arc<Store>, config: Config, clock: Arc<dyn Clock>) -> NodeState {
         NodeState(Arc::new(Parts {
             store,
-            sync: Arc::new(SyncState::new(!config.kafka.brokers.trim().is_empty())),
+            sync: Arc::new(SyncState::new(
+                !config.kafka.brokers.trim().is_empty(),
+                config.upstream.url.is_some(),
+            )),
             config: Arc::new(config),
             workers: Arc::new(Workers::new(clock.clone())),
             clock,
@@ -187,8 +190,20 @@ impl NodeState {
         let stale = state.is_stale(
             self.clock.now(),
             secs(config.kafka.stale_after_secs),
+            secs(config.upstream.stale_after_secs),
             secs(config.resync.interval_secs.saturating_mul(2)),
         );
+        let upstream = match (&config.upstream.url, &state.upstream) {
+            (Some(url), Some(run)) => Some(UpstreamStatus {
+                url: url.clone(),
+                connected: run.connected,
+                cursor: reader.upstream_cursor()?.map(|c| c.to_string()),
+                last_page_at: run.last_page_at.map(format_timestamp),
+                caught_up: run.caught_up,
+                last_error: run.last_error.clone(),
+            }),
+            _ => None,
+        };
         Ok(SyncStatus {
             node_id: config.node.id.clone(),
             served_schools: match config.school_filter() {
@@ -235,6 +250,7 @@ impl NodeState {
             },
             counters: stats.counters,
             workers: self.workers.reports(),
+            upstream,
         })
     }
 }

@@ -137,10 +137,12 @@ async fn school_teachers(
 
 /// Streams a school's snapshot from one read transaction; memory stays flat.
 /// If the store fails midway the body is cut short, so the reader sees no
-/// `end` line and rejects the snapshot whole (contract §3).
+/// `end` line and rejects the snapshot whole (contract §3). Compressed
+/// with gzip, chunk by chunk, for a client that accepts it (contract §6).
 async fn snapshot(
     State(s): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
+    headers: axum::http::HeaderMap,
 ) -> Result<Response, Problem> {
     let school = path_id("schoolId", path)?;
     if !s.config.school_filter().serves(school) {
@@ -157,8 +159,25 @@ async fn snapshot(
     let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let runtime = tokio::runtime::Handle::current();
     let flag = stalled.clone();
+    let gzip = super::feed::accepts_gzip(&headers);
     tokio::task::spawn_blocking(move || {
         const CHUNK: usize = 64 * 1024;
+        let mut encoder = gzip
+            .then(|| flate2::write::GzEncoder::new(Vec::with_capacity(CHUNK), Default::default()));
+        // The bytes to send for `plain` (compressed, when asked).
+        let mut pack = |plain: Vec<u8>, last: bool| -> Bytes {
+            use std::io::Write;
+            let Some(gz) = encoder.as_mut() else {
+                return Bytes::from(plain);
+            };
+            gz.write_all(&plain)
+                .expect("compressing into memory cannot fail");
+            if last {
+                let gz = encoder.take().expect("present");
+                return Bytes::from(gz.finish().expect("compressing into memory cannot fail"));
+            }
+            Bytes::from(std::mem::take(gz.get_mut()))
+        };
         // Whether the chunk was taken; false when the client hung up or stalled.
         let send = |item: Result<Bytes, std::io::Error>| match runtime
             .block_on(tokio::time::timeout(stall, tx.send(item)))
@@ -174,8 +193,11 @@ async fn snapshot(
         let written = reader.write_snapshot(school, |line| {
             buf.extend_from_slice(line);
             if buf.len() >= CHUNK {
-                let chunk = Bytes::from(std::mem::replace(&mut buf, Vec::with_capacity(CHUNK * 2)));
-                if !send(Ok(chunk)) {
+                let chunk = pack(
+                    std::mem::replace(&mut buf, Vec::with_capacity(CHUNK * 2)),
+                    false,
+                );
+                if !chunk.is_empty() && !send(Ok(chunk)) {
                     return ControlFlow::Break(());
                 }
             }
@@ -183,7 +205,7 @@ async fn snapshot(
         });
         match written {
             Ok(Some(_)) => {
-                send(Ok(Bytes::from(buf)));
+                send(Ok(pack(buf, true)));
             }
             Ok(None) => {}
             Err(e) => {
@@ -203,11 +225,23 @@ async fn snapshot(
         })
     })
     .filter_map(std::future::ready);
-    Ok((
+    let mut response = (
         [(header::CONTENT_TYPE, "application/x-ndjson")],
         Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx).chain(cut_off)),
     )
-        .into_response())
+        .into_response();
+    let h = response.headers_mut();
+    h.insert(
+        header::VARY,
+        axum::http::HeaderValue::from_static("accept-encoding"),
+    );
+    if gzip {
+        h.insert(
+            header::CONTENT_ENCODING,
+            axum::http::HeaderValue::from_static("gzip"),
+        );
+    }
+    Ok(response)
 }
 
 async fn sync_status(State(s): State<ApiState>) -> Result<Response, Problem> {

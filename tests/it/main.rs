@@ -2,12 +2,14 @@
 //! real parts (a redb file or redb's in-memory backend, an HTTP listener on
 //! port 0, the built binary) and asserts what a user would notice.
 
+mod changes;
 mod cli;
 mod convergence;
 mod demo;
 mod e2e;
 mod faults;
 mod feed;
+mod follower;
 mod fuzz;
 mod hostile;
 mod http;
