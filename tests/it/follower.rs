@@ -644,3 +644,35 @@ fn check_config_refuses_a_follower_with_kafka_or_without_schools() {
     let (code, err) = run(&format!("{ids}{up}token_file = \"{}\"\n", token.display()));
     assert_eq!(code, Some(0), "{err}");
 }
+
+/// `emis-edge status` on a school node prints its parent: connected,
+/// caught up, the cursor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_command_shows_the_parent_of_a_school_node() {
+    let parent = TestNode::start(|c| c.schools.all = true).await;
+    parent.apply(vec![change(EventType::TeacherCreated, 201, 1, 1)]);
+    let f = follower(&parent, &[1], 1).await;
+    let v = wait_status(&f, "caught up", |v| v["upstream"]["caughtUp"] == true).await;
+    let cursor = v["upstream"]["cursor"].as_str().unwrap().to_owned();
+    let mut config = (*f.node.state.config).clone();
+    config.http.listen = f.node.addr;
+    let path = f.dir.path().join("edge.toml");
+    std::fs::write(&path, config.to_redacted_toml()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_emis-edge"))
+        .args(["status", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = format!(
+        "upstream       http://{} connected, caught up",
+        parent.node.addr
+    );
+    assert!(text.contains(&line), "{text}");
+    assert!(text.contains(&format!("cursor {cursor}")), "{text}");
+    assert!(text.contains("kafka          not configured"), "{text}");
+}
