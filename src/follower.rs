@@ -312,7 +312,7 @@ impl Follower {
                 head.as_secs()
             ))
         })?
-        .map_err(|e| StepError::Connect(format!("{e}")))?;
+        .map_err(|e| StepError::Connect(causes(&e)))?;
         let status = response.status();
         let content_type = response
             .headers()
@@ -372,7 +372,7 @@ impl Follower {
                     ))
                 })?;
             let Some(chunk) = chunk else { break };
-            let chunk = chunk.map_err(|e| StepError::Body(format!("{e}")))?;
+            let chunk = chunk.map_err(|e| StepError::Body(causes(&e)))?;
             self.state.metrics.upstream_bytes.inc_by(chunk.len() as u64);
             decoder.push(&chunk, &mut body).map_err(StepError::Body)?;
             if body.len() > MAX_PAGE_BYTES {
@@ -536,6 +536,18 @@ impl Follower {
         }
         Ok(Next::Busy)
     }
+}
+
+/// An error with its causes (reqwest's own text names only the URL).
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// The start of a body that is not a problem document, for the error.
