@@ -1,4 +1,4 @@
-//! Bad upstream input (issue: tiered replication, bad input): a parent
+//! Bad upstream input (contract §6): a parent
 //! that misbehaves on purpose — a page cut short, a count that differs,
 //! malformed JSON, a cursor that goes backwards, HTML, a body that hangs,
 //! a line stamped beyond the skew. Nothing of such a page is applied, the
