@@ -30,6 +30,8 @@ pub struct Config {
     pub node: NodeConfig,
     pub http: HttpConfig,
     pub kafka: KafkaConfig,
+    pub ingest: IngestConfig,
+    pub upstream: UpstreamConfig,
     pub schools: SchoolsConfig,
     pub resync: ResyncConfig,
     pub store: StoreConfig,
@@ -68,6 +70,11 @@ pub struct HttpConfig {
     /// The largest snapshot file `POST /api/admin/import` accepts (the only
     /// route that takes a request body).
     pub max_import_bytes: u64,
+    /// Change-feed requests (`GET /api/changes` with `wait`) held open at
+    /// once, waiting for a change; one more is answered `503`. Unset: half
+    /// of `max_connections`, so that held long-polls never take the
+    /// connections lookups need.
+    pub max_long_polls: Option<usize>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -87,6 +94,38 @@ pub struct KafkaConfig {
     pub batch_max_wait_ms: u64,
     /// `stale` in the sync status once the broker has been unreachable for
     /// this long.
+    pub stale_after_secs: u64,
+}
+
+/// How incoming changes are checked.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// A change stamped more than this after a clock its source cannot
+    /// fake (a feed page's `asOf`) is refused (contract §2, "Time").
+    #[serde(with = "humantime_serde")]
+    pub max_future_skew: Duration,
+}
+
+/// Following a parent node's change feed instead of Kafka (contract §6).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// The parent node's base URL; unset: the node does not follow one.
+    pub url: Option<String>,
+    /// Bearer token for the parent (its `http.token_file`): the first
+    /// token of this file is sent.
+    pub token_file: Option<PathBuf>,
+    /// How long the parent holds a request while nothing changed (0-60).
+    pub wait_secs: u64,
+    /// Changes per page (1-10000).
+    pub limit: usize,
+    /// The parent may take `wait_secs` plus this long to start answering,
+    /// and this long between two reads of an answer, before the request is
+    /// abandoned and retried.
+    pub read_timeout_secs: u64,
+    /// `stale` in the sync status once no page has come from the parent
+    /// for this long. More than `wait_secs`.
     pub stale_after_secs: u64,
 }
 
@@ -169,6 +208,7 @@ impl Default for HttpConfig {
             max_connections: 1024,
             header_read_timeout_secs: 10,
             max_import_bytes: 16 << 30,
+            max_long_polls: None,
         }
     }
 }
@@ -186,6 +226,32 @@ impl Default for KafkaConfig {
         }
     }
 }
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            max_future_skew: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            url: None,
+            token_file: None,
+            wait_secs: 30,
+            limit: 1000,
+            read_timeout_secs: 30,
+            stale_after_secs: 300,
+        }
+    }
+}
+
+/// The most schools a follower follows: their ids must fit in one
+/// `GET /api/changes` request head, which a node accepts up to 32 KiB
+/// (`school=<id>&` is 44 bytes).
+pub const MAX_FOLLOWED_SCHOOLS: usize = 500;
 
 impl Default for TopicsConfig {
     fn default() -> Self {
@@ -389,6 +455,18 @@ impl Config {
                 "must be between 1 and 3600",
             ));
         }
+        if let Some(n) = self.http.max_long_polls {
+            if n >= self.http.max_connections {
+                return Err(bad(
+                    "http.max_long_polls",
+                    format!(
+                        "{n} must be less than http.max_connections ({}): held long-polls must \
+                         leave connections for lookups",
+                        self.http.max_connections
+                    ),
+                ));
+            }
+        }
         if self.node.data_dir.as_os_str().is_empty() {
             return Err(bad("node.data_dir", "must not be empty"));
         }
@@ -451,6 +529,10 @@ impl Config {
                 Err(e) => return Err(bad("resync.central_url", format!("{url:?}: {e}"))),
             }
         }
+        self.validate_upstream()?;
+        if self.ingest.max_future_skew < Duration::from_secs(1) {
+            return Err(bad("ingest.max_future_skew", "must be at least 1s"));
+        }
         if self.resync.timeout_secs == 0 {
             return Err(bad("resync.timeout_secs", "must be at least 1"));
         }
@@ -470,6 +552,87 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// `[upstream]`: one live source per node, and named schools.
+    fn validate_upstream(&self) -> Result<(), ConfigError> {
+        let u = &self.upstream;
+        if !(0..=60).contains(&u.wait_secs) {
+            return Err(bad("upstream.wait_secs", "must be between 0 and 60"));
+        }
+        if !(1..=10_000).contains(&u.limit) {
+            return Err(bad("upstream.limit", "must be between 1 and 10000"));
+        }
+        if !(1..=3600).contains(&u.read_timeout_secs) {
+            return Err(bad(
+                "upstream.read_timeout_secs",
+                "must be between 1 and 3600",
+            ));
+        }
+        if u.stale_after_secs <= u.wait_secs {
+            return Err(bad(
+                "upstream.stale_after_secs",
+                format!(
+                    "must be more than upstream.wait_secs ({}): an idle parent answers once \
+                     per wait",
+                    u.wait_secs
+                ),
+            ));
+        }
+        let Some(url) = &u.url else {
+            return Ok(());
+        };
+        match reqwest::Url::parse(url) {
+            Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => {}
+            Ok(parsed) => {
+                return Err(bad(
+                    "upstream.url",
+                    format!("scheme {:?} is not http or https", parsed.scheme()),
+                ))
+            }
+            Err(e) => return Err(bad("upstream.url", format!("{url:?}: {e}"))),
+        }
+        if !self.kafka.brokers.trim().is_empty() {
+            return Err(bad(
+                "upstream.url",
+                "upstream.url and kafka.brokers are both set: a node has one live source, its \
+                 parent's change feed or Kafka; remove one of them",
+            ));
+        }
+        if self.schools.all || self.schools.ids.is_empty() {
+            return Err(bad(
+                "schools.ids",
+                "upstream.url needs the list of schools to follow (schools.all cannot be \
+                 followed: a parent's feed is asked for named schools)",
+            ));
+        }
+        if self.schools.ids.len() > MAX_FOLLOWED_SCHOOLS {
+            return Err(bad(
+                "schools.ids",
+                format!(
+                    "{} schools: a follower follows at most {MAX_FOLLOWED_SCHOOLS} (their ids \
+                     must fit in one request to the parent); split them over several nodes",
+                    self.schools.ids.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Long-poll requests held at once (see `http.max_long_polls`).
+    pub fn max_long_polls(&self) -> usize {
+        self.http
+            .max_long_polls
+            .unwrap_or(self.http.max_connections / 2)
+    }
+
+    /// The token sent to `upstream.url`, if `upstream.token_file` is set.
+    pub fn upstream_token(&self) -> anyhow::Result<Option<String>> {
+        Ok(
+            read_tokens("upstream.token_file", self.upstream.token_file.as_deref())?
+                .into_iter()
+                .next(),
+        )
     }
 
     /// The API tokens of `http.token_file` (empty when unset).

@@ -1,5 +1,6 @@
 //! The instruments recorded as things happen — request durations, sync
-//! latency, per-topic outcomes, batch sizes, resync outcomes — in
+//! latency, per-topic outcomes, batch sizes, resync outcomes, the change
+//! feed's long-polls and a follower's pages — in
 //! [`Metrics`], which every worker and the HTTP layer share through
 //! `NodeState`, and what a worker computes for a scrape to read
 //! ([`SchoolFreshness`]). What is read at scrape time (gauges from the store, the
@@ -10,6 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use uuid::Uuid;
 
@@ -45,6 +47,19 @@ pub struct Metrics {
     pub resync_drift: Family<Labels, Counter>,
     /// Per-school freshness, as the `freshness` worker last computed it.
     pub school_freshness: SchoolFreshness,
+    /// Change-feed requests held waiting now (as a parent).
+    pub feed_long_polls: Gauge,
+    /// Change-feed requests refused because `http.max_long_polls` were
+    /// held already.
+    pub feed_long_polls_refused: Counter,
+    /// Pages of the parent's feed applied (as a follower).
+    pub upstream_pages: Counter,
+    /// Change lines in them.
+    pub upstream_lines: Counter,
+    /// Bytes received from the parent (as sent: compressed when it was).
+    pub upstream_bytes: Counter,
+    /// Failed requests to the parent, by reason.
+    pub upstream_errors: Family<Labels, Counter>,
 }
 
 /// The oldest `lastSyncedAt` among each served school's live records, as
@@ -76,6 +91,12 @@ impl Default for Metrics {
             resync_duration: latency_histogram(),
             resync_drift: Family::default(),
             school_freshness: SchoolFreshness::default(),
+            feed_long_polls: Gauge::default(),
+            feed_long_polls_refused: Counter::default(),
+            upstream_pages: Counter::default(),
+            upstream_lines: Counter::default(),
+            upstream_bytes: Counter::default(),
+            upstream_errors: Family::default(),
         }
     }
 }

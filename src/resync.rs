@@ -84,17 +84,48 @@ impl RunReport {
 
 /// The client for `resync.central_url`, sending `resync.token_file`'s token.
 pub fn http_client(config: &Config) -> anyhow::Result<reqwest::Client> {
+    client_with(
+        config.resync_token()?,
+        Some(Duration::from_secs(config.resync.timeout_secs)),
+    )
+}
+
+/// The client for a follower's parent (`upstream.url`), sending
+/// `upstream.token_file`'s token. It has no overall time limit (a
+/// long-poll is held by design); callers bound each wait themselves.
+pub fn upstream_client(config: &Config) -> anyhow::Result<reqwest::Client> {
+    client_with(config.upstream_token()?, None)
+}
+
+/// Where a resync reads snapshots from, with the client for it:
+/// `resync.central_url`, else a follower's parent (`upstream.url`, which
+/// serves the snapshot route too); `None` when neither is set.
+pub fn source(config: &Config) -> anyhow::Result<Option<(String, reqwest::Client)>> {
+    let timeout = Some(Duration::from_secs(config.resync.timeout_secs));
+    Ok(match (&config.resync.central_url, &config.upstream.url) {
+        (Some(url), _) => Some((url.clone(), http_client(config)?)),
+        (None, Some(url)) => Some((url.clone(), client_with(config.upstream_token()?, timeout)?)),
+        (None, None) => None,
+    })
+}
+
+fn client_with(
+    token: Option<String>,
+    timeout: Option<Duration>,
+) -> anyhow::Result<reqwest::Client> {
     let mut headers = reqwest::header::HeaderMap::new();
-    if let Some(token) = config.resync_token()? {
+    if let Some(token) = token {
         let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))?;
         value.set_sensitive(true);
         headers.insert(reqwest::header::AUTHORIZATION, value);
     }
-    Ok(reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
-        .timeout(Duration::from_secs(config.resync.timeout_secs))
-        .default_headers(headers)
-        .build()?)
+        .default_headers(headers);
+    if let Some(timeout) = timeout {
+        builder = builder.timeout(timeout);
+    }
+    Ok(builder.build()?)
 }
 
 /// Fetches and validates one school's snapshot; nothing is applied.
@@ -103,22 +134,40 @@ pub async fn fetch(
     base: &str,
     school: Uuid,
 ) -> anyhow::Result<SchoolSnapshot> {
+    fetch_counted(client, base, school, |_| {}).await
+}
+
+/// [`fetch`], telling `received` the size of each chunk of the answer as
+/// it came over the network (compressed, when it was). The answer is
+/// asked for gzip-compressed (contract §6); a server that does not
+/// compress is read as is.
+pub async fn fetch_counted(
+    client: &reqwest::Client,
+    base: &str,
+    school: Uuid,
+    mut received: impl FnMut(usize),
+) -> anyhow::Result<SchoolSnapshot> {
     let url = format!(
         "{}/api/schools/{school}/snapshot",
         base.trim_end_matches('/')
     );
-    let response = client.get(&url).send().await?;
+    let response = client
+        .get(&url)
+        .header(reqwest::header::ACCEPT_ENCODING, "gzip")
+        .send()
+        .await?;
     anyhow::ensure!(
         response.status().is_success(),
         "{url} answered {}",
         response.status()
     );
+    let mut decoder =
+        Decoder::for_response(&response).map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
     let mut reader = SnapshotReader::new();
     let mut found: Option<Result<SchoolSnapshot, _>> = None;
     let mut pending = Vec::new();
     let mut body = response.bytes_stream();
-    while let Some(chunk) = body.next().await {
-        pending.extend_from_slice(&chunk?);
+    let mut take_lines = |pending: &mut Vec<u8>| -> anyhow::Result<()> {
         while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = pending.drain(..=pos).collect();
             if let Some(result) = reader.feed(&line[..line.len() - 1]) {
@@ -130,7 +179,20 @@ pub async fn fetch(
             pending.len() <= crate::domain::event::MAX_EVENT_BYTES,
             "{url}: line too long"
         );
+        Ok(())
+    };
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk?;
+        received(chunk.len());
+        decoder
+            .push(&chunk, &mut pending)
+            .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+        take_lines(&mut pending)?;
     }
+    decoder
+        .finish(&mut pending)
+        .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+    take_lines(&mut pending)?;
     if !pending.is_empty() {
         if let Some(result) = reader.feed(&pending) {
             found = Some(result);
@@ -148,6 +210,61 @@ pub async fn fetch(
         snapshot.school_id
     );
     Ok(snapshot)
+}
+
+/// Decodes an HTTP answer's body as it arrives: gunzips it when the
+/// server sent it gzip-compressed (`Content-Encoding: gzip`), else passes
+/// it through.
+pub struct Decoder(Option<flate2::write::GzDecoder<Vec<u8>>>);
+
+impl Decoder {
+    /// The decoder for `response`'s `Content-Encoding`; another encoding
+    /// than gzip or none is an error.
+    pub fn for_response(response: &reqwest::Response) -> Result<Decoder, String> {
+        match response
+            .headers()
+            .get(reqwest::header::CONTENT_ENCODING)
+            .map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase())
+            .as_deref()
+        {
+            None | Some("identity") => Ok(Decoder(None)),
+            Some("gzip") => Ok(Decoder::gzip()),
+            Some(other) => Err(format!(
+                "the answer is encoded as {other:?}, which this node does not read"
+            )),
+        }
+    }
+
+    /// A decoder of a gzip stream.
+    pub fn gzip() -> Decoder {
+        Decoder(Some(flate2::write::GzDecoder::new(Vec::new())))
+    }
+
+    /// Appends what `chunk` decodes to onto `out`.
+    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+        use std::io::Write;
+        match &mut self.0 {
+            None => out.extend_from_slice(chunk),
+            Some(gz) => {
+                gz.write_all(chunk)
+                    .map_err(|e| format!("the gzip stream is damaged: {e}"))?;
+                out.append(gz.get_mut());
+            }
+        }
+        Ok(())
+    }
+
+    /// At the end of the body: appends the rest; fails if a gzip stream
+    /// was cut short.
+    pub fn finish(self, out: &mut Vec<u8>) -> Result<(), String> {
+        if let Some(gz) = self.0 {
+            let rest = gz
+                .finish()
+                .map_err(|e| format!("the gzip stream ends early: {e}"))?;
+            out.extend_from_slice(&rest);
+        }
+        Ok(())
+    }
 }
 
 /// One resync run over `schools` from `base`, at most
@@ -211,12 +328,8 @@ pub async fn run_for_node(
     only: Option<Vec<Uuid>>,
     dry_run: bool,
 ) -> anyhow::Result<RunReport> {
-    let base = state
-        .config
-        .resync
-        .central_url
-        .clone()
-        .ok_or_else(|| anyhow::anyhow!("resync.central_url is not set"))?;
+    let (base, client) = source(&state.config)?
+        .ok_or_else(|| anyhow::anyhow!("resync.central_url is not set (nor upstream.url)"))?;
     let schools = state.schools_to_sync(only.unwrap_or_default())?;
     anyhow::ensure!(
         !schools.is_empty(),
@@ -226,7 +339,7 @@ pub async fn run_for_node(
     let clock = state.clock.clone();
     let report = run(
         &state.store,
-        &http_client(&state.config)?,
+        &client,
         &base,
         schools,
         || clock.now(),

@@ -17,7 +17,8 @@ use crate::domain::format_timestamp;
 use crate::metrics::Metrics;
 use crate::status::{
     Activity, EntityCounts, KafkaStatus, OffsetOutOfRange, PartitionStatus, ResyncStatus,
-    SchoolFreshness, ServedSchools, StoreStatus, SyncState, SyncStatus, STATUS_SCHOOLS_MAX,
+    SchoolFreshness, ServedSchools, StoreStatus, SyncState, SyncStatus, UpstreamStatus,
+    STATUS_SCHOOLS_MAX,
 };
 use crate::store::{Store, StoreError};
 use crate::worker::Workers;
@@ -96,7 +97,10 @@ impl NodeState {
     pub fn new(store: Arc<Store>, config: Config, clock: Arc<dyn Clock>) -> NodeState {
         NodeState(Arc::new(Parts {
             store,
-            sync: Arc::new(SyncState::new(!config.kafka.brokers.trim().is_empty())),
+            sync: Arc::new(SyncState::new(
+                !config.kafka.brokers.trim().is_empty(),
+                config.upstream.url.is_some(),
+            )),
             config: Arc::new(config),
             workers: Arc::new(Workers::new(clock.clone())),
             clock,
@@ -192,9 +196,21 @@ impl NodeState {
         let stale = state.is_stale(
             now,
             secs(config.kafka.stale_after_secs),
+            secs(config.upstream.stale_after_secs),
             secs(config.resync.interval_secs.saturating_mul(2)),
         );
         let (school_count, schools) = self.school_freshness(&reader)?;
+        let upstream = match (&config.upstream.url, &state.upstream) {
+            (Some(url), Some(run)) => Some(UpstreamStatus {
+                url: url.clone(),
+                connected: run.connected,
+                cursor: reader.upstream_cursor()?.map(|c| c.to_string()),
+                last_page_at: run.last_page_at.map(format_timestamp),
+                caught_up: run.caught_up,
+                last_error: run.last_error.clone(),
+            }),
+            _ => None,
+        };
         Ok(SyncStatus {
             node_id: config.node.id.clone(),
             generated_at: Some(format_timestamp(now)),
@@ -246,6 +262,7 @@ impl NodeState {
             school_count,
             schools,
             applied_per_minute: self.activity.per_minute(now),
+            upstream,
         })
     }
 

@@ -1,6 +1,7 @@
 //! What the node knows about its own synchronisation: the run-time
 //! [`SyncState`] beyond what the store holds (broker reachability, high
-//! watermarks, the first sync, the last resync), written by the workers;
+//! watermarks, the first sync, the last resync, a follower's contact with
+//! its parent), written by the workers;
 //! and [`SyncStatus`], the typed document of `GET /api/sync/status` that
 //! `emis-edge status` deserializes too, so a renamed field breaks the
 //! build, not the CLI. (Whether the store can be written is the store's
@@ -46,6 +47,23 @@ pub struct SyncSnapshot {
     pub last_resync: Option<ResyncOutcome>,
     /// When and where consumption last fell off the retained log.
     pub offset_out_of_range: Option<(Timestamp, String)>,
+    /// A follower's contact with its parent; `None` unless `upstream.url`
+    /// is set.
+    pub upstream: Option<UpstreamRun>,
+}
+
+/// What a follower knows of its parent at run time (its cursor is in the
+/// store).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UpstreamRun {
+    /// The last request to the parent was answered with a page.
+    pub connected: bool,
+    /// When the last page was applied (node clock).
+    pub last_page_at: Option<Timestamp>,
+    /// The last page applied said nothing more followed (`more: false`).
+    pub caught_up: bool,
+    /// Why the last request failed, until one succeeds again.
+    pub last_error: Option<String>,
 }
 
 /// Shared, lock-protected run-time status. Critical sections are tiny.
@@ -53,11 +71,23 @@ pub struct SyncSnapshot {
 pub struct SyncState(Mutex<SyncSnapshot>);
 
 impl SyncState {
-    pub fn new(kafka_configured: bool) -> SyncState {
+    /// The state of a node that consumes Kafka (`kafka_configured`), or
+    /// follows a parent (`upstream_configured`), or neither.
+    pub fn new(kafka_configured: bool, upstream_configured: bool) -> SyncState {
         SyncState(Mutex::new(SyncSnapshot {
             kafka_configured,
+            upstream: upstream_configured.then(UpstreamRun::default),
             ..SyncSnapshot::default()
         }))
+    }
+
+    /// Changes a follower's run-time state (nothing when it is none).
+    pub fn update_upstream(&self, f: impl FnOnce(&mut UpstreamRun)) {
+        self.update(|s| {
+            if let Some(u) = s.upstream.as_mut() {
+                f(u);
+            }
+        })
     }
 
     pub fn update(&self, f: impl FnOnce(&mut SyncSnapshot)) {
@@ -78,11 +108,20 @@ impl SyncSnapshot {
     }
 
     /// Whether the node cannot currently vouch that its data is fresh: the
-    /// broker has not been reached for `stale_after`, or there is no broker
-    /// and no successful resync within `resync_window`.
-    pub fn is_stale(&self, now: Timestamp, stale_after: i64, resync_window: i64) -> bool {
+    /// broker has not been reached for `stale_after`; a follower has had
+    /// no page from its parent for `upstream_stale_after`; or there is
+    /// neither and no successful resync within `resync_window`.
+    pub fn is_stale(
+        &self,
+        now: Timestamp,
+        stale_after: i64,
+        upstream_stale_after: i64,
+        resync_window: i64,
+    ) -> bool {
         let recent = |t: Option<Timestamp>, window: i64| t.is_some_and(|t| now - t <= window);
-        if self.kafka_configured {
+        if let Some(upstream) = &self.upstream {
+            !recent(upstream.last_page_at, upstream_stale_after)
+        } else if self.kafka_configured {
             !(self.kafka_connected || recent(self.kafka_contact_at, stale_after))
         } else {
             let resynced = self.last_resync.as_ref().filter(|r| r.ok).map(|r| r.at);
@@ -221,6 +260,9 @@ pub struct SyncStatus {
     /// store).
     #[serde(default)]
     pub applied_per_minute: Vec<u64>,
+    /// A follower's parent (contract §6); `null` unless `upstream.url` is set.
+    #[serde(default)]
+    pub upstream: Option<UpstreamStatus>,
 }
 
 /// The most schools the status document lists (their entity counts are
@@ -239,6 +281,24 @@ pub struct SchoolFreshness {
     pub classes: u64,
     pub teachers: u64,
     pub assignments: u64,
+}
+
+/// A follower's view of its parent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamStatus {
+    pub url: String,
+    /// The last request was answered with a page.
+    pub connected: bool,
+    /// The parent's cursor the applied pages reach (stored with them).
+    pub cursor: Option<String>,
+    /// When the last page was applied.
+    pub last_page_at: Option<String>,
+    /// The last page applied was the end of the feed for now; `false`:
+    /// behind (more pages are waiting, or no page came yet).
+    pub caught_up: bool,
+    /// Why the last request failed, until one succeeds again.
+    pub last_error: Option<String>,
 }
 
 /// `"all"`, or the list of served school ids.
@@ -378,7 +438,7 @@ mod tests {
     #[test]
     fn a_node_without_broker_or_resync_is_stale() {
         let s = SyncSnapshot::default();
-        assert!(s.is_stale(100, 10, 10));
+        assert!(s.is_stale(100, 10, 10, 10));
         let s = SyncSnapshot {
             last_resync: Some(ResyncOutcome {
                 at: 95,
@@ -387,8 +447,8 @@ mod tests {
             }),
             ..s
         };
-        assert!(!s.is_stale(100, 10, 10));
-        assert!(s.is_stale(106, 10, 10));
+        assert!(!s.is_stale(100, 10, 10, 10));
+        assert!(s.is_stale(106, 10, 10, 10));
     }
 
     #[test]
@@ -429,7 +489,25 @@ mod tests {
             kafka_contact_at: Some(50),
             ..SyncSnapshot::default()
         };
-        assert!(!s.is_stale(60, 10, 0));
-        assert!(s.is_stale(61, 10, 0));
+        assert!(!s.is_stale(60, 10, 0, 0));
+        assert!(s.is_stale(61, 10, 0, 0));
+    }
+
+    #[test]
+    fn a_follower_is_stale_once_no_page_came_for_the_bound() {
+        let s = SyncSnapshot {
+            upstream: Some(UpstreamRun::default()),
+            ..SyncSnapshot::default()
+        };
+        assert!(s.is_stale(100, 1000, 10, 1000), "no page yet");
+        let s = SyncSnapshot {
+            upstream: Some(UpstreamRun {
+                last_page_at: Some(50),
+                ..UpstreamRun::default()
+            }),
+            ..s
+        };
+        assert!(!s.is_stale(60, 0, 10, 0));
+        assert!(s.is_stale(61, 1000, 10, 1000));
     }
 }

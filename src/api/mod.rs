@@ -1,10 +1,12 @@
 //! The HTTP API (contract §4): which routes exist, behind which layers
 //! (bearer token, time and concurrency limits, request metrics), and the
 //! HTTP-only state they need on top of [`NodeState`] (the accepted
-//! tokens, the metrics registry). The routes themselves are in [`read`]
-//! (lookups, lists, snapshot, status, dead letters), [`admin`] (what the
-//! CLI does through a running node) and [`ops`] (health and metrics),
-//! each with its OpenAPI description ([`openapi`]); errors are
+//! tokens, the metrics registry, the long-poll slots, the stop signal).
+//! The routes themselves are in [`read`] (lookups, lists, snapshot, status,
+//! dead letters), [`feed`] (the change feed, contract §6), [`admin`] (what
+//! the CLI does through a running node), [`ops`] (health and metrics) and
+//! [`page`] (the status page), each with its OpenAPI description
+//! ([`openapi`]); errors are
 //! problem+json ([`problem`]). The connection loop underneath is
 //! `crate::server`.
 //!
@@ -18,11 +20,13 @@ use std::time::Duration;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use tokio_util::sync::CancellationToken;
 
 use crate::state::NodeState;
 use crate::store::Reader;
 
 pub mod admin;
+pub mod feed;
 pub mod openapi;
 pub mod ops;
 pub mod page;
@@ -44,16 +48,33 @@ struct ApiParts {
     tokens: Vec<String>,
     /// What `/metrics` renders.
     registry: prometheus_client::registry::Registry,
+    /// Slots of change-feed requests held waiting (`http.max_long_polls`).
+    long_polls: Arc<tokio::sync::Semaphore>,
+    /// Fires when the node stops: held long-polls answer at once.
+    stopping: CancellationToken,
 }
 
 impl ApiState {
-    pub fn new(node: NodeState, tokens: Vec<String>) -> ApiState {
+    /// The HTTP state of a node whose held requests end when `stopping`
+    /// fires.
+    pub fn new(node: NodeState, tokens: Vec<String>, stopping: CancellationToken) -> ApiState {
         let registry = ops::registry(node.clone());
+        let long_polls = Arc::new(tokio::sync::Semaphore::new(node.config.max_long_polls()));
         ApiState(Arc::new(ApiParts {
             node,
             tokens,
             registry,
+            long_polls,
+            stopping,
         }))
+    }
+
+    fn long_polls(&self) -> &Arc<tokio::sync::Semaphore> {
+        &self.0.long_polls
+    }
+
+    fn stopping(&self) -> &CancellationToken {
+        &self.0.stopping
     }
 
     fn registry(&self) -> &prometheus_client::registry::Registry {
@@ -144,6 +165,9 @@ impl std::ops::Deref for ApiState {
 /// `414`. (A request head over `server::MAX_HEADER_BYTES` is refused by
 /// hyper with `431` before it gets here.)
 pub const MAX_URI_BYTES: usize = 8 * 1024;
+/// … except on the change feed, whose `school` parameter repeats: there
+/// the request head's own limit is the only one.
+pub const MAX_FEED_URI_BYTES: usize = crate::server::MAX_HEADER_BYTES;
 
 pub fn router(state: ApiState) -> Router {
     router_with(state, Router::new())
@@ -181,19 +205,23 @@ pub fn router_with(state: ApiState, extra: Router<ApiState>) -> Router {
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
             state.config.http.max_concurrent_requests,
         ));
-    // Reads: bearer token when http.token_file is set, and a time limit.
-    let (read, _) = read::routes().split_for_parts();
-    let api = read.merge(extra);
-    // Without tokens configured, no per-request token check at all.
-    let api = if state.tokens().is_empty() {
-        api
-    } else {
-        api.route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            require_token,
-        ))
+    // Reads: bearer token when http.token_file is set (without tokens
+    // configured, no per-request token check at all), and the limits.
+    let guard = |routes: Router<ApiState>| {
+        if state.tokens().is_empty() {
+            routes
+        } else {
+            routes.route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                require_token,
+            ))
+        }
     };
-    let api = api.layer(limits);
+    let api = guard(read::routes().split_for_parts().0.merge(extra)).layer(limits);
+    // The change feed: the same tokens, but neither the time limit nor the
+    // concurrency limit of the reads (a held long-poll is neither slow nor
+    // busy); it has its own bound (`api::feed`).
+    let feed = guard(feed::routes().split_for_parts().0);
     let (admin, _) = admin::routes()
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -203,6 +231,7 @@ pub fn router_with(state: ApiState, extra: Router<ApiState>) -> Router {
     let (description, _) = openapi::routes().split_for_parts();
     let main = Router::new()
         .merge(api)
+        .merge(feed)
         .merge(admin)
         .merge(description)
         .merge(page::routes().split_for_parts().0);
@@ -240,18 +269,24 @@ fn finish(router: Router<ApiState>, state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// Refuses request targets over [`MAX_URI_BYTES`] before routing.
+/// Refuses request targets over [`MAX_URI_BYTES`] (the change feed:
+/// [`MAX_FEED_URI_BYTES`]) before routing.
 async fn limit_uri(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let len = request
         .uri()
         .path_and_query()
         .map_or(0, |p| p.as_str().len());
-    if len > MAX_URI_BYTES {
+    let max = if request.uri().path() == "/api/changes" {
+        MAX_FEED_URI_BYTES
+    } else {
+        MAX_URI_BYTES
+    };
+    if len > max {
         return Problem::new(
             StatusCode::URI_TOO_LONG,
             "uri-too-long",
             "URI too long",
-            format!("the request target is {len} bytes; at most {MAX_URI_BYTES} are accepted"),
+            format!("the request target is {len} bytes; at most {max} are accepted"),
         )
         .into_response();
     }

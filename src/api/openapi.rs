@@ -75,6 +75,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = ApiDoc::openapi();
     for part in [
         super::read::routes(),
+        super::feed::routes(),
         super::admin::routes(),
         super::ops::routes(),
         super::page::routes(),

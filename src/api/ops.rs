@@ -150,6 +150,36 @@ pub fn registry(state: NodeState) -> Registry {
         "Drift found by resync runs, by entity kind and category",
         m.resync_drift.clone(),
     );
+    registry.register(
+        "feed_long_polls",
+        "Change-feed requests held waiting for a change now",
+        m.feed_long_polls.clone(),
+    );
+    registry.register(
+        "feed_long_polls_refused",
+        "Change-feed requests answered 503 because http.max_long_polls were held already",
+        m.feed_long_polls_refused.clone(),
+    );
+    registry.register(
+        "upstream_pages",
+        "Pages of the parent's change feed applied",
+        m.upstream_pages.clone(),
+    );
+    registry.register(
+        "upstream_lines",
+        "Change lines in the parent's pages applied",
+        m.upstream_lines.clone(),
+    );
+    registry.register(
+        "upstream_bytes",
+        "Bytes received from the parent's change feed and snapshots (compressed, as sent)",
+        m.upstream_bytes.clone(),
+    );
+    registry.register(
+        "upstream_errors",
+        "Failed requests to the parent, by reason",
+        m.upstream_errors.clone(),
+    );
     registry.register_collector(Box::new(NodeCollector { state }));
     registry
 }
@@ -292,6 +322,28 @@ impl Collector for NodeCollector {
             "1 when the last contact with the broker succeeded",
             bare(f64::from(u8::from(state.kafka_connected))),
         )?;
+        if let Some(u) = &state.upstream {
+            gauge(
+                &mut encoder,
+                "upstream_connected",
+                "1 when the last request to the parent (upstream.url) was answered with a page",
+                bare(f64::from(u8::from(u.connected))),
+            )?;
+            gauge(
+                &mut encoder,
+                "upstream_caught_up",
+                "1 when the last page applied from the parent was the end of its feed for now",
+                bare(f64::from(u8::from(u.caught_up))),
+            )?;
+            if let Some(at) = u.last_page_at {
+                gauge(
+                    &mut encoder,
+                    "upstream_seconds_since_last_page",
+                    "Seconds since the last page from the parent was applied",
+                    bare(s.clock.now().saturating_sub(at).max(0) as f64 / 1e9),
+                )?;
+            }
+        }
         let (stats, watermark, offsets) = match s
             .store
             .read()
@@ -322,6 +374,24 @@ impl Collector for NodeCollector {
             ConstCounter::new(n).encode(events.encode_family(&labels)?)?;
         }
 
+        if state.upstream.is_some() {
+            let mut changes = encoder.encode_descriptor(
+                "upstream_changes",
+                "Change lines of the parent's feed, by outcome (persisted: survives restarts)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (outcome, name) in [
+                ("applied", counter::FEED_APPLIED),
+                ("stale", counter::FEED_STALE),
+                ("skipped", counter::FEED_SKIPPED),
+                ("transferred_out", counter::FEED_TRANSFERRED_OUT),
+            ] {
+                let n = stats.counters.get(name).copied().unwrap_or(0);
+                ConstCounter::new(n)
+                    .encode(changes.encode_family(&labels(&[("outcome", outcome)]))?)?;
+            }
+        }
         gauge(
             &mut encoder,
             "store_pending_documents",

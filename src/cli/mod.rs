@@ -128,6 +128,11 @@ enum Command {
         /// Of every thousand changes published, how many are malformed.
         #[arg(long, default_value_t = 20, value_name = "N")]
         malformed_per_mille: u32,
+        /// Also start N school nodes (in-process, each on its own port and
+        /// temporary store) that follow this provincial node's change feed,
+        /// one school each.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        followers: u32,
     },
     /// Generate realistic Vietnamese EMIS data, deterministically from a seed:
     /// a snapshot file for `import` (--out), every entity's `created` event
@@ -226,6 +231,7 @@ pub fn run() -> ExitCode {
             data_dir,
             rate,
             malformed_per_mille,
+            followers,
         } => {
             init_logging(&Config::default());
             let options = crate::demo::Options {
@@ -234,6 +240,7 @@ pub fn run() -> ExitCode {
                 listen,
                 rate,
                 malformed_per_mille,
+                followers,
             };
             let result = tokio::runtime::Runtime::new()
                 .map_err(anyhow::Error::new)

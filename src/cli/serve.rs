@@ -58,6 +58,7 @@ fn check_token_files(c: &Config) -> Result<(), ExitCode> {
     for (key, check) in [
         ("http.token_file", c.load_tokens().map(|_| ())),
         ("resync.token_file", c.resync_token().map(|_| ())),
+        ("upstream.token_file", c.upstream_token().map(|_| ())),
     ] {
         if let Err(e) = check {
             return Err(config_error(&ConfigError {

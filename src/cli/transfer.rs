@@ -76,6 +76,20 @@ pub(super) fn import(config: &Config, file: &Path) -> anyhow::Result<bool> {
         .len();
     let rt = runtime()?;
     let via_node = rt.block_on(async {
+        // A node refuses an upload it does not authorise without reading
+        // the body, which can reset the connection before the refusal is
+        // read: a cheap admin request first makes the refusal (401, 403)
+        // what the operator sees.
+        let probe = ask_node(
+            config,
+            Ask::Admin,
+            reqwest::Method::GET,
+            "/api/admin/schools",
+            None,
+        );
+        if probe.await?.is_none() {
+            return Ok(None);
+        }
         let f = tokio::fs::File::open(file).await?;
         let stream = tokio_util::io::ReaderStream::with_capacity(f, 1 << 20);
         ask_node(

@@ -391,7 +391,7 @@ fn the_prometheus_alert_rules_are_valid() {
     };
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success() && text.contains("7 rules found"),
+        out.status.success() && text.contains("9 rules found"),
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );

@@ -327,3 +327,267 @@ async fn sigkill_at_random_moments_loses_nothing_and_doubles_nothing() {
         "stored offsets do not match the data"
     );
 }
+
+/// A node process with its configuration in the environment, logging
+/// warnings only.
+fn node_process(dir: &std::path::Path, port: u16, id: &str, env: &[(&str, String)]) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_emis-edge"));
+    cmd.args(["serve", "--config", "/dev/null"])
+        .env("EMIS_EDGE__NODE__DATA_DIR", dir)
+        .env("EMIS_EDGE__HTTP__LISTEN", format!("127.0.0.1:{port}"))
+        .env("EMIS_EDGE__NODE__ID", id)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Proc(cmd.spawn().unwrap())
+}
+
+/// Contract §6 end to end with binaries: tansu → a provincial node
+/// process consuming Kafka → two school node processes following it over
+/// HTTP, each with its own school. Each school node answers for its
+/// school what the provincial node answers, also after an update and a
+/// transfer between their schools, and nothing of the other school.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tansu_feeds_a_provincial_node_that_two_school_node_processes_follow() {
+    use EventType::*;
+    let Some(tansu) = Tansu::for_test(1) else {
+        return;
+    };
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", tansu.brokers())
+        .create()
+        .unwrap();
+    let send = |t: EventType, v: &Value| {
+        producer
+            .send(BaseRecord::<(), [u8]>::to(t.name()).payload(v.to_string().as_bytes()))
+            .map_err(|(e, _)| e)
+            .unwrap();
+    };
+    let teachers: Vec<u128> = (1..=6).collect();
+    for n in &teachers {
+        let s = if *n <= 3 { 1 } else { 2 };
+        send(
+            TeacherCreated,
+            &event(
+                TeacherCreated,
+                *n,
+                1,
+                Some(1),
+                s,
+                teacher_fields(id(*n), "Nguyễn Thị Hương"),
+            ),
+        );
+        send(
+            ClassCreated,
+            &event(
+                ClassCreated,
+                100 + n,
+                1,
+                Some(1),
+                s,
+                class_fields(id(100 + n), "Lớp 10A1"),
+            ),
+        );
+        send(
+            AssignmentCreated,
+            &event(
+                AssignmentCreated,
+                200 + n,
+                1,
+                Some(1),
+                s,
+                assignment_fields(id(200 + n), id(*n), id(100 + n), "homeroom"),
+            ),
+        );
+    }
+    // A school nobody follows.
+    send(
+        TeacherCreated,
+        &event(
+            TeacherCreated,
+            7,
+            1,
+            Some(1),
+            3,
+            teacher_fields(id(7), "Trần Văn Nam"),
+        ),
+    );
+    producer.flush(Duration::from_secs(10)).unwrap();
+
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let parent_url = format!("http://127.0.0.1:{}", ports[0]);
+    let _province = node_process(
+        dirs[0].path(),
+        ports[0],
+        "province",
+        &[
+            ("EMIS_EDGE__KAFKA__BROKERS", tansu.brokers().to_string()),
+            ("EMIS_EDGE__KAFKA__BATCH_MAX_WAIT_MS", "5".into()),
+            ("EMIS_EDGE__SCHOOLS__ALL", "true".into()),
+        ],
+    );
+    let schools = |n: u128| {
+        vec![
+            ("EMIS_EDGE__UPSTREAM__URL", parent_url.clone()),
+            ("EMIS_EDGE__UPSTREAM__WAIT_SECS", "5".into()),
+            ("EMIS_EDGE__SCHOOLS__IDS", format!("[\"{}\"]", school(n))),
+        ]
+    };
+    let _school1 = node_process(dirs[1].path(), ports[1], "school-1", &schools(1));
+    let _school2 = node_process(dirs[2].path(), ports[2], "school-2", &schools(2));
+    for port in &ports {
+        wait_port(*port, "emis-edge");
+    }
+    let http = reqwest::Client::new();
+    let get = |port: u16, path: String| {
+        let http = http.clone();
+        async move {
+            let r = http
+                .get(format!("http://127.0.0.1:{port}{path}"))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let body: Value = r.json().await.unwrap_or(Value::Null);
+            (status, body)
+        }
+    };
+    // What school node `port` (following `mine`) must answer, and does.
+    let views = |port: u16, mine: u128, restrict: bool| {
+        let get = &get;
+        let teachers = &teachers;
+        async move {
+            let mut out = Vec::new();
+            for n in teachers.iter().chain(&[7]) {
+                let (status, mut body) = get(port, format!("/api/teachers/{}", id(*n))).await;
+                if status != 200 || (restrict && body["schoolId"] != school(mine).to_string()) {
+                    out.push(json!(404));
+                    continue;
+                }
+                strip_sync(&mut body);
+                out.push(body);
+            }
+            let (_, mut list) = get(
+                port,
+                format!("/api/schools/{}/classes?limit=1000", school(mine)),
+            )
+            .await;
+            strip_sync(&mut list);
+            out.push(list);
+            out
+        }
+    };
+    let parent_port = ports[0];
+    let converge = |mine: u128, port: u16| {
+        let views = &views;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let expected = views(parent_port, mine, true).await;
+                let got = views(port, mine, false).await;
+                if got == expected {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "school node of school {mine} did not converge:\n{got:#?}\nexpected\n{expected:#?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let status = format!("http://127.0.0.1:{}/api/sync/status", ports[0]);
+    let wait_handled = |n: u64| {
+        let http = http.clone();
+        let status = status.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let v: Value = http
+                    .get(&status)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                if handled(&v) >= n {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "the provincial node: {v:#}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    wait_handled(19).await;
+    converge(1, ports[1]).await;
+    converge(2, ports[2]).await;
+
+    // An update, and teacher 3 (with no assignment left) moved to school 2.
+    send(
+        AssignmentDeleted,
+        &event(
+            AssignmentDeleted,
+            300,
+            2,
+            Some(2),
+            1,
+            json!({"assignmentId": id(203)}),
+        ),
+    );
+    send(
+        TeacherUpdated,
+        &event(
+            TeacherUpdated,
+            301,
+            2,
+            Some(2),
+            1,
+            teacher_fields(id(1), "Nguyễn Thị Hương (Toán)"),
+        ),
+    );
+    send(
+        TeacherUpdated,
+        &event(
+            TeacherUpdated,
+            302,
+            3,
+            Some(3),
+            2,
+            teacher_fields(id(3), "Lê Thị Lan"),
+        ),
+    );
+    producer.flush(Duration::from_secs(10)).unwrap();
+    wait_handled(22).await;
+    converge(1, ports[1]).await;
+    converge(2, ports[2]).await;
+    let (_, t) = get(ports[2], format!("/api/teachers/{}", id(3))).await;
+    assert_eq!(t["schoolId"], school(2).to_string());
+    assert_eq!(
+        get(ports[1], format!("/api/teachers/{}", id(3))).await.0,
+        404
+    );
+    for port in &ports[1..] {
+        let (_, v) = get(*port, "/api/sync/status".into()).await;
+        assert_eq!(v["upstream"]["connected"], true, "{v:#}");
+        assert_eq!(v["stale"], false, "{v:#}");
+        assert!(v["entities"]["teachers"].as_u64().unwrap() <= 4, "{v:#}");
+    }
+}
+
+/// Removes what differs between nodes by design.
+fn strip_sync(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            m.remove("lastSyncedAt");
+            m.remove("syncSource");
+            m.values_mut().for_each(strip_sync);
+        }
+        Value::Array(a) => a.iter_mut().for_each(strip_sync),
+        _ => {}
+    }
+}

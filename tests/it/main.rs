@@ -2,6 +2,8 @@
 //! real parts (a redb file or redb's in-memory backend, an HTTP listener on
 //! port 0, the built binary) and asserts what a user would notice.
 
+mod bad_parent;
+mod changes;
 mod cli;
 mod convergence;
 mod dashboard;
@@ -9,6 +11,8 @@ mod demo;
 mod e2e;
 mod faults;
 mod feed;
+mod follow_prop;
+mod follower;
 mod fuzz;
 mod generated;
 mod hostile;

@@ -109,7 +109,10 @@ fn node_state(
         config,
         emis_edge::clock::ManualClock::new(T0),
     );
-    (dir, emis_edge::api::ApiState::new(node, Vec::new()))
+    (
+        dir,
+        emis_edge::api::ApiState::new(node, Vec::new(), Default::default()),
+    )
 }
 
 /// Every route the node answers has its description, and every described

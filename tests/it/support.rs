@@ -236,3 +236,48 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A change of entity `n` of `t`'s kind at `T0 + ts` s with version `ts`,
+/// in `school_n`, as the ingest path parses it; `n` and `ts` make the
+/// event id. Upserts carry a name that says when they were made.
+pub fn change(t: EventType, n: u128, ts: i64, school_n: u128) -> (OrderKey, Change) {
+    use emis_edge::domain::EntityKind;
+    let entity = id(n);
+    let body = match (t.kind(), t.is_delete()) {
+        (kind, true) => json!({ kind.id_field(): entity }),
+        (EntityKind::Class, false) => class_fields(entity, &format!("Lớp {n}-{ts}")),
+        (EntityKind::Teacher, false) => teacher_fields(entity, &format!("Giáo viên {n}-{ts}")),
+        (EntityKind::Assignment, false) => assignment_fields(entity, id(900), id(901), "subject"),
+    };
+    parse(
+        t,
+        &merge(
+            envelope(
+                t,
+                id(20_000 + n * 1000 + ts as u128),
+                T0 + ts * SEC,
+                Some(ts as u64),
+                school(school_n),
+            ),
+            body,
+        ),
+    )
+}
+
+/// The lines of an NDJSON body, each parsed as JSON.
+pub fn ndjson(body: &[u8]) -> Vec<Value> {
+    body.split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect()
+}
+
+/// gunzip.
+pub fn gunzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(bytes)
+        .read_to_end(&mut out)
+        .unwrap();
+    out
+}
