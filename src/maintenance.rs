@@ -96,10 +96,14 @@ impl Worker for Purger {
 
 /// Computes each served school's oldest `lastSyncedAt`
 /// (`emis_edge_school_oldest_synced_timestamp_seconds`) every
-/// [`Freshness::EVERY`]: a walk over every live record, done here on the
-/// blocking pool so that a scrape only reads the last result.
+/// [`Freshness::EVERY`] (and, while there is no data, at the first
+/// commit): a walk over every live record, done here on the blocking pool
+/// so that a scrape only reads the last result.
 pub struct Freshness {
     state: NodeState,
+    /// Commits of the store: a node that had no data yet computes again
+    /// at its first change instead of at the next period.
+    commits: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Freshness {
@@ -108,7 +112,8 @@ impl Freshness {
     const STORE_WAIT: Duration = Duration::from_secs(5);
 
     pub fn new(state: NodeState) -> Freshness {
-        Freshness { state }
+        let commits = state.store.subscribe();
+        Freshness { state, commits }
     }
 }
 
@@ -118,6 +123,7 @@ impl Worker for Freshness {
     }
 
     async fn step(&mut self, _stop: &CancellationToken) -> anyhow::Result<Next> {
+        self.commits.borrow_and_update();
         let state = self.state.clone();
         let value = blocking(move || {
             let schools = state.schools_to_sync(Vec::new())?;
@@ -126,7 +132,21 @@ impl Worker for Freshness {
                 .read_with(Self::STORE_WAIT, |r| r.oldest_synced(&schools))
         })
         .await?;
+        let empty = value.is_empty();
         self.state.metrics.school_freshness.set(value);
-        Ok(Next::After(Self::EVERY))
+        Ok(if empty {
+            Next::Idle
+        } else {
+            Next::After(Self::EVERY)
+        })
+    }
+
+    /// With nothing computed yet (no data): the first commit, or the
+    /// period, whichever comes first.
+    async fn wait_for_work(&mut self) {
+        tokio::select! {
+            _ = self.commits.changed() => {}
+            _ = tokio::time::sleep(Self::EVERY) => {}
+        }
     }
 }

@@ -290,14 +290,27 @@ async fn produced_events_reach_the_api_and_order_duplicates_and_schools_are_hand
     assert!(value("emis_edge_partition_seconds_since_last_event{topic=\"emis.class.created\",partition=\"0\"}") >= 0.0);
     assert!(value("emis_edge_store_file_bytes") > 0.0);
     assert_eq!(value("emis_edge_events_total{outcome=\"skipped\"}"), 2.0);
+    // Per-school freshness comes from a worker, which computes it at the
+    // first change of a node that started empty: wait for it to appear.
     let synced = (T0 + 3600 * SEC) as f64 / 1e9; // the test clock
-    assert_eq!(
-        value(&format!(
-            "emis_edge_school_oldest_synced_timestamp_seconds{{school=\"{}\"}}",
-            school(1)
-        )),
-        synced
+    let gauge = format!(
+        "emis_edge_school_oldest_synced_timestamp_seconds{{school=\"{}\"}} ",
+        school(1)
     );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let freshness = loop {
+        let (_, _, body) = node.get("/metrics").await;
+        let text = String::from_utf8(body).unwrap();
+        if let Some(line) = text.lines().find(|l| l.starts_with(&gauge)) {
+            break line.rsplit(' ').next().unwrap().parse::<f64>().unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{gauge} never appeared:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(freshness, synced);
     assert_eq!(
         value("emis_edge_topic_events_total{topic=\"emis.teacher.created\",outcome=\"skipped\"}"),
         1.0
