@@ -497,12 +497,35 @@ impl Config {
             .unwrap_or_else(|| format!("emis-edge-{}", self.node.id))
     }
 
+    /// The schools this node serves: every school with `schools.all`,
+    /// else exactly `schools.ids` (none when the list is empty: a node is
+    /// never told to serve everything by leaving a key out; `serve` and
+    /// `check-config` refuse that configuration, see
+    /// [`Config::validate_serving`]).
     pub fn school_filter(&self) -> SchoolFilter {
-        if self.schools.all || self.schools.ids.is_empty() {
+        if self.schools.all {
             SchoolFilter::All
         } else {
             SchoolFilter::Only(self.schools.ids.iter().copied().collect())
         }
+    }
+
+    /// What a node that runs (`serve`, and `check-config`, which checks
+    /// what `serve` would run with) needs beyond [`Config::validate`]: it
+    /// must be told which schools it serves. An empty `schools.ids`
+    /// without `schools.all = true` is refused rather than read as "every
+    /// school", which on a school server would download and store the
+    /// whole country. (The offline commands accept it: `status` must work
+    /// on any configuration, and `import` then imports no school.)
+    pub fn validate_serving(&self) -> Result<(), ConfigError> {
+        if !self.schools.all && self.schools.ids.is_empty() {
+            return Err(bad(
+                "schools.ids",
+                "is empty: list the schools this node serves, or set `schools.all = true` \
+                 to serve every school (a provincial or national node)",
+            ));
+        }
+        Ok(())
     }
 
     /// The effective configuration as TOML, secrets replaced by `"<redacted>"`.

@@ -50,6 +50,7 @@ pub struct RunningNode {
 /// Opens the store and binds the listeners, then starts the workers and
 /// serves; errors here are the operator's to fix (exit code 1).
 pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<RunningNode> {
+    config.validate_serving()?;
     let tokens = config.load_tokens()?;
     let dir = &config.node.data_dir;
     std::fs::create_dir_all(dir)
@@ -110,11 +111,6 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
             &stop,
             crate::resync::Scheduler::new(state.clone()),
         );
-    }
-    if let crate::config::SchoolFilter::All = config.school_filter() {
-        if !config.schools.all {
-            tracing::warn!("schools.ids is empty: serving every school (set schools.ids, or schools.all = true to silence this)");
-        }
     }
 
     // The watchdog probes /health/live wherever it is served.

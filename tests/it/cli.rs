@@ -135,6 +135,75 @@ fn an_invalid_config_exits_2_naming_the_key() {
     assert_eq!(code, 2);
 }
 
+/// A school node must not quietly become a national one: without
+/// `schools.ids` and without `schools.all = true`, `serve` and
+/// `check-config` refuse the configuration (exit 2, naming the key)
+/// instead of serving, and storing, every school.
+#[test]
+fn an_empty_school_list_without_schools_all_is_refused_by_serve_and_check_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let data_dir = data_dir.to_str().unwrap();
+    let env = [
+        ("EMIS_EDGE__NODE__DATA_DIR", data_dir),
+        // Port 0: a `serve` that wrongly starts binds somewhere harmless.
+        ("EMIS_EDGE__HTTP__LISTEN", "127.0.0.1:0"),
+    ];
+    for text in ["", "[schools]\nids = []\n", "[schools]\nall = false\n"] {
+        let file = write(&dir, text);
+        let (code, _, stderr) = run(&["check-config", "--config", &file], &env);
+        assert_eq!(code, 2, "check-config accepted {text:?}: {stderr}");
+        assert!(stderr.contains("config key `schools.ids`"), "{stderr}");
+        assert!(stderr.contains("schools.all = true"), "{stderr}");
+        // `serve` exits at once with the same message; one that starts
+        // instead is killed and reported.
+        let mut serve = Command::new(BIN);
+        serve
+            .args(["serve", "--config", &file])
+            .env_remove("RUST_LOG")
+            .envs(env)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = serve.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let code = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("serve started with {text:?} instead of refusing it");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert_eq!(code, Some(2), "serve with {text:?}: {stderr}");
+        assert!(stderr.contains("config key `schools.ids`"), "{stderr}");
+    }
+    assert!(
+        !Path::new(data_dir).exists(),
+        "serve created a store before refusing"
+    );
+    // Serving everything is said explicitly; a list is the other way.
+    for text in [
+        "[schools]\nall = true\n",
+        "[schools]\nids = [\"5b0f0000-0000-4000-8000-000000000001\"]\n",
+    ] {
+        let file = write(&dir, text);
+        let (code, _, stderr) = run(&["check-config", "--config", &file], &env);
+        assert_eq!(code, 0, "{text:?}: {stderr}");
+    }
+    // The environment can say it too.
+    let file = write(&dir, "");
+    let (code, _, stderr) = run(
+        &["check-config", "--config", &file],
+        &[("EMIS_EDGE__SCHOOLS__ALL", "true")],
+    );
+    assert_eq!(code, 0, "{stderr}");
+}
+
 #[test]
 fn help_explains_configuration_and_exit_codes() {
     let (code, stdout, _) = run(&["--help"], &[]);
@@ -159,6 +228,7 @@ fn status_asks_the_running_node_else_reads_the_store() {
         ("EMIS_EDGE__NODE__DATA_DIR", data_dir.as_str()),
         ("EMIS_EDGE__HTTP__LISTEN", listen.as_str()),
         ("EMIS_EDGE__NODE__ID", "edge-test-07"),
+        ("EMIS_EDGE__SCHOOLS__ALL", "true"),
     ];
     let (code, _, stderr) = run(&["status", "--config", "/dev/null"], &env);
     assert_eq!(code, 1, "no node, no store: {stderr}");
@@ -240,6 +310,7 @@ fn export_and_import_move_a_replica_by_file_all_or_nothing_per_school() {
                 dir.path().to_str().unwrap().to_owned(),
             ),
             ("EMIS_EDGE__HTTP__LISTEN".to_owned(), listen.clone()),
+            ("EMIS_EDGE__SCHOOLS__ALL".to_owned(), "true".to_owned()),
         ]
     };
     let run_in = |dir: &tempfile::TempDir, args: &[&str]| {
@@ -299,6 +370,7 @@ fn under_systemd_the_node_reports_ready_status_and_stopping() {
         .args(["serve", "--config", "/dev/null"])
         .env("EMIS_EDGE__NODE__DATA_DIR", dir.path())
         .env("EMIS_EDGE__HTTP__LISTEN", &listen)
+        .env("EMIS_EDGE__SCHOOLS__ALL", "true")
         .env("NOTIFY_SOCKET", &socket_path)
         .env("WATCHDOG_USEC", "2000000")
         .stderr(Stdio::null())

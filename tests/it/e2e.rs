@@ -170,6 +170,7 @@ async fn against_tansu_multi_partition_topics_converge_to_the_right_answers() {
     let node = TestNode::start(|c| {
         c.kafka.brokers = tansu.brokers().to_owned();
         c.kafka.batch_max_wait_ms = 5;
+        c.schools.all = false;
         c.schools.ids = vec![school(1)];
     })
     .await;
@@ -220,6 +221,7 @@ async fn sigkill_at_random_moments_loses_nothing_and_doubles_nothing() {
         ),
         ("RUST_LOG", "warn".to_owned()),
         ("EMIS_EDGE__NODE__ID", "crash-test".to_owned()),
+        ("EMIS_EDGE__SCHOOLS__ALL", "true".to_owned()),
     ];
     let spawn = || {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_emis-edge"));

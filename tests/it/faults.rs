@@ -384,6 +384,7 @@ fn run(args: &[&str], data_dir: &Path) -> (i32, String) {
         .args(args)
         .env_remove("RUST_LOG")
         .env("EMIS_EDGE__NODE__DATA_DIR", data_dir)
+        .env("EMIS_EDGE__SCHOOLS__ALL", "true")
         // Nothing listens there: the commands open the store themselves.
         .env(
             "EMIS_EDGE__HTTP__LISTEN",

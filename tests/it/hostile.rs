@@ -790,7 +790,7 @@ async fn a_flood_of_large_bad_values_keeps_batches_and_memory_bounded() {
     std::fs::write(
         &config,
         format!(
-            "[node]\ndata_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
+            "[node]\ndata_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n[schools]\nall = true\n\
              [kafka]\nbrokers = {:?}\nbatch_max_messages = 100000\nbatch_max_wait_ms = 1000\n",
             dir.path().join("data"),
             broker.cluster.bootstrap_servers(),

@@ -213,7 +213,11 @@ async fn school_lists_page_without_duplicates_or_gaps() {
 
 #[tokio::test]
 async fn snapshot_streams_every_record_and_an_end_line_with_the_count() {
-    let node = TestNode::start(|c| c.schools.ids = vec![school(1)]).await;
+    let node = TestNode::start(|c| {
+        c.schools.all = false;
+        c.schools.ids = vec![school(1)];
+    })
+    .await;
     seed(&node);
     let (status, ct, body) = node
         .get(&format!("/api/schools/{}/snapshot", school(1)))
@@ -362,6 +366,7 @@ async fn a_world_readable_token_file_refuses_to_start() {
     config.node.data_dir = dir.path().to_owned();
     config.http.listen = "127.0.0.1:0".parse().unwrap();
     config.http.token_file = Some(path);
+    config.schools.all = true;
     let clock = emis_edge::clock::ManualClock::new(T0);
     let err = emis_edge::node::start(config, clock)
         .await

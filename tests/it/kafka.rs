@@ -120,6 +120,7 @@ async fn produced_events_reach_the_api_and_order_duplicates_and_schools_are_hand
     let kafka = Kafka::start(1);
     let node = TestNode::start(|c| {
         kafka.configure(c);
+        c.schools.all = false;
         c.schools.ids = vec![school(1)];
     })
     .await;

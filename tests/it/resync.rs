@@ -108,6 +108,7 @@ async fn edge(url: String) -> TestNode {
             ),
         ],
         |c| {
+            c.schools.all = false;
             c.schools.ids = vec![school(1)];
             c.resync.central_url = Some(url);
             c.resync.timeout_secs = 1;
@@ -289,6 +290,7 @@ async fn a_broken_slow_or_failing_central_changes_nothing_and_is_reported() {
 async fn an_empty_node_resyncs_at_start_and_becomes_ready() {
     let a = central().await;
     let b = TestNode::start(|c| {
+        c.schools.all = false;
         c.schools.ids = vec![school(1)];
         c.resync.central_url = Some(a.url(""));
     })
@@ -488,6 +490,7 @@ async fn a_school_node_resyncs_from_a_provincial_node_that_requires_a_token() {
         "{report:?}"
     );
     let with = TestNode::start_seeded(vec![], |c| {
+        c.schools.all = false;
         c.schools.ids = vec![school(1)];
         c.resync.central_url = Some(province.url(""));
         c.resync.token_file = Some(token.clone());
