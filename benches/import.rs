@@ -64,6 +64,7 @@ fn main() {
     let outcomes = emis_edge::resync::import(
         &store,
         &emis_edge::config::SchoolFilter::All,
+        emis_edge::domain::FutureSkew::DEFAULT,
         input,
         T_BASE,
         |_| {},

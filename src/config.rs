@@ -30,6 +30,7 @@ pub struct Config {
     pub node: NodeConfig,
     pub http: HttpConfig,
     pub kafka: KafkaConfig,
+    pub ingest: IngestConfig,
     pub schools: SchoolsConfig,
     pub resync: ResyncConfig,
     pub store: StoreConfig,
@@ -88,6 +89,18 @@ pub struct KafkaConfig {
     /// `stale` in the sync status once the broker has been unreachable for
     /// this long.
     pub stale_after_secs: u64,
+}
+
+/// What the node accepts of what it takes in (Kafka events, snapshot and
+/// import lines).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// A change stamped more than this after a clock its source cannot
+    /// fake (the Kafka record's timestamp; a snapshot's `asOf`) is refused
+    /// (contract §2, "Time"), e.g. "1h", "15m".
+    #[serde(with = "humantime_serde")]
+    pub max_future_skew: Duration,
 }
 
 /// The topic of each event type; defaults are the event type names.
@@ -183,6 +196,14 @@ impl Default for KafkaConfig {
             batch_max_messages: 5000,
             batch_max_wait_ms: 20,
             stale_after_secs: 300,
+        }
+    }
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            max_future_skew: crate::domain::FutureSkew::DEFAULT.as_duration(),
         }
     }
 }
@@ -488,6 +509,11 @@ impl Config {
 
     pub fn store_path(&self) -> PathBuf {
         self.node.data_dir.join(STORE_FILE)
+    }
+
+    /// `ingest.max_future_skew`, as the domain checks it.
+    pub fn max_future_skew(&self) -> crate::domain::FutureSkew {
+        crate::domain::FutureSkew::from_duration(self.ingest.max_future_skew)
     }
 
     pub fn group_id(&self) -> String {

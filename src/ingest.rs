@@ -9,6 +9,11 @@
 //! source of truth for where to resume. Offsets are committed to Kafka only
 //! afterwards and only so that standard tooling shows the node's lag.
 //!
+//! An event stamped more than `ingest.max_future_skew` after its Kafka
+//! record's own timestamp is dead-lettered (contract §2, "Time"): the
+//! record's timestamp is set by the producer or the broker, never by this
+//! server, whose clock may be wrong by days.
+//!
 //! The worker never stops on bad input (dead letters) or on an unreachable
 //! broker (librdkafka reconnects; status reports it). A failing store write
 //! fails the step: the worker backs off and applies the same batch again,
@@ -29,7 +34,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::SchoolFilter;
-use crate::domain::{Event, EventType, SyncSource, Timestamp};
+use crate::domain::{format_timestamp, Event, EventType, FutureSkew, SyncSource, Timestamp};
 use crate::state::NodeState;
 use crate::store::{Batch, DeadLetter, PartitionOffset};
 use crate::worker::{Next, Worker};
@@ -94,6 +99,16 @@ impl ConsumerContext for IngestContext {}
 
 type IngestConsumer = BaseConsumer<IngestContext>;
 
+/// What [`Reader::handle`] needs of one polled Kafka record.
+struct Record<'m> {
+    topic: &'m str,
+    partition: i32,
+    offset: i64,
+    payload: Option<&'m [u8]>,
+    /// The record's own timestamp (producer or broker), ms since the epoch.
+    timestamp_ms: Option<i64>,
+}
+
 /// The Kafka ingest worker (see the module header).
 pub struct Ingest {
     state: NodeState,
@@ -142,6 +157,7 @@ struct Reader {
     consumer: IngestConsumer,
     topics: HashMap<String, EventType>,
     filter: SchoolFilter,
+    max_future_skew: FutureSkew,
     /// Partitions being read: (topic, partition) → next offset.
     assigned: BTreeMap<(String, i32), i64>,
     /// The high watermarks seen at start; readiness waits for them.
@@ -197,6 +213,7 @@ impl Reader {
             .collect();
         Ok(Reader {
             filter: config.school_filter(),
+            max_future_skew: config.max_future_skew(),
             max_messages: config.kafka.batch_max_messages,
             max_wait: Duration::from_millis(config.kafka.batch_max_wait_ms),
             state,
@@ -380,7 +397,14 @@ impl Reader {
                     let (partition, offset) = (m.partition(), m.offset());
                     next.insert((topic.to_owned(), partition), offset + 1);
                     let letters = batch.dead_letters.len();
-                    self.handle(topic, partition, offset, m.payload(), now, &mut batch);
+                    let record = Record {
+                        topic,
+                        partition,
+                        offset,
+                        payload: m.payload(),
+                        timestamp_ms: m.timestamp().to_millis(),
+                    };
+                    self.handle(record, now, &mut batch);
                     dead_bytes += batch.dead_letters[letters..]
                         .iter()
                         .map(|d| d.raw.len())
@@ -424,20 +448,21 @@ impl Reader {
     }
 
     /// Decodes one record into the batch: a change, a skip or a dead letter.
-    fn handle(
-        &self,
-        topic: &str,
-        partition: i32,
-        offset: i64,
-        payload: Option<&[u8]>,
-        now: Timestamp,
-        batch: &mut Batch,
-    ) {
+    fn handle(&self, record: Record<'_>, now: Timestamp, batch: &mut Batch) {
+        let Record {
+            topic,
+            partition,
+            offset,
+            payload,
+            timestamp_ms,
+        } = record;
         let raw = payload.unwrap_or_default();
         let parsed = match (self.topics.get(topic), payload) {
             (None, _) => Err(format!("topic {topic} is not configured")),
             (Some(_), None) => Err("null value (a Kafka tombstone; expected a JSON object)".into()),
-            (Some(&t), Some(raw)) => Event::parse(t, raw).map_err(|e| e.to_string()),
+            (Some(&t), Some(raw)) => Event::parse(t, raw)
+                .map_err(|e| e.to_string())
+                .and_then(|e| self.plausible(&e, timestamp_ms).map(|()| e)),
         };
         match parsed {
             Ok(e) if self.filter.serves(e.change.school_id()) => {
@@ -455,6 +480,32 @@ impl Reader {
                     .push(DeadLetter::new(topic, partition, offset, raw, reason, now));
             }
         }
+    }
+
+    /// Contract §2 "Time": the event's `timestamp` may lie at most
+    /// `ingest.max_future_skew` after its record's own timestamp. A record
+    /// without one (message format v0, Kafka before 0.10) cannot vouch for
+    /// the event, so it is refused too: accepting it unchecked is exactly
+    /// how one bad timestamp wins forever, and every Kafka since 0.10
+    /// stamps its records, so this refuses nothing on a current cluster and
+    /// says plainly why on an old one.
+    fn plausible(&self, event: &Event, record_ms: Option<i64>) -> Result<(), String> {
+        let stamped = event.key.timestamp;
+        let Some(ms) = record_ms else {
+            return Err(format!(
+                "field `timestamp`: {} cannot be checked against ingest.max_future_skew: the \
+                 Kafka record carries no timestamp of its own",
+                format_timestamp(stamped)
+            ));
+        };
+        self.max_future_skew
+            .check(
+                "timestamp",
+                stamped,
+                ms.saturating_mul(1_000_000),
+                "the Kafka record's timestamp",
+            )
+            .map_err(|e| e.to_string())
     }
 
     /// Commits the batch. When the store fails, the batch is kept for the

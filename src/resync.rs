@@ -19,7 +19,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::{Config, SchoolFilter};
-use crate::domain::{format_timestamp, SchoolSnapshot, SnapshotReader, SyncSource, Timestamp};
+use crate::domain::{
+    format_timestamp, FutureSkew, SchoolSnapshot, SnapshotReader, SyncSource, Timestamp,
+};
 use crate::state::NodeState;
 use crate::status::ResyncOutcome;
 use crate::store::{ReconcileReport, Store};
@@ -97,11 +99,14 @@ pub fn http_client(config: &Config) -> anyhow::Result<reqwest::Client> {
         .build()?)
 }
 
-/// Fetches and validates one school's snapshot; nothing is applied.
+/// Fetches and validates one school's snapshot; nothing is applied. A
+/// record stamped more than `max_future_skew` after the snapshot's `asOf`
+/// fails it (contract §2, "Time").
 pub async fn fetch(
     client: &reqwest::Client,
     base: &str,
     school: Uuid,
+    max_future_skew: FutureSkew,
 ) -> anyhow::Result<SchoolSnapshot> {
     let url = format!(
         "{}/api/schools/{school}/snapshot",
@@ -113,7 +118,7 @@ pub async fn fetch(
         "{url} answered {}",
         response.status()
     );
-    let mut reader = SnapshotReader::new();
+    let mut reader = SnapshotReader::with_max_future_skew(max_future_skew);
     let mut found: Option<Result<SchoolSnapshot, _>> = None;
     let mut pending = Vec::new();
     let mut body = response.bytes_stream();
@@ -158,6 +163,7 @@ pub async fn run(
     client: &reqwest::Client,
     base: &str,
     schools: Vec<Uuid>,
+    max_future_skew: FutureSkew,
     now: impl Fn() -> Timestamp,
     dry_run: bool,
 ) -> RunReport {
@@ -166,7 +172,7 @@ pub async fn run(
     let now = &now;
     let outcomes = futures::stream::iter(schools)
         .map(|school| async move {
-            let result = match fetch(client, base, school).await {
+            let result = match fetch(client, base, school, max_future_skew).await {
                 Ok(snapshot) => {
                     let store = store.clone();
                     let t = now();
@@ -229,6 +235,7 @@ pub async fn run_for_node(
         &http_client(&state.config)?,
         &base,
         schools,
+        state.config.max_future_skew(),
         || clock.now(),
         dry_run,
     )
@@ -381,16 +388,19 @@ impl Worker for Scheduler {
 /// Imports a snapshot file (several schools concatenated) into the store:
 /// all or nothing per school. Validated schools are committed together, up
 /// to [`IMPORT_BATCH_RECORDS`] records a transaction, which writes far fewer
-/// pages than one transaction per school; a bad school is rejected before
-/// any of it is written. `progress` is told the lines read so far.
+/// pages than one transaction per school; a bad school (a bad line, a wrong
+/// count, a record stamped more than `max_future_skew` after its `asOf`) is
+/// rejected before any of it is written. `progress` is told the lines read
+/// so far.
 pub fn import(
     store: &Store,
     filter: &SchoolFilter,
+    max_future_skew: FutureSkew,
     input: impl BufRead,
     now: Timestamp,
     mut progress: impl FnMut(u64),
 ) -> anyhow::Result<Vec<SchoolOutcome>> {
-    let mut reader = SnapshotReader::new();
+    let mut reader = SnapshotReader::with_max_future_skew(max_future_skew);
     let mut outcomes = Vec::new();
     let mut pending: Vec<SchoolSnapshot> = Vec::new();
     let mut pending_records = 0;

@@ -11,6 +11,7 @@ pub mod entity;
 pub mod event;
 pub mod school;
 pub mod snapshot;
+pub mod time;
 
 pub use detail::{assemble_teacher_detail, AssignmentView, ClassLookup, TeacherDetail};
 pub use entity::{
@@ -20,3 +21,4 @@ pub use entity::{
 pub use event::{Event, EventError, EventType};
 pub use school::SchoolFilter;
 pub use snapshot::{SchoolSnapshot, SnapshotError, SnapshotLine, SnapshotReader};
+pub use time::FutureSkew;

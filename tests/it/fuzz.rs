@@ -861,6 +861,10 @@ level = "emis_edge=debug,tower_http[request]=trace,warn"
         ),
         ("bad-cache.toml", "[store]\ncache_mb = 0\n"),
         (
+            "bad-max-future-skew.toml",
+            "[ingest]\nmax_future_skew = \"một giờ\"\n",
+        ),
+        (
             "bad-log-level.toml",
             "[log]\nlevel = \"emis_edge=rất nhiều\"\n",
         ),

@@ -53,6 +53,24 @@ impl Kafka {
         self.producer.flush(Duration::from_secs(10)).unwrap();
     }
 
+    /// Produces events to partition 0 of their topic, each record stamped
+    /// `record_ms` (ms since the epoch) as its producer's clock would.
+    pub fn send_stamped(&self, t: EventType, events: &[Value], record_ms: i64) {
+        for e in events {
+            let payload = e.to_string();
+            self.producer
+                .send(
+                    BaseRecord::<(), str>::to(t.name())
+                        .partition(0)
+                        .payload(&payload)
+                        .timestamp(record_ms),
+                )
+                .map_err(|(e, _)| e)
+                .unwrap();
+        }
+        self.producer.flush(Duration::from_secs(10)).unwrap();
+    }
+
     pub fn send(&self, t: EventType, events: &[Value]) {
         let raw: Vec<Vec<u8>> = events.iter().map(|e| e.to_string().into_bytes()).collect();
         self.send_raw(t.name(), 0, &raw);
@@ -613,4 +631,108 @@ async fn a_recreated_topic_is_read_from_its_start_and_a_resync_is_requested() {
     assert_eq!(code, 200, "{class}");
     let out_of_range = status["kafka"]["offsetOutOfRange"].to_string();
     assert!(out_of_range.contains("> latest"), "{status:#}");
+}
+
+/// Contract §2 "Time": an event stamped more than `ingest.max_future_skew`
+/// (1 h) after its Kafka record's own timestamp is dead-lettered with a
+/// reason naming the field and the bound. It wins no conflict, and neither
+/// the watermark (`lastEventTime`) nor the `asOf` this node serves moves
+/// past what was accepted. The node's own clock plays no part: it stands at
+/// T0 + 1 h, the records say T0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_stamped_beyond_the_skew_after_its_record_is_dead_lettered() {
+    use EventType::*;
+    let kafka = Kafka::start(1);
+    let node = TestNode::start(|c| kafka.configure(c)).await;
+    let record_ms = T0 / 1_000_000;
+    const MIN: i64 = 60;
+    let at = |n: u128, t: EventType, secs: i64, body: Value| {
+        merge(
+            envelope(t, id(70_000 + n), T0 + secs * SEC, None, school(1)),
+            body,
+        )
+    };
+    let year_2200 = 7_258_118_400 * SEC - T0; // 2200-01-01T00:00:00Z, from T0
+    kafka.send_stamped(
+        TeacherCreated,
+        &[
+            at(
+                1,
+                TeacherCreated,
+                10 * MIN,
+                teacher_fields(id(1), "Nguyễn Thị Hương"),
+            ),
+            // Just beyond the bound, and just within it.
+            at(
+                2,
+                TeacherCreated,
+                60 * MIN + 1,
+                teacher_fields(id(2), "Trần Văn Nam"),
+            ),
+            at(
+                3,
+                TeacherCreated,
+                59 * MIN,
+                teacher_fields(id(3), "Lê Thị Lan"),
+            ),
+        ],
+        record_ms,
+    );
+    kafka.send_stamped(
+        TeacherUpdated,
+        &[
+            // Would win every later update for good.
+            at(
+                4,
+                TeacherUpdated,
+                year_2200 / SEC,
+                teacher_fields(id(1), "Kẻ mạo danh"),
+            ),
+            at(
+                5,
+                TeacherUpdated,
+                20 * MIN,
+                teacher_fields(id(1), "Nguyễn Thị Hương Giang"),
+            ),
+        ],
+        record_ms,
+    );
+    let v = wait_status(&node, "5 events handled", |v| handled(v) == 5).await;
+    assert_eq!(counter(&v, "events_applied"), 3, "{v:#}");
+    assert_eq!(counter(&v, "events_dead_lettered"), 2, "{v:#}");
+    assert_eq!(
+        v["lastEventTime"],
+        rfc3339(T0 + 59 * MIN * SEC),
+        "the watermark moved past what was accepted: {v:#}"
+    );
+    let (_, detail) = node.get_json(&format!("/api/teachers/{}", id(1))).await;
+    assert_eq!(detail["fullName"], "Nguyễn Thị Hương Giang", "{detail}");
+    assert_eq!(node.get(&format!("/api/teachers/{}", id(2))).await.0, 404);
+    assert_eq!(node.get(&format!("/api/teachers/{}", id(3))).await.0, 200);
+
+    let (_, letters) = node.get_json("/api/sync/dead-letters").await;
+    let mut reasons: Vec<String> = letters["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["reason"].as_str().unwrap().to_owned())
+        .collect();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        [
+            "field `timestamp`: 2025-10-26T11:00:01Z lies more than 1h (ingest.max_future_skew) \
+             after the Kafka record's timestamp 2025-10-26T10:00:00Z: refused as implausible",
+            "field `timestamp`: 2200-01-01T00:00:00Z lies more than 1h (ingest.max_future_skew) \
+             after the Kafka record's timestamp 2025-10-26T10:00:00Z: refused as implausible",
+        ]
+    );
+    // The snapshot this node serves is as of the newest accepted change.
+    let (_, _, body) = node
+        .get(&format!("/api/schools/{}/snapshot", school(1)))
+        .await;
+    let body = String::from_utf8(body).unwrap();
+    let end: Value = serde_json::from_str(body.lines().last().unwrap()).unwrap();
+    assert_eq!(end["asOf"], rfc3339(T0 + 59 * MIN * SEC), "{body}");
+    node.node.stop().await.unwrap();
 }

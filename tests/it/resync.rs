@@ -229,6 +229,11 @@ async fn a_broken_slow_or_failing_central_changes_nothing_and_is_reported() {
     let wrong_count = good.replace("\"count\":4", "\"count\":5");
     assert_ne!(wrong_count, good);
     let bad_line = good.replacen("Lớp 10A2", &"x".repeat(300), 1);
+    // Contract §2 "Time": a record stamped beyond ingest.max_future_skew
+    // after the snapshot's asOf (T0 + 5 s) fails the school whole.
+    let stamp = |secs: i64| format!("\"timestamp\":\"{}\"", rfc3339(T0 + secs * SEC));
+    assert!(good.contains(&stamp(2)), "{good}");
+    let from_the_future = good.replacen(&stamp(2), &stamp(5 + 3600 + 1), 1);
     for (name, status, body, delay, expect) in [
         (
             "no end line",
@@ -250,6 +255,14 @@ async fn a_broken_slow_or_failing_central_changes_nothing_and_is_reported() {
             bad_line,
             Duration::ZERO,
             "line 2: field `className`",
+        ),
+        (
+            "a record from the future",
+            200,
+            from_the_future,
+            Duration::ZERO,
+            "line 2: field `timestamp`: 2025-10-26T11:00:06Z lies more than 1h \
+             (ingest.max_future_skew) after the end line's asOf 2025-10-26T10:00:05Z",
         ),
         (
             "server error",
@@ -324,6 +337,7 @@ async fn export_then_import_into_an_empty_node_gives_identical_answers() {
     let outcomes = resync::import(
         &b.node.state.store,
         &emis_edge::config::SchoolFilter::All,
+        emis_edge::domain::FutureSkew::DEFAULT,
         input,
         T0,
         |_| {},
@@ -367,6 +381,7 @@ async fn a_damaged_import_file_changes_nothing_for_the_damaged_schools_and_names
     let outcomes = resync::import(
         &b.node.state.store,
         &emis_edge::config::SchoolFilter::All,
+        emis_edge::domain::FutureSkew::DEFAULT,
         damaged.as_bytes(),
         T0,
         |_| {},
@@ -393,6 +408,7 @@ async fn a_damaged_import_file_changes_nothing_for_the_damaged_schools_and_names
     let outcomes = resync::import(
         &c.node.state.store,
         &emis_edge::config::SchoolFilter::All,
+        emis_edge::domain::FutureSkew::DEFAULT,
         corrupt.as_bytes(),
         T0,
         |_| {},
@@ -558,4 +574,68 @@ async fn an_import_beyond_the_body_size_limit_gets_a_clean_413_and_changes_nothi
         c.node.state.store.read().unwrap().schools().unwrap().len(),
         2
     );
+}
+
+/// Contract §2 "Time" for files: a school whose record is stamped more
+/// than `ingest.max_future_skew` after its end line's `asOf` is refused
+/// whole, naming the line and the bound; the file's other school imports.
+/// With a larger skew configured the same file imports whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_refuses_a_school_with_a_record_stamped_beyond_the_skew_after_its_as_of() {
+    let a = central().await;
+    let schools = a.node.state.store.read().unwrap().schools().unwrap();
+    let mut bytes = Vec::new();
+    resync::export(&a.node.state.store, &schools, &mut bytes, |_| {}).unwrap();
+    let text = String::from_utf8(bytes).unwrap();
+    // Teacher 11 of school 1, at T0 + 3 s; its school's asOf is T0 + 5 s.
+    let stamp = |secs: i64| format!("\"timestamp\":\"{}\"", rfc3339(T0 + secs * SEC));
+    assert_eq!(text.matches(&stamp(3)).count(), 1, "{text}");
+    let late = text.replace(&stamp(3), &stamp(5 + 2 * 3600));
+    let line = late
+        .lines()
+        .position(|l| l.contains(&stamp(5 + 2 * 3600)))
+        .unwrap()
+        + 1;
+    let b = TestNode::start(|_| {}).await;
+    let outcomes = resync::import(
+        &b.node.state.store,
+        &emis_edge::config::SchoolFilter::All,
+        emis_edge::domain::FutureSkew::DEFAULT,
+        late.as_bytes(),
+        T0,
+        |_| {},
+    )
+    .unwrap();
+    let failed: Vec<_> = outcomes.iter().filter(|o| o.error.is_some()).collect();
+    assert_eq!(failed.len(), 1, "{outcomes:?}");
+    assert_eq!(failed[0].school_id, school(1));
+    assert_eq!(
+        failed[0].error.as_deref().unwrap(),
+        format!(
+            "line {line}: field `timestamp`: 2025-10-26T12:00:05Z lies more than 1h \
+             (ingest.max_future_skew) after the end line's asOf 2025-10-26T10:00:05Z: \
+             refused as implausible"
+        )
+    );
+    let r = b.node.state.store.read().unwrap();
+    assert_eq!(
+        r.schools().unwrap(),
+        vec![school(2)],
+        "school 1 partly imported"
+    );
+    assert_eq!(r.watermark().unwrap(), Some(T0 + 5 * SEC));
+    drop(r);
+
+    let c = TestNode::start(|_| {}).await;
+    let lenient = emis_edge::domain::FutureSkew::from_duration(Duration::from_secs(3 * 3600));
+    let outcomes = resync::import(
+        &c.node.state.store,
+        &emis_edge::config::SchoolFilter::All,
+        lenient,
+        late.as_bytes(),
+        T0,
+        |_| {},
+    )
+    .unwrap();
+    assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
 }
