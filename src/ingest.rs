@@ -166,6 +166,13 @@ struct Reader {
     refreshed: Option<Instant>,
     /// A batch whose commit failed: applied again before anything new is read.
     pending: Option<Batch>,
+    /// librdkafka reported a partition's position outside its log and
+    /// stopped fetching it: every partition is checked and assigned again
+    /// once the batch in hand is committed.
+    reposition: bool,
+    /// The test hook `Faults::pause_ingest` has paused fetching.
+    #[cfg(feature = "fault-injection")]
+    paused: bool,
     max_messages: usize,
     max_wait: Duration,
 }
@@ -180,7 +187,11 @@ impl Reader {
             .set("client.id", format!("emis-edge-{}", config.node.id))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
+            // A position outside the log is reported, not silently moved
+            // (`earliest` would skip the lost events with no trace): the
+            // worker counts it, records it, requests a resync and moves
+            // the partition itself (`Reader::reposition`).
+            .set("auto.offset.reset", "error")
             .set("enable.partition.eof", "false")
             .set("statistics.interval.ms", "1000")
             .set("topic.metadata.refresh.interval.ms", "60000")
@@ -223,12 +234,17 @@ impl Reader {
             catch_up: None,
             refreshed: None,
             pending: None,
+            reposition: false,
+            #[cfg(feature = "fault-injection")]
+            paused: false,
         })
     }
 
     /// One round: (re)read partition metadata when due, collect a batch (or
     /// take the one whose commit failed) and commit it.
     fn step(&mut self, stop: &CancellationToken) -> anyhow::Result<Next> {
+        #[cfg(feature = "fault-injection")]
+        self.injected_faults()?;
         match self.refreshed {
             None => {
                 if let Err(e) = self.assign() {
@@ -255,8 +271,86 @@ impl Reader {
         if !batch.offsets.is_empty() {
             self.apply(batch)?;
         }
+        if self.reposition {
+            self.reposition()?;
+            self.reposition = false;
+        }
         self.check_caught_up();
         Ok(Next::Busy)
+    }
+
+    /// The test hooks of `NodeState::faults`.
+    #[cfg(feature = "fault-injection")]
+    fn injected_faults(&mut self) -> anyhow::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let faults = &self.state.faults;
+        if faults.panic_ingest.swap(false, SeqCst) {
+            panic!("injected panic in the ingest step (test hook)");
+        }
+        let pause = faults.pause_ingest.load(SeqCst);
+        if pause != self.paused && self.refreshed.is_some() {
+            let assignment = self.consumer.assignment()?;
+            if pause {
+                self.consumer.pause(&assignment)?;
+            } else {
+                self.consumer.resume(&assignment)?;
+            }
+            self.paused = pause;
+            faults.ingest_paused.store(pause, SeqCst);
+        }
+        Ok(())
+    }
+
+    /// After librdkafka reported a position outside a partition's log
+    /// (`auto.offset.reset=error`; it then stops fetching that partition):
+    /// each assigned partition's position is checked against the broker's
+    /// watermarks. One below the earliest offset lost events to retention
+    /// while the node ran; one above the latest belongs to a recreated
+    /// topic. Either is recorded (`out_of_range`: counted, kept in the
+    /// store, a resync requested) and read from its earliest offset. Every
+    /// partition is then assigned again at its position, so that none
+    /// stays stopped. Runs after the batch in hand is committed, so the
+    /// positions are the stored ones.
+    fn reposition(&mut self) -> anyhow::Result<()> {
+        let timeout = Duration::from_secs(5);
+        let mut tpl = TopicPartitionList::new();
+        let positions: Vec<((String, i32), i64)> =
+            self.assigned.iter().map(|(k, &v)| (k.clone(), v)).collect();
+        let mut moved = Vec::new();
+        for ((topic, partition), next) in positions {
+            let (low, high) = self.consumer.fetch_watermarks(&topic, partition, timeout)?;
+            let offset = if next < low {
+                self.out_of_range(
+                    &topic,
+                    partition,
+                    format!("stored {next} < earliest {low}"),
+                    "events were lost to retention while the node ran",
+                );
+                low
+            } else if next > high {
+                self.out_of_range(
+                    &topic,
+                    partition,
+                    format!("stored {next} > latest {high}"),
+                    "the topic was recreated or truncated",
+                );
+                low
+            } else {
+                next
+            };
+            if offset != next {
+                moved.push(((topic.clone(), partition), offset));
+            }
+            tpl.add_partition_offset(&topic, partition, Offset::Offset(offset))?;
+        }
+        self.consumer.incremental_unassign(&tpl)?;
+        self.consumer.incremental_assign(&tpl)?;
+        self.assigned.extend(moved);
+        tracing::info!(
+            partitions = tpl.count(),
+            "partitions assigned again after a position outside the log"
+        );
+        Ok(())
     }
 
     /// Assigns every partition of every configured topic not yet assigned,
@@ -370,11 +464,8 @@ impl Reader {
             offsets = %offsets,
             "offset out of range: {why}; reading from the earliest and requesting a resync"
         );
-        let now = self.state.clock.now();
-        self.state.sync.update(|s| {
-            s.offset_out_of_range = Some((now, format!("{topic}/{partition}: {offsets}")));
-        });
-        self.state.resync_wanted.notify_one();
+        self.state
+            .record_offset_out_of_range(format!("{topic}/{partition}: {offsets}"));
     }
 
     /// Polls until the batch is full, `max_wait` after its first message,
@@ -410,7 +501,13 @@ impl Reader {
                         .map(|d| d.raw.len())
                         .sum::<usize>();
                 }
-                Some(Err(e)) => self.poll_error(&e, now),
+                // A position outside a log: commit what was read, then
+                // look at the positions.
+                Some(Err(e)) if self.poll_error(&e) => {
+                    self.reposition = true;
+                    break;
+                }
+                Some(Err(_)) => {}
                 None => {}
             }
             if dead_bytes >= BATCH_MAX_DEAD_LETTER_BYTES {
@@ -434,17 +531,15 @@ impl Reader {
         batch
     }
 
-    fn poll_error(&self, e: &KafkaError, now: Timestamp) {
+    /// Logs a consumer error; true when it says a position fell outside a
+    /// partition's log, which [`Reader::reposition`] handles.
+    fn poll_error(&self, e: &KafkaError) -> bool {
+        use rdkafka::types::RDKafkaErrorCode::{AutoOffsetReset, OffsetOutOfRange};
         tracing::warn!(error = %e, "poll error");
-        if matches!(
+        matches!(
             e.rdkafka_error_code(),
-            Some(rdkafka::types::RDKafkaErrorCode::OffsetOutOfRange)
-        ) {
-            self.state
-                .sync
-                .update(|s| s.offset_out_of_range = Some((now, e.to_string())));
-            self.state.resync_wanted.notify_one();
-        }
+            Some(AutoOffsetReset | OffsetOutOfRange)
+        )
     }
 
     /// Decodes one record into the batch: a change, a skip or a dead letter.

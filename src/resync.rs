@@ -287,15 +287,19 @@ pub async fn run_for_node(
             ok,
             detail: report.summary(),
         };
-        state.sync.update(|s| {
-            if ok {
-                s.first_sync_done = true;
-            }
-            s.last_resync = Some(outcome);
-        });
+        record(state, outcome).await;
     }
     tracing::info!(dry_run, summary = %report.summary(), ms = report.duration_ms, "resync run finished");
     Ok(report)
+}
+
+/// Records a run's outcome in status and in the store (a restart shows it),
+/// on the blocking pool: the store write may wait for the writer.
+async fn record(state: &NodeState, outcome: ResyncOutcome) {
+    let state = state.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || state.record_resync(outcome)).await {
+        tracing::error!(error = %e, "recording the resync outcome failed");
+    }
 }
 
 /// The worker that schedules resync runs: every `resync.interval_secs`
@@ -360,15 +364,12 @@ impl Worker for Scheduler {
             }
             Ok(report) => anyhow::bail!("resync incomplete: {}", report.summary()),
             Err(e) => {
-                let detail = format!("{e:#}");
-                let at = state.clock.now();
-                state.sync.update(|s| {
-                    s.last_resync = Some(ResyncOutcome {
-                        at,
-                        ok: false,
-                        detail,
-                    })
-                });
+                let outcome = ResyncOutcome {
+                    at: state.clock.now(),
+                    ok: false,
+                    detail: format!("{e:#}"),
+                };
+                record(state, outcome).await;
                 Err(e.context("resync not possible"))
             }
         }

@@ -41,8 +41,11 @@ pub struct SyncSnapshot {
     /// The first catch-up (to the high watermarks seen at start) or the
     /// first resync finished.
     pub first_sync_done: bool,
+    /// Also kept in the store (`NodeState::record_resync`), and read back
+    /// at start.
     pub last_resync: Option<ResyncOutcome>,
-    /// When and where consumption last fell off the retained log.
+    /// When and where consumption last fell off the retained log; also kept
+    /// in the store (`NodeState::record_offset_out_of_range`).
     pub offset_out_of_range: Option<(Timestamp, String)>,
 }
 

@@ -320,6 +320,16 @@ impl Collector for NodeCollector {
             let labels = vec![("outcome".to_string(), outcome.to_string())];
             ConstCounter::new(n).encode(events.encode_family(&labels)?)?;
         }
+        let stored = |name: &str| stats.counters.get(name).copied().unwrap_or(0);
+        ConstCounter::new(stored(counter::OFFSET_OUT_OF_RANGE)).encode(
+            encoder.encode_descriptor(
+                "offset_out_of_range",
+                "Partitions found reading outside what Kafka still holds (events lost to \
+                 retention, or the topic recreated); each requested a resync (persisted)",
+                None,
+                MetricType::Counter,
+            )?,
+        )?;
 
         gauge(
             &mut encoder,

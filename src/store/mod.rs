@@ -178,6 +178,15 @@ impl DeadLetter {
     }
 }
 
+/// Something the node remembers across restarts (kept in `meta`): when it
+/// happened (the node's clock), whether it went well, and what it was.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Note {
+    pub at: Timestamp,
+    pub ok: bool,
+    pub detail: String,
+}
+
 /// Options for opening a store.
 #[derive(Clone, Debug)]
 pub struct StoreOptions {

@@ -61,6 +61,13 @@ pub(super) const META_FORMAT: &str = "format_version";
 /// The latest source timestamp this store has seen (event or snapshot):
 /// the `asOf` of snapshots it serves.
 pub(super) const META_WATERMARK: &str = "watermark";
+/// The last resync run's outcome (an encoded `Note`), so that a restart
+/// does not forget it. Added without a format change: an older release
+/// ignores the key, a store without it has had no resync recorded.
+pub(super) const META_LAST_RESYNC: &str = "last_resync";
+/// The last time a stored offset fell outside its partition (an encoded
+/// `Note`); how often is the counter `offset_out_of_range`.
+pub(super) const META_OFFSET_OUT_OF_RANGE: &str = "offset_out_of_range";
 
 /// Persistent counters, in the store so that they survive restarts and
 /// move exactly with the data.
@@ -72,6 +79,9 @@ pub mod counter {
     pub const TOMBSTONES_PURGED: &str = "tombstones_purged";
     pub const RESYNC_APPLIED: &str = "resync_applied";
     pub const RESYNC_DELETED: &str = "resync_deleted";
+    /// Partitions found reading outside what Kafka still holds (events
+    /// lost to retention, or a recreated topic).
+    pub const OFFSET_OUT_OF_RANGE: &str = "offset_out_of_range";
 }
 
 pub(super) fn encode<T: Serialize>(value: &T) -> Vec<u8> {

@@ -22,10 +22,11 @@ use uuid::Uuid;
 use super::read::assemble;
 use super::schema::{
     counter, decode, decode_watermark, encode, kind_slot, Id, ASSIGNMENTS, ASSIGNMENT_BY_CLASS,
-    ASSIGNMENT_BY_TEACHER, CLASSES, COUNTERS, DEAD_LETTERS, INDEXES, META, META_WATERMARK, OFFSETS,
-    PENDING_DOCS, TEACHERS, TEACHER_DOCS, TOMBSTONES,
+    ASSIGNMENT_BY_TEACHER, CLASSES, COUNTERS, DEAD_LETTERS, INDEXES, META, META_LAST_RESYNC,
+    META_OFFSET_OUT_OF_RANGE, META_WATERMARK, OFFSETS, PENDING_DOCS, TEACHERS, TEACHER_DOCS,
+    TOMBSTONES,
 };
-use super::{DeadLetter, PartitionOffset, Result, Store};
+use super::{DeadLetter, Note, PartitionOffset, Result, Store};
 use crate::domain::{
     Change, Entity, EntityKind, OrderKey, Record, SchoolSnapshot, SyncSource, Timestamp, Tombstone,
 };
@@ -305,6 +306,44 @@ impl Store {
             txn.commit()?;
         }
         Ok(n)
+    }
+}
+
+/// What the node remembers across restarts (`meta`), beside the data.
+impl Store {
+    /// Remembers the last resync run's outcome (status `lastResync`).
+    pub fn record_resync(&self, note: &Note) -> Result<()> {
+        self.write(
+            note.at,
+            |_| true,
+            || self.note_txn(META_LAST_RESYNC, note, None),
+        )
+    }
+
+    /// Remembers that a stored offset fell outside its partition (status
+    /// `kafka.offsetOutOfRange`) and counts it (`offset_out_of_range`).
+    pub fn record_offset_out_of_range(&self, note: &Note) -> Result<()> {
+        self.write(
+            note.at,
+            |_| true,
+            || {
+                self.note_txn(
+                    META_OFFSET_OUT_OF_RANGE,
+                    note,
+                    Some(counter::OFFSET_OUT_OF_RANGE),
+                )
+            },
+        )
+    }
+
+    fn note_txn(&self, key: &str, note: &Note, count: Option<&str>) -> Result<()> {
+        let txn = self.begin_write()?;
+        txn.open_table(META)?.insert(key, encode(note).as_slice())?;
+        if let Some(name) = count {
+            add_counters(&txn, &[(name, 1)])?;
+        }
+        txn.commit()?;
+        Ok(())
     }
 }
 

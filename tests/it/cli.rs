@@ -463,7 +463,7 @@ fn the_prometheus_alert_rules_are_valid() {
     };
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success() && text.contains("7 rules found"),
+        out.status.success() && text.contains("8 rules found"),
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );

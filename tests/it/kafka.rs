@@ -71,6 +71,22 @@ impl Kafka {
         self.producer.flush(Duration::from_secs(10)).unwrap();
     }
 
+    /// The earliest and the next offset of a partition, as the broker
+    /// reports them now.
+    pub fn watermarks(&self, topic: &str, partition: i32) -> (i64, i64) {
+        let consumer: rdkafka::consumer::BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.cluster.bootstrap_servers())
+            .create()
+            .unwrap();
+        rdkafka::consumer::Consumer::fetch_watermarks(
+            &consumer,
+            topic,
+            partition,
+            Duration::from_secs(10),
+        )
+        .unwrap()
+    }
+
     pub fn send(&self, t: EventType, events: &[Value]) {
         let raw: Vec<Vec<u8>> = events.iter().map(|e| e.to_string().into_bytes()).collect();
         self.send_raw(t.name(), 0, &raw);
@@ -734,5 +750,111 @@ async fn an_event_stamped_beyond_the_skew_after_its_record_is_dead_lettered() {
     let body = String::from_utf8(body).unwrap();
     let end: Value = serde_json::from_str(body.lines().last().unwrap()).unwrap();
     assert_eq!(end["asOf"], rfc3339(T0 + 59 * MIN * SEC), "{body}");
+    node.node.stop().await.unwrap();
+}
+
+/// Waits until `done` holds of the node's state, or fails after 30 s.
+pub async fn wait_for(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Events lost from Kafka while the node runs: the head of a partition is
+/// deleted (librdkafka's mock cluster keeps 5 MiB per partition and
+/// deletes the oldest beyond) while the node is not fetching it, as one far
+/// behind its broker would not have. librdkafka reports the position
+/// outside the log (`auto.offset.reset=error`) instead of moving it
+/// silently; the node counts it, requests a resync (which runs), reads on
+/// from the earliest offset, and status and metrics say so, also after a
+/// restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_whose_head_is_deleted_while_the_node_runs_is_counted_resynced_and_remembered()
+{
+    use std::sync::atomic::Ordering::SeqCst;
+    use EventType::*;
+    let class = |n: u128, ts: i64| {
+        event(
+            ClassCreated,
+            n,
+            ts,
+            Some(1),
+            1,
+            class_fields(id(8000 + n), "Lớp 6A1"),
+        )
+    };
+    let central = TestNode::start(|_| {}).await;
+    central.apply(vec![parse(ClassCreated, &class(1, 1))]);
+    let kafka = Kafka::start(1);
+    // Not empty, so the resync schedule waits a day: a resync that runs is
+    // the one the lost events asked for.
+    let node = TestNode::start_seeded(vec![parse(ClassCreated, &class(1, 1))], |c| {
+        kafka.configure(c);
+        c.resync.central_url = Some(central.url(""));
+    })
+    .await;
+    kafka.send(ClassCreated, &[class(2, 1)]);
+    // The seed counts as one.
+    wait_status(&node, "the first event", |v| {
+        counter(v, "events_applied") == 2
+    })
+    .await;
+    let faults = &node.node.state.faults;
+    faults.pause_ingest.store(true, SeqCst);
+    wait_for("ingest to pause", || faults.ingest_paused.load(SeqCst)).await;
+
+    // 10 MiB of valid events: the mock deletes the oldest 5 MiB, and with
+    // them offset 1, where the node stands.
+    let padding = "x".repeat(60 * 1024);
+    let big: Vec<Vec<u8>> = (0..160u128)
+        .map(|n| {
+            let mut e = class(100 + n, 2);
+            e["padding"] = json!(padding);
+            e.to_string().into_bytes()
+        })
+        .collect();
+    kafka.send_raw(ClassCreated.name(), 0, &big);
+    let (low, high) = kafka.watermarks(ClassCreated.name(), 0);
+    assert!(low > 1, "the mock kept the head: {low}..{high}");
+    faults.pause_ingest.store(false, SeqCst);
+
+    let v = wait_status(&node, "the loss recorded, the rest read, a resync", |v| {
+        v["kafka"]["offsetOutOfRange"].is_object()
+            && v["lastResync"]["result"] == "ok"
+            && v["partitions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["topic"] == ClassCreated.name() && p["offset"] == high)
+    })
+    .await;
+    let detail = format!("emis.class.created/0: stored 1 < earliest {low}");
+    assert_eq!(v["kafka"]["offsetOutOfRange"]["detail"], detail, "{v:#}");
+    assert_eq!(counter(&v, "offset_out_of_range"), 1, "{v:#}");
+    // The events still in the log were read from its earliest offset.
+    assert_eq!(
+        counter(&v, "events_applied"),
+        2 + (high - low) as u64,
+        "{v:#}"
+    );
+    let (_, _, body) = node.get("/metrics").await;
+    let text = String::from_utf8(body).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l == "emis_edge_offset_out_of_range_total 1"),
+        "{text}"
+    );
+    promtool_check(&text);
+
+    // A restart forgets neither.
+    let resync_at = v["lastResync"]["at"].clone();
+    let node = node.restart().await;
+    let (_, v) = node.get_json("/api/sync/status").await;
+    assert_eq!(v["kafka"]["offsetOutOfRange"]["detail"], detail, "{v:#}");
+    assert_eq!(v["lastResync"]["result"], "ok", "{v:#}");
+    assert_eq!(v["lastResync"]["at"], resync_at, "{v:#}");
+    assert_eq!(counter(&v, "offset_out_of_range"), 1, "{v:#}");
     node.node.stop().await.unwrap();
 }
