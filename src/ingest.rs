@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::SchoolFilter;
 use crate::domain::{format_timestamp, Event, EventType, FutureSkew, SyncSource, Timestamp};
 use crate::state::NodeState;
-use crate::store::{Batch, DeadLetter, PartitionOffset};
+use crate::store::{Batch, DeadLetter, PartitionOffset, StoreError};
 use crate::worker::{Next, Worker};
 
 /// How often partition metadata is re-read to pick up new partitions and
@@ -166,6 +166,10 @@ struct Reader {
     refreshed: Option<Instant>,
     /// A batch whose commit failed: applied again before anything new is read.
     pending: Option<Batch>,
+    /// The partition and offset of each change of the batch in flight (in
+    /// `Batch::changes` order), for the dead letter of a change the store
+    /// refuses.
+    origins: Vec<(i32, i64)>,
     /// librdkafka reported a partition's position outside its log and
     /// stopped fetching it: every partition is checked and assigned again
     /// once the batch in hand is committed.
@@ -234,6 +238,7 @@ impl Reader {
             catch_up: None,
             refreshed: None,
             pending: None,
+            origins: Vec::new(),
             reposition: false,
             #[cfg(feature = "fault-injection")]
             paused: false,
@@ -472,6 +477,7 @@ impl Reader {
     /// or a stop.
     fn collect(&mut self, stop: &CancellationToken) -> Batch {
         let mut batch = Batch::default();
+        self.origins.clear();
         let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
         let mut count = 0;
         let mut deadline: Option<Instant> = None;
@@ -487,7 +493,7 @@ impl Reader {
                     let topic = m.topic();
                     let (partition, offset) = (m.partition(), m.offset());
                     next.insert((topic.to_owned(), partition), offset + 1);
-                    let letters = batch.dead_letters.len();
+                    let (letters, changes) = (batch.dead_letters.len(), batch.changes.len());
                     let record = Record {
                         topic,
                         partition,
@@ -496,6 +502,9 @@ impl Reader {
                         timestamp_ms: m.timestamp().to_millis(),
                     };
                     self.handle(record, now, &mut batch);
+                    if batch.changes.len() > changes {
+                        self.origins.push((partition, offset));
+                    }
                     dead_bytes += batch.dead_letters[letters..]
                         .iter()
                         .map(|d| d.raw.len())
@@ -606,17 +615,23 @@ impl Reader {
     /// Commits the batch. When the store fails, the batch is kept for the
     /// next step (the store records the failure — status `store`,
     /// readiness, metrics — and has reopened its file if it was an I/O
-    /// error) and the offsets do not move.
-    fn apply(&mut self, batch: Batch) -> anyhow::Result<()> {
+    /// error) and the offsets do not move. A change the store can never
+    /// apply is taken out as a dead letter and the rest committed at once.
+    fn apply(&mut self, mut batch: Batch) -> anyhow::Result<()> {
         let now = self.state.clock.now();
         let started = Instant::now();
-        let report = match self.state.store.apply_batch(&batch, now, SyncSource::Kafka) {
-            Ok(report) => report,
-            Err(e) => {
-                self.pending = Some(batch);
-                return Err(
-                    anyhow::Error::from(e).context("store write failed; offsets not advanced")
-                );
+        let report = loop {
+            match self.state.store.apply_batch(&batch, now, SyncSource::Kafka) {
+                Ok(report) => break report,
+                Err(StoreError::Refused { index, reason }) => {
+                    self.quarantine(&mut batch, index, reason, now)
+                }
+                Err(e) => {
+                    self.pending = Some(batch);
+                    return Err(
+                        anyhow::Error::from(e).context("store write failed; offsets not advanced")
+                    );
+                }
             }
         };
         tracing::debug!(
@@ -627,7 +642,7 @@ impl Reader {
         self.record(&batch, &report, started.elapsed());
         let committed = self.state.clock.now();
         for (key, _) in &batch.changes {
-            let seconds = committed.saturating_sub(key.timestamp).max(0) as f64 / 1e9;
+            let seconds = crate::domain::seconds_between(key.timestamp, committed);
             self.state.metrics.sync_latency.observe(seconds);
         }
         self.state.sync.update(|s| {
@@ -651,6 +666,36 @@ impl Reader {
             tracing::debug!(error = %e, "offset commit to Kafka failed (lag display only)");
         }
         Ok(())
+    }
+
+    /// Takes change `index` out of the batch as a dead letter: the store
+    /// can never apply it (`StoreError::Refused`: what it holds for that
+    /// entity does not decode), and retrying the batch would stop its
+    /// partitions for good. Its payload is the event as parsed, written
+    /// again (the original bytes are not kept past parsing).
+    fn quarantine(&mut self, batch: &mut Batch, index: usize, reason: String, now: Timestamp) {
+        let (key, change) = batch.changes.remove(index);
+        let topic = batch.change_topics.remove(index);
+        let (partition, offset) = self.origins.remove(index);
+        let raw = self
+            .topics
+            .get(&topic)
+            .map_or_else(Vec::new, |&event_type| {
+                Event {
+                    event_type,
+                    key,
+                    change,
+                }
+                .to_json()
+            });
+        let reason = format!(
+            "the store cannot apply this change: {reason}; the payload shown is the event as \
+             parsed"
+        );
+        tracing::error!(topic, partition, offset, %reason, "event dead-lettered");
+        batch.dead_letters.push(DeadLetter::new(
+            &topic, partition, offset, &raw, reason, now,
+        ));
     }
 
     /// Per-topic outcomes, batch size and commit time, for /metrics.

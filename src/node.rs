@@ -217,7 +217,11 @@ pub async fn serve(
     clock: Arc<dyn Clock>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let node = start(config, clock).await?;
+    run(start(config, clock).await?, shutdown).await
+}
+
+/// [`serve`] for a node already started.
+pub async fn run(node: RunningNode, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let died = tokio::select! {
         _ = shutdown => None,
         e = node.died() => Some(e),

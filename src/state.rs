@@ -217,7 +217,7 @@ impl NodeState {
         offsets
             .iter()
             .filter_map(|o| sync.lag(&o.topic, o.partition, o.next_offset))
-            .sum()
+            .fold(0, i64::saturating_add)
     }
 
     /// The status document, from one store read transaction.

@@ -75,14 +75,15 @@ impl SyncSnapshot {
     /// consumer whose next offset is `next` (`None`: watermark unknown).
     pub fn lag(&self, topic: &str, partition: i32, next: i64) -> Option<i64> {
         let hw = self.high_watermarks.get(&(topic.to_owned(), partition))?;
-        Some((hw - next).max(0))
+        Some(hw.saturating_sub(next).max(0))
     }
 
     /// Whether the node cannot currently vouch that its data is fresh: the
     /// broker has not been reached for `stale_after`, or there is no broker
     /// and no successful resync within `resync_window`.
     pub fn is_stale(&self, now: Timestamp, stale_after: i64, resync_window: i64) -> bool {
-        let recent = |t: Option<Timestamp>, window: i64| t.is_some_and(|t| now - t <= window);
+        let recent =
+            |t: Option<Timestamp>, window: i64| t.is_some_and(|t| now.saturating_sub(t) <= window);
         if self.kafka_configured {
             !(self.kafka_connected || recent(self.kafka_contact_at, stale_after))
         } else {
@@ -248,6 +249,21 @@ mod tests {
         };
         assert!(!s.is_stale(100, 10, 10));
         assert!(s.is_stale(106, 10, 10));
+    }
+
+    /// Saturating: a contact "in 1677" seen "in 2262" (a clock set to the
+    /// ends of the range) overflows a plain subtraction in debug builds.
+    #[test]
+    fn staleness_and_lag_saturate_at_the_ends_of_the_range() {
+        let s = SyncSnapshot {
+            kafka_configured: true,
+            kafka_contact_at: Some(i64::MIN),
+            high_watermarks: [(("t".to_owned(), 0), i64::MAX)].into(),
+            ..SyncSnapshot::default()
+        };
+        assert!(s.is_stale(i64::MAX, 10, 0));
+        assert_eq!(s.lag("t", 0, i64::MIN), Some(i64::MAX));
+        assert_eq!(s.lag("t", 0, i64::MAX), Some(0));
     }
 
     #[test]

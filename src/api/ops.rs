@@ -386,7 +386,10 @@ impl Collector for NodeCollector {
         let since = state
             .partition_last_event
             .iter()
-            .map(|((t, p), at)| (partition(t, *p), (now - at).max(0) as f64 / 1e9))
+            .map(|((t, p), at)| {
+                let seconds = crate::domain::seconds_between(*at, now);
+                (partition(t, *p), seconds)
+            })
             .collect();
         gauge(
             &mut encoder,

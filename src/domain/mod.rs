@@ -21,4 +21,4 @@ pub use entity::{
 pub use event::{Event, EventError, EventType};
 pub use school::SchoolFilter;
 pub use snapshot::{SchoolSnapshot, SnapshotError, SnapshotLine, SnapshotReader};
-pub use time::FutureSkew;
+pub use time::{seconds_between, FutureSkew};

@@ -77,6 +77,13 @@ impl FutureSkew {
     }
 }
 
+/// Seconds from `earlier` to `later`, 0 when `later` is not after it
+/// (sync latency, time since an event). Saturating: timestamps at the ends
+/// of the range (1677, 2262) would overflow a plain subtraction.
+pub fn seconds_between(earlier: Timestamp, later: Timestamp) -> f64 {
+    later.saturating_sub(earlier).max(0) as f64 / 1e9
+}
+
 impl Default for FutureSkew {
     fn default() -> Self {
         FutureSkew::DEFAULT
@@ -105,6 +112,15 @@ mod tests {
              (ingest.max_future_skew) after the Kafka record's timestamp \
              2025-10-26T10:00:00Z: refused as implausible"
         );
+    }
+
+    #[test]
+    fn seconds_between_saturates_and_is_never_negative() {
+        assert_eq!(seconds_between(T, T + 2_500_000_000), 2.5);
+        assert_eq!(seconds_between(T, T - HOUR), 0.0);
+        // 1677 to 2262: a plain subtraction overflows (a panic in debug).
+        assert_eq!(seconds_between(i64::MIN, i64::MAX), i64::MAX as f64 / 1e9);
+        assert_eq!(seconds_between(i64::MAX, i64::MIN), 0.0);
     }
 
     #[test]

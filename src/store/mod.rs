@@ -93,6 +93,12 @@ pub enum StoreError {
     Unavailable(String),
     #[error("store data is corrupt: {0}")]
     Corrupt(String),
+    /// Change `index` of a batch cannot be applied however often it is
+    /// tried (what is stored for its entity does not decode). Nothing of
+    /// the batch was written, and the store is not degraded by it: the
+    /// caller quarantines that change and applies the rest.
+    #[error("change {index} of the batch cannot be applied: {reason}")]
+    Refused { index: usize, reason: String },
     #[error("store I/O failed: {0}")]
     Db(#[from] redb::Error),
     /// The failure [`Store::fail_next_commit`] asks for.

@@ -26,7 +26,7 @@ use super::schema::{
     META_OFFSET_OUT_OF_RANGE, META_WATERMARK, OFFSETS, PENDING_DOCS, TEACHERS, TEACHER_DOCS,
     TOMBSTONES,
 };
-use super::{DeadLetter, Note, PartitionOffset, Result, Store};
+use super::{DeadLetter, Note, PartitionOffset, Result, Store, StoreError};
 use crate::domain::{
     Change, Entity, EntityKind, OrderKey, Record, SchoolSnapshot, SyncSource, Timestamp, Tombstone,
 };
@@ -92,21 +92,36 @@ impl Store {
     /// Applies a batch — changes by the convergence rule, dead letters,
     /// counters and consumed offsets — in ONE write transaction: after a
     /// crash either all of it is there or none of it.
+    ///
+    /// A change that can never be applied — what is stored for its entity
+    /// does not decode, so every retry would fail the same way — fails the
+    /// batch with [`StoreError::Refused`] naming it, writes nothing, and
+    /// leaves the store's health alone (the store is not failing; that
+    /// record is): the caller takes the change out (a dead letter) and
+    /// applies the rest. Any other failure (I/O, a full disk) is the
+    /// store's, recorded in its health, and the same batch may succeed
+    /// when tried again.
     pub fn apply_batch(
         &self,
         batch: &Batch,
         now: Timestamp,
         source: SyncSource,
     ) -> Result<ApplyReport> {
-        self.write(now, |_| true, || self.apply_batch_txn(batch, now, source))
+        self.write(
+            now,
+            |r: &Result<ApplyReport>| r.is_ok(),
+            || self.apply_batch_txn(batch, now, source),
+        )?
     }
 
+    /// The outer result is the store's (recorded in its health), the
+    /// inner one a refused change (not recorded).
     fn apply_batch_txn(
         &self,
         batch: &Batch,
         now: Timestamp,
         source: SyncSource,
-    ) -> Result<ApplyReport> {
+    ) -> Result<Result<ApplyReport>> {
         let txn = self.begin_write()?;
         let mut report = ApplyReport {
             skipped: batch.skipped,
@@ -115,8 +130,22 @@ impl Store {
         let mut watermark = None;
         {
             let mut tables = WriteTables::open(&txn)?;
-            for (key, change) in &batch.changes {
-                let applied = tables.apply(key, change, now, source)?;
+            for (index, (key, change)) in batch.changes.iter().enumerate() {
+                let applied = match tables.apply(key, change, now, source) {
+                    Ok(applied) => applied,
+                    // Dropping `txn` aborts it: nothing of the batch stays.
+                    Err(StoreError::Corrupt(reason)) => {
+                        return Ok(Err(StoreError::Refused {
+                            index,
+                            reason: format!(
+                                "what is stored for {} {} is corrupt ({reason})",
+                                change.kind().as_str(),
+                                change.id()
+                            ),
+                        }))
+                    }
+                    Err(e) => return Err(e),
+                };
                 report.outcomes.push(applied);
                 if applied {
                     report.applied += 1;
@@ -155,7 +184,7 @@ impl Store {
         #[cfg(feature = "fault-injection")]
         self.injected_fault()?; // dropping `txn` aborts it
         txn.commit()?;
-        Ok(report)
+        Ok(Ok(report))
     }
 
     /// Reconciles one school with its complete snapshot (contract §3) in

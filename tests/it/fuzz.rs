@@ -490,6 +490,31 @@ fn event_seeds() -> Seeds {
             tc,
             with(tc, "timestamp", json!("1677-09-21T00:12:43.145224192Z")),
         ),
+        // The ends of the range: what ingest computes with the timestamp
+        // (the skew check, the sync latency) must not overflow.
+        (
+            "ok-teacher-deleted-earliest-time",
+            EventType::TeacherDeleted,
+            {
+                let mut v = payload(
+                    EventType::TeacherDeleted,
+                    &teacher(1007),
+                    &k,
+                    "1677-09-21T00:12:43.145224192Z",
+                );
+                v["version"] = json!(u64::MAX);
+                v.to_string()
+            },
+        ),
+        ("ok-class-updated-latest-time", EventType::ClassUpdated, {
+            payload(
+                EventType::ClassUpdated,
+                &class(1007),
+                &k,
+                "2262-04-11T23:47:16.854775807Z",
+            )
+            .to_string()
+        }),
         (
             "bad-teacher-after-2262",
             tc,
