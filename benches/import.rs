@@ -55,6 +55,7 @@ fn main() {
         &dir.path().join("s.redb"),
         &StoreOptions {
             cache_bytes: cache_mb << 20,
+            ..Default::default()
         },
     )
     .unwrap();

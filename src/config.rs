@@ -152,6 +152,11 @@ pub struct StoreConfig {
     pub tombstone_retention: Duration,
     /// redb page cache, MiB.
     pub cache_mb: usize,
+    /// Dead letters kept at most; the oldest beyond go first.
+    pub dead_letter_max_count: u64,
+    /// Dead letters older than this are dropped (e.g. "30d").
+    #[serde(with = "humantime_serde")]
+    pub dead_letter_retention: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -261,6 +266,9 @@ impl Default for StoreConfig {
         StoreConfig {
             tombstone_retention: Duration::from_secs(30 * 86_400),
             cache_mb: 64,
+            // The store's own default (`store::DEAD_LETTER_MAX_COUNT`).
+            dead_letter_max_count: 100_000,
+            dead_letter_retention: Duration::from_secs(30 * 86_400),
         }
     }
 }
@@ -483,6 +491,15 @@ impl Config {
         }
         if !(1..=65_536).contains(&self.store.cache_mb) {
             return Err(bad("store.cache_mb", "must be between 1 and 65536"));
+        }
+        if !(1..=10_000_000).contains(&self.store.dead_letter_max_count) {
+            return Err(bad(
+                "store.dead_letter_max_count",
+                "must be between 1 and 10000000",
+            ));
+        }
+        if self.store.dead_letter_retention < Duration::from_secs(3600) {
+            return Err(bad("store.dead_letter_retention", "must be at least 1h"));
         }
         if log_filter(&self.log.level).is_err() {
             return Err(bad(

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::{Config, SchoolFilter};
+use crate::domain::snapshot::MAX_LINE_BYTES;
 use crate::domain::{
     format_timestamp, FutureSkew, SchoolSnapshot, SnapshotReader, SyncSource, Timestamp,
 };
@@ -132,8 +133,9 @@ pub async fn fetch(
             }
         }
         anyhow::ensure!(
-            pending.len() <= crate::domain::event::MAX_EVENT_BYTES,
-            "{url}: line too long"
+            pending.len() <= MAX_LINE_BYTES,
+            "{url}: line {} is longer than {MAX_LINE_BYTES} bytes",
+            reader.lines() + 1
         );
     }
     if !pending.is_empty() {
@@ -393,11 +395,16 @@ impl Worker for Scheduler {
 /// count, a record stamped more than `max_future_skew` after its `asOf`) is
 /// rejected before any of it is written. `progress` is told the lines read
 /// so far.
+///
+/// A line longer than [`MAX_LINE_BYTES`] stops the import with an error
+/// naming it, after reading at most that much of it: a file that is not a
+/// snapshot (one 1 GiB line, say) fails fast, in bounded memory. Schools
+/// committed before stay; the ones read since the last commit do not.
 pub fn import(
     store: &Store,
     filter: &SchoolFilter,
     max_future_skew: FutureSkew,
-    input: impl BufRead,
+    mut input: impl BufRead,
     now: Timestamp,
     mut progress: impl FnMut(u64),
 ) -> anyhow::Result<Vec<SchoolOutcome>> {
@@ -416,8 +423,8 @@ pub fn import(
         }));
         Ok(())
     };
-    for line in input.split(b'\n') {
-        let line = line?;
+    let mut line = Vec::new();
+    while read_line(&mut input, &mut line, reader.lines() + 1)? {
         match reader.feed(&line) {
             Some(Ok(snapshot)) if !filter.serves(snapshot.school_id) => {
                 outcomes.push(SchoolOutcome {
@@ -455,6 +462,26 @@ pub fn import(
         });
     }
     Ok(outcomes)
+}
+
+/// Reads the next line of `input` into `line`, without its `\n`, reading at
+/// most [`MAX_LINE_BYTES`] of it; false at the end of the input. A longer
+/// line (line `number`) is an error.
+fn read_line<R: BufRead>(input: &mut R, line: &mut Vec<u8>, number: u64) -> anyhow::Result<bool> {
+    line.clear();
+    let cap = MAX_LINE_BYTES as u64 + 1;
+    if std::io::Read::take(&mut *input, cap).read_until(b'\n', line)? == 0 {
+        return Ok(false);
+    }
+    if line.last() == Some(&b'\n') {
+        line.pop();
+    } else if line.len() > MAX_LINE_BYTES {
+        anyhow::bail!(
+            "line {number} is longer than {MAX_LINE_BYTES} bytes (the most a snapshot line may \
+             hold): not a snapshot file? The import stopped there; nothing after it was read"
+        );
+    }
+    Ok(true)
 }
 
 /// Writes the snapshots of `schools` to `out`, concatenated; returns the

@@ -321,6 +321,15 @@ impl Collector for NodeCollector {
             ConstCounter::new(n).encode(events.encode_family(&labels)?)?;
         }
         let stored = |name: &str| stats.counters.get(name).copied().unwrap_or(0);
+        ConstCounter::new(stored(counter::DEAD_LETTERS_DROPPED)).encode(
+            encoder.encode_descriptor(
+                "dead_letters_dropped",
+                "Dead letters dropped by their retention (store.dead_letter_max_count, \
+                 store.dead_letter_retention), oldest first (persisted)",
+                None,
+                MetricType::Counter,
+            )?,
+        )?;
         ConstCounter::new(stored(counter::OFFSET_OUT_OF_RANGE)).encode(
             encoder.encode_descriptor(
                 "offset_out_of_range",

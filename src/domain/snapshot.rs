@@ -8,6 +8,11 @@ use super::entity::{format_timestamp, Entity, EntityKind, OrderKey, Record, Time
 use super::event::{parse_object, EventError, Fields};
 use super::time::FutureSkew;
 
+/// The longest snapshot line read (a record or an end line), whether it
+/// comes from a download or a file: a Kafka event's payload limit, so that
+/// reading one line never holds more than that.
+pub const MAX_LINE_BYTES: usize = super::event::MAX_EVENT_BYTES;
+
 /// One parsed line of a snapshot.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SnapshotLine {

@@ -193,17 +193,24 @@ pub struct Note {
     pub detail: String,
 }
 
+/// Dead letters kept at most, by default (`store.dead_letter_max_count`).
+pub const DEAD_LETTER_MAX_COUNT: u64 = 100_000;
+
 /// Options for opening a store.
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
     /// redb page cache in bytes.
     pub cache_bytes: usize,
+    /// Dead letters kept at most: a batch that adds some drops the oldest
+    /// beyond this, in the same transaction.
+    pub dead_letter_max_count: u64,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
             cache_bytes: 64 * 1024 * 1024,
+            dead_letter_max_count: DEAD_LETTER_MAX_COUNT,
         }
     }
 }
@@ -237,6 +244,8 @@ pub struct Store {
     /// The file and its options, to reopen it (`None`: in memory).
     file: Option<(PathBuf, StoreOptions)>,
     health: Mutex<StoreHealth>,
+    /// [`StoreOptions::dead_letter_max_count`].
+    dead_letter_max_count: u64,
     #[cfg(feature = "fault-injection")]
     fail_next_commit: AtomicBool,
 }
@@ -247,6 +256,9 @@ impl Store {
         Store {
             slot: Mutex::new(reopen::Slot::holding(db)),
             reopened: Condvar::new(),
+            dead_letter_max_count: file
+                .as_ref()
+                .map_or(DEAD_LETTER_MAX_COUNT, |(_, o)| o.dead_letter_max_count),
             file,
             health: Mutex::new(StoreHealth::default()),
             #[cfg(feature = "fault-injection")]

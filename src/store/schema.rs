@@ -82,6 +82,8 @@ pub mod counter {
     /// Partitions found reading outside what Kafka still holds (events
     /// lost to retention, or a recreated topic).
     pub const OFFSET_OUT_OF_RANGE: &str = "offset_out_of_range";
+    /// Dead letters dropped by their retention (count or age).
+    pub const DEAD_LETTERS_DROPPED: &str = "dead_letters_dropped";
 }
 
 pub(super) fn encode<T: Serialize>(value: &T) -> Vec<u8> {

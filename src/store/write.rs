@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use redb::{ReadableTable, Table, WriteTransaction};
+use redb::{ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -155,12 +155,16 @@ impl Store {
                 watermark = watermark.max(Some(key.timestamp));
             }
         }
+        let mut dropped = 0;
         {
             let mut dead = txn.open_table(DEAD_LETTERS)?;
             let first = dead.last()?.map_or(0, |(k, _)| k.value() + 1);
             for (seq, letter) in (first..).zip(&batch.dead_letters) {
                 dead.insert(seq, encode(letter).as_slice())?;
                 report.dead_lettered += 1;
+            }
+            if !batch.dead_letters.is_empty() {
+                dropped = drop_dead_letters_beyond(&mut dead, self.dead_letter_max_count)?;
             }
         }
         {
@@ -176,6 +180,7 @@ impl Store {
                 (counter::STALE, report.stale),
                 (counter::DEAD_LETTERED, report.dead_lettered),
                 (counter::SKIPPED, report.skipped),
+                (counter::DEAD_LETTERS_DROPPED, dropped),
             ],
         )?;
         if let Some(w) = watermark {
@@ -374,6 +379,65 @@ impl Store {
         txn.commit()?;
         Ok(())
     }
+}
+
+/// Dead-letter retention: the store keeps at most
+/// [`StoreOptions::dead_letter_max_count`](super::StoreOptions) of them
+/// (enforced by every batch that adds some) and none older than the
+/// retention the purge worker passes; the oldest go first, counted in
+/// `dead_letters_dropped`.
+impl Store {
+    /// Drops dead letters stored more than `retention_nanos` before `now`
+    /// (the node's clock when they were stored), and the oldest beyond the
+    /// count limit; returns how many went.
+    pub fn purge_dead_letters(&self, now: Timestamp, retention_nanos: i64) -> Result<u64> {
+        self.write(
+            now,
+            |n| *n > 0,
+            || self.purge_dead_letters_txn(now, retention_nanos),
+        )
+    }
+
+    fn purge_dead_letters_txn(&self, now: Timestamp, retention_nanos: i64) -> Result<u64> {
+        let txn = self.begin_write()?;
+        let dropped = {
+            let mut dead = txn.open_table(DEAD_LETTERS)?;
+            let mut dropped = drop_dead_letters_beyond(&mut dead, self.dead_letter_max_count)?;
+            loop {
+                // In sequence order, which is the order they were stored in.
+                let oldest = match dead.first()? {
+                    Some((seq, letter)) => (seq.value(), decode::<DeadLetter>(letter.value())),
+                    None => break,
+                };
+                match oldest {
+                    (seq, Ok(letter)) if now.saturating_sub(letter.at) > retention_nanos => {
+                        dead.remove(seq)?;
+                        dropped += 1;
+                    }
+                    // Young enough (and so is every later one), or not
+                    // readable: the count limit still bounds it.
+                    _ => break,
+                }
+            }
+            dropped
+        };
+        if dropped == 0 {
+            txn.abort()?;
+            return Ok(0);
+        }
+        add_counters(&txn, &[(counter::DEAD_LETTERS_DROPPED, dropped)])?;
+        txn.commit()?;
+        Ok(dropped)
+    }
+}
+
+/// Drops the oldest dead letters beyond `keep`; returns how many.
+fn drop_dead_letters_beyond(dead: &mut Table<u64, &'static [u8]>, keep: u64) -> Result<u64> {
+    let excess = dead.len()?.saturating_sub(keep);
+    for _ in 0..excess {
+        dead.pop_first()?;
+    }
+    Ok(excess)
 }
 
 fn add_counters(txn: &WriteTransaction, deltas: &[(&str, u64)]) -> Result<()> {

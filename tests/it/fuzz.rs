@@ -886,6 +886,14 @@ level = "emis_edge=debug,tower_http[request]=trace,warn"
         ),
         ("bad-cache.toml", "[store]\ncache_mb = 0\n"),
         (
+            "bad-dead-letter-max-count.toml",
+            "[store]\ndead_letter_max_count = 0\n",
+        ),
+        (
+            "bad-dead-letter-retention.toml",
+            "[store]\ndead_letter_retention = \"59m\"\n",
+        ),
+        (
             "bad-max-future-skew.toml",
             "[ingest]\nmax_future_skew = \"một giờ\"\n",
         ),

@@ -408,3 +408,70 @@ async fn health_and_metrics_can_move_to_their_own_listener() {
     assert_eq!(r.status().as_u16(), 404, "the API is not on the ops port");
     assert_eq!(node.get("/api/sync/status").await.0, 200);
 }
+
+/// `http.request_timeout_secs`: a request to an API route that takes
+/// longer is answered `408` with a problem document, and counted under its
+/// route and status. (A test-only route that never answers, served behind
+/// the same layers as the read routes by `api::router_with`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_the_time_limit_is_answered_408_with_a_problem() {
+    use axum::routing::get;
+    let mut config = emis_edge::config::Config::default();
+    config.http.request_timeout_secs = 1;
+    let node = emis_edge::state::NodeState::new(
+        std::sync::Arc::new(emis_edge::store::Store::open_in_memory().unwrap()),
+        config.clone(),
+        emis_edge::clock::ManualClock::new(T0),
+    );
+    let state = emis_edge::api::ApiState::new(node, Vec::new());
+    let stalled = axum::Router::new().route(
+        "/api/test/stalled",
+        get(std::future::pending::<&'static str>),
+    );
+    let app = emis_edge::api::router_with(state, stalled);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(emis_edge::server::serve(
+        listener,
+        app,
+        emis_edge::server::Limits::of(&config.http),
+        stop.clone(),
+    ));
+    let http = reqwest::Client::new();
+    let started = std::time::Instant::now();
+    let response = http
+        .get(format!("http://{addr}/api/test/stalled"))
+        .timeout(std::time::Duration::from_secs(30))
+        .send()
+        .await
+        .expect("the node answers, within the time limit");
+    assert_eq!(response.status().as_u16(), 408);
+    assert!(started.elapsed() >= std::time::Duration::from_secs(1));
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["status"], 408);
+    assert_eq!(
+        problem["detail"],
+        "the request took longer than http.request_timeout_secs"
+    );
+    let metrics = http
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.lines().any(|l| l.starts_with(
+            "emis_edge_http_request_duration_seconds_count{route=\"/api/test/stalled\",status=\"408\"} 1"
+        )),
+        "{metrics}"
+    );
+    stop.cancel();
+    server.await.unwrap().unwrap();
+}

@@ -858,3 +858,43 @@ async fn a_partition_whose_head_is_deleted_while_the_node_runs_is_counted_resync
     assert_eq!(counter(&v, "offset_out_of_range"), 1, "{v:#}");
     node.node.stop().await.unwrap();
 }
+
+/// Dead letters are bounded (`store.dead_letter_max_count`): a node fed
+/// nothing but bad records keeps the newest ones, drops the oldest, and
+/// counts the drops in status and metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_beyond_the_configured_count_drop_the_oldest_and_are_counted() {
+    let kafka = Kafka::start(1);
+    let node = TestNode::start(|c| {
+        kafka.configure(c);
+        c.store.dead_letter_max_count = 3;
+    })
+    .await;
+    let bad: Vec<Vec<u8>> = (0..5)
+        .map(|n| format!("not json {n}").into_bytes())
+        .collect();
+    kafka.send_raw("emis.class.created", 0, &bad);
+    let v = wait_status(&node, "5 dead letters", |v| {
+        counter(v, "events_dead_lettered") == 5
+    })
+    .await;
+    assert_eq!(v["deadLetterCount"], 3, "{v:#}");
+    assert_eq!(counter(&v, "dead_letters_dropped"), 2, "{v:#}");
+    let (_, list) = node.get_json("/api/sync/dead-letters").await;
+    let offsets: Vec<i64> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["offset"].as_i64().unwrap())
+        .collect();
+    assert_eq!(offsets, [4, 3, 2], "the newest kept, newest first");
+    let (_, _, body) = node.get("/metrics").await;
+    let text = String::from_utf8(body).unwrap();
+    for line in [
+        "emis_edge_dead_letters_dropped_total 2",
+        "emis_edge_dead_letters 3.0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+    }
+    node.node.stop().await.unwrap();
+}

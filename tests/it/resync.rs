@@ -639,3 +639,98 @@ async fn an_import_refuses_a_school_with_a_record_stamped_beyond_the_skew_after_
     .unwrap();
     assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
 }
+
+/// A 1 GiB line, made as it is read (never held whole), after a valid
+/// school: how many bytes the import read.
+struct HugeLine {
+    prefix: std::io::Cursor<Vec<u8>>,
+    left: u64,
+    read: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl std::io::Read for HugeLine {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = match std::io::Read::read(&mut self.prefix, buf)? {
+            0 => {
+                let n = buf.len().min(self.left as usize);
+                buf[..n].fill(b'x');
+                self.left -= n as u64;
+                n
+            }
+            n => n,
+        };
+        self.read
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// Import lines are read with a length cap (the snapshot download's, 1
+/// MiB): a file whose third line is 1 GiB fails as soon as the cap is
+/// passed, naming the line, having read about 1 MiB of it; nothing of the
+/// 1 GiB is held in memory.
+#[test]
+fn an_import_with_a_huge_line_fails_fast_naming_it_in_bounded_memory() {
+    let store = emis_edge::store::Store::open_in_memory().unwrap();
+    let record = ev(
+        EventType::ClassCreated,
+        1,
+        1,
+        1,
+        class_fields(id(1), "Lớp 10A1"),
+    );
+    let mut school_one = Vec::new();
+    {
+        store
+            .apply_batch(
+                &batch(vec![record]),
+                T0,
+                emis_edge::domain::SyncSource::Kafka,
+            )
+            .unwrap();
+        resync::export(&store, &[school(1)], &mut school_one, |_| {}).unwrap();
+    }
+    assert_eq!(school_one.iter().filter(|b| **b == b'\n').count(), 2);
+    let read = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let input = HugeLine {
+        prefix: std::io::Cursor::new(school_one.clone()),
+        left: 1 << 30,
+        read: read.clone(),
+    };
+    let empty = emis_edge::store::Store::open_in_memory().unwrap();
+    let error = resync::import(
+        &empty,
+        &emis_edge::config::SchoolFilter::All,
+        emis_edge::domain::FutureSkew::DEFAULT,
+        std::io::BufReader::with_capacity(64 * 1024, input),
+        T0,
+        |_| {},
+    )
+    .expect_err("a 1 GiB line is no snapshot line");
+    assert!(
+        error
+            .to_string()
+            .starts_with("line 3 is longer than 1048576 bytes"),
+        "{error:#}"
+    );
+    let read = read.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        read <= school_one.len() as u64 + (1 << 20) + 64 * 1024,
+        "{read} bytes read of a 1 GiB line"
+    );
+    // A line of exactly the cap is read (and refused as a line, not as a
+    // file); a last line without a newline is read too.
+    let mut exact = vec![b' '; emis_edge::domain::snapshot::MAX_LINE_BYTES];
+    exact.push(b'\n');
+    exact.extend_from_slice(&school_one[..school_one.len() - 1]);
+    let outcomes = resync::import(
+        &empty,
+        &emis_edge::config::SchoolFilter::All,
+        emis_edge::domain::FutureSkew::DEFAULT,
+        exact.as_slice(),
+        T0,
+        |_| {},
+    )
+    .unwrap();
+    assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
+}
