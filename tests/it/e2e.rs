@@ -195,11 +195,20 @@ const CRASH_SEED: u64 = 20_251_026;
 /// schedule picks, per round, how many events must be applied first and
 /// how long after that to wait, so it does not depend on how fast this
 /// machine happens to be.
+///
+/// The test broker is librdkafka's mock cluster, which keeps at most 5 MiB
+/// (and 100,000 messages) per partition and deletes the oldest beyond: a
+/// node more than that behind would lose events through the test's setup,
+/// not through a fault of its own. So the events are spread over enough
+/// partitions to stay far below (100,000 events of ~330 bytes over 12
+/// partitions: under 3 MiB each), and the test checks, once all are
+/// produced, that no partition lost its head.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_nothing_and_doubles_nothing() {
     const EVENTS: u128 = 100_000;
+    const PARTITIONS: i32 = 12;
     const ROUNDS: usize = 6;
-    let kafka = Kafka::start(3);
+    let kafka = Kafka::start(PARTITIONS);
     let dir = tempfile::tempdir().unwrap();
     let brokers = kafka.cluster.bootstrap_servers();
     let data_dir = dir.path().to_str().unwrap().to_owned();
@@ -244,7 +253,7 @@ async fn sigkill_at_random_moments_loses_nothing_and_doubles_nothing() {
             loop {
                 match producer.send(
                     BaseRecord::<(), str>::to(t.name())
-                        .partition((n % 3) as i32)
+                        .partition((n % PARTITIONS as u128) as i32)
                         .payload(&payload),
                 ) {
                     Ok(()) => break,
@@ -310,6 +319,21 @@ async fn sigkill_at_random_moments_loses_nothing_and_doubles_nothing() {
         "a kill did not land while events streamed in"
     );
     producer_thread.join().unwrap();
+    // Every event is still in the broker: a test setup that overflowed the
+    // mock's per-partition limit fails here, not as lost events below.
+    let topic = EventType::ClassCreated.name();
+    let mut produced = 0;
+    for partition in 0..PARTITIONS {
+        let (low, high) = kafka.watermarks(topic, partition);
+        assert_eq!(
+            low, 0,
+            "the mock cluster deleted the head of {topic}/{partition} (its low watermark is \
+             {low} of {high}): the test produced more than librdkafka's mock keeps per \
+             partition (5 MiB, 100,000 messages); spread the events over more partitions"
+        );
+        produced += high;
+    }
+    assert_eq!(produced, EVENTS as i64);
 
     let node = spawn();
     let url = format!("http://127.0.0.1:{}/api/sync/status", node.port);
