@@ -55,6 +55,7 @@ fn main() {
         &dir.path().join("s.redb"),
         &StoreOptions {
             cache_bytes: cache_mb << 20,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -64,6 +65,7 @@ fn main() {
     let outcomes = emis_edge::resync::import(
         &store,
         &emis_edge::config::SchoolFilter::All,
+        emis_edge::domain::FutureSkew::DEFAULT,
         input,
         T_BASE,
         |_| {},

@@ -28,6 +28,7 @@ fn build(dir: &std::path::Path, p: &Province, cache_mb: usize) -> Store {
         &dir.join("bench.redb"),
         &StoreOptions {
             cache_bytes: cache_mb << 20,
+            ..Default::default()
         },
     )
     .unwrap();

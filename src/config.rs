@@ -97,12 +97,14 @@ pub struct KafkaConfig {
     pub stale_after_secs: u64,
 }
 
-/// How incoming changes are checked.
+/// What the node accepts of what it takes in (Kafka events, snapshot,
+/// import and feed lines).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IngestConfig {
     /// A change stamped more than this after a clock its source cannot
-    /// fake (a feed page's `asOf`) is refused (contract §2, "Time").
+    /// fake (the Kafka record's timestamp; a snapshot's or a feed page's
+    /// `asOf`) is refused (contract §2, "Time"), e.g. "1h", "15m".
     #[serde(with = "humantime_serde")]
     pub max_future_skew: Duration,
 }
@@ -178,6 +180,11 @@ pub struct StoreConfig {
     pub tombstone_retention: Duration,
     /// redb page cache, MiB.
     pub cache_mb: usize,
+    /// Dead letters kept at most; the oldest beyond go first.
+    pub dead_letter_max_count: u64,
+    /// Dead letters older than this are dropped (e.g. "30d").
+    #[serde(with = "humantime_serde")]
+    pub dead_letter_retention: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -230,7 +237,7 @@ impl Default for KafkaConfig {
 impl Default for IngestConfig {
     fn default() -> Self {
         IngestConfig {
-            max_future_skew: Duration::from_secs(3600),
+            max_future_skew: crate::domain::FutureSkew::DEFAULT.as_duration(),
         }
     }
 }
@@ -306,6 +313,9 @@ impl Default for StoreConfig {
         StoreConfig {
             tombstone_retention: Duration::from_secs(30 * 86_400),
             cache_mb: 64,
+            // The store's own default (`store::DEAD_LETTER_MAX_COUNT`).
+            dead_letter_max_count: 100_000,
+            dead_letter_retention: Duration::from_secs(30 * 86_400),
         }
     }
 }
@@ -545,6 +555,15 @@ impl Config {
         if !(1..=65_536).contains(&self.store.cache_mb) {
             return Err(bad("store.cache_mb", "must be between 1 and 65536"));
         }
+        if !(1..=10_000_000).contains(&self.store.dead_letter_max_count) {
+            return Err(bad(
+                "store.dead_letter_max_count",
+                "must be between 1 and 10000000",
+            ));
+        }
+        if self.store.dead_letter_retention < Duration::from_secs(3600) {
+            return Err(bad("store.dead_letter_retention", "must be at least 1h"));
+        }
         if log_filter(&self.log.level).is_err() {
             return Err(bad(
                 "log.level",
@@ -653,6 +672,11 @@ impl Config {
         self.node.data_dir.join(STORE_FILE)
     }
 
+    /// `ingest.max_future_skew`, as the domain checks it.
+    pub fn max_future_skew(&self) -> crate::domain::FutureSkew {
+        crate::domain::FutureSkew::from_duration(self.ingest.max_future_skew)
+    }
+
     pub fn group_id(&self) -> String {
         self.kafka
             .group_id
@@ -660,12 +684,35 @@ impl Config {
             .unwrap_or_else(|| format!("emis-edge-{}", self.node.id))
     }
 
+    /// The schools this node serves: every school with `schools.all`,
+    /// else exactly `schools.ids` (none when the list is empty: a node is
+    /// never told to serve everything by leaving a key out; `serve` and
+    /// `check-config` refuse that configuration, see
+    /// [`Config::validate_serving`]).
     pub fn school_filter(&self) -> SchoolFilter {
-        if self.schools.all || self.schools.ids.is_empty() {
+        if self.schools.all {
             SchoolFilter::All
         } else {
             SchoolFilter::Only(self.schools.ids.iter().copied().collect())
         }
+    }
+
+    /// What a node that runs (`serve`, and `check-config`, which checks
+    /// what `serve` would run with) needs beyond [`Config::validate`]: it
+    /// must be told which schools it serves. An empty `schools.ids`
+    /// without `schools.all = true` is refused rather than read as "every
+    /// school", which on a school server would download and store the
+    /// whole country. (The offline commands accept it: `status` must work
+    /// on any configuration, and `import` then imports no school.)
+    pub fn validate_serving(&self) -> Result<(), ConfigError> {
+        if !self.schools.all && self.schools.ids.is_empty() {
+            return Err(bad(
+                "schools.ids",
+                "is empty: list the schools this node serves, or set `schools.all = true` \
+                 to serve every school (a provincial or national node)",
+            ));
+        }
+        Ok(())
     }
 
     /// The effective configuration as TOML, secrets replaced by `"<redacted>"`.

@@ -35,7 +35,7 @@ use uuid::Uuid;
 
 use crate::config::SchoolFilter;
 use crate::domain::{
-    format_timestamp, Change, Cursor, EventError, FeedLine, OrderKey, SchoolSnapshot, Timestamp,
+    Change, Cursor, EventError, FeedLine, FutureSkew, OrderKey, SchoolSnapshot, Timestamp,
 };
 use crate::state::NodeState;
 use crate::worker::{Backoff, Next, Worker};
@@ -76,15 +76,8 @@ pub enum PageError {
          answered 409)"
     )]
     CursorOfAnotherStore { after: Cursor, got: Cursor },
-    #[error(
-        "line {line}: timestamp {timestamp} is more than ingest.max_future_skew after the page's \
-         asOf {as_of}"
-    )]
-    FutureTimestamp {
-        line: usize,
-        timestamp: String,
-        as_of: String,
-    },
+    #[error("line {line}: {reason}")]
+    FutureTimestamp { line: usize, reason: String },
 }
 
 impl PageError {
@@ -102,11 +95,15 @@ impl PageError {
 
 /// Validates a whole answer of `GET /api/changes` asked `after` (its
 /// decoded body): change lines, then one page line, last; the count it
-/// says; every change line's timestamp at most `max_skew` nanoseconds
-/// after the page's `asOf`; a cursor of the same store, not before
+/// says; every change line's timestamp within `skew` of the page's
+/// `asOf` (contract §2, "Time"); a cursor of the same store, not before
 /// `after`, and past it when the page says `more`. Blank lines are
 /// ignored; the last line may lack its newline.
-pub fn parse_page(body: &[u8], after: Option<&Cursor>, max_skew: i64) -> Result<Page, PageError> {
+pub fn parse_page(
+    body: &[u8],
+    after: Option<&Cursor>,
+    skew: FutureSkew,
+) -> Result<Page, PageError> {
     let mut lines = Vec::new();
     let mut page = None;
     let mut numbered = 0usize;
@@ -168,13 +165,12 @@ pub fn parse_page(body: &[u8], after: Option<&Cursor>, max_skew: i64) -> Result<
             });
         }
     }
-    let bound = as_of.saturating_add(max_skew);
-    if let Some((line, key, _)) = lines.iter().find(|(_, key, _)| key.timestamp > bound) {
-        return Err(PageError::FutureTimestamp {
-            line: *line,
-            timestamp: format_timestamp(key.timestamp),
-            as_of: format_timestamp(as_of),
-        });
+    for (line, key, _) in &lines {
+        skew.check("timestamp", key.timestamp, as_of, "the page's asOf")
+            .map_err(|e| PageError::FutureTimestamp {
+                line: *line,
+                reason: e.to_string(),
+            })?;
     }
     Ok(Page {
         lines: lines.into_iter().map(|(_, k, c)| (k, c)).collect(),
@@ -269,8 +265,8 @@ impl Follower {
         })
     }
 
-    fn skew(&self) -> i64 {
-        i64::try_from(self.state.config.ingest.max_future_skew.as_nanos()).unwrap_or(i64::MAX)
+    fn skew(&self) -> FutureSkew {
+        self.state.config.max_future_skew()
     }
 
     fn read_timeout(&self) -> Duration {
@@ -439,9 +435,10 @@ impl Follower {
                 .map(|school| {
                     let metrics = metrics.clone();
                     async move {
-                        let fetch = crate::resync::fetch_counted(client, base, school, move |n| {
-                            metrics.upstream_bytes.inc_by(n as u64);
-                        });
+                        let fetch =
+                            crate::resync::fetch_counted(client, base, school, skew, move |n| {
+                                metrics.upstream_bytes.inc_by(n as u64);
+                            });
                         let snapshot =
                             tokio::time::timeout(timeout, fetch).await.map_err(|_| {
                                 anyhow::anyhow!(
@@ -449,7 +446,6 @@ impl Follower {
                                      resync.timeout_secs"
                                 )
                             })??;
-                        check_snapshot(&snapshot, skew)?;
                         Ok(snapshot)
                     }
                 })
@@ -561,24 +557,6 @@ fn snippet(body: &[u8]) -> String {
     }
 }
 
-/// Every record of a snapshot from the parent within the skew of its
-/// `asOf` (contract §2, "Time"): else the start fails whole.
-fn check_snapshot(snapshot: &SchoolSnapshot, max_skew: i64) -> anyhow::Result<()> {
-    let bound = snapshot.as_of.saturating_add(max_skew);
-    if let Some((key, entity)) = snapshot.records.iter().find(|(k, _)| k.timestamp > bound) {
-        anyhow::bail!(
-            "school {}: {} {} is stamped {}, more than ingest.max_future_skew after the \
-             snapshot's asOf {}",
-            snapshot.school_id,
-            entity.kind().as_str(),
-            entity.id(),
-            format_timestamp(key.timestamp),
-            format_timestamp(snapshot.as_of)
-        );
-    }
-    Ok(())
-}
-
 /// Where the feed continues after reconciling `snapshots`: the smallest of
 /// their cursors (the feed then repeats what a later snapshot already had,
 /// which the convergence rule ignores). All must come from one store.
@@ -679,16 +657,18 @@ mod tests {
     #[test]
     fn a_whole_page_parses_and_every_fault_rejects_it() {
         let ok = body(&[delete(1, T), delete(2, T)], 9, 2, false, T);
-        let page = parse_page(&ok, Some(&Cursor::at(STORE, 3)), HOUR).unwrap();
+        let page = parse_page(&ok, Some(&Cursor::at(STORE, 3)), FutureSkew::DEFAULT).unwrap();
         assert_eq!(
             (page.lines.len(), page.cursor.seq, page.more),
             (2, 9, false)
         );
         // Without its final newline it is still whole.
-        assert!(parse_page(&ok[..ok.len() - 1], None, HOUR).is_ok());
+        assert!(parse_page(&ok[..ok.len() - 1], None, FutureSkew::DEFAULT).is_ok());
 
         let reason = |b: &[u8], after: Option<Cursor>| {
-            parse_page(b, after.as_ref(), HOUR).unwrap_err().reason()
+            parse_page(b, after.as_ref(), FutureSkew::DEFAULT)
+                .unwrap_err()
+                .reason()
         };
         let cut = ok.len() - 20;
         assert_eq!(reason(&ok[..cut], None), "truncated");
@@ -725,7 +705,7 @@ mod tests {
         let future = body(&[delete(1, T + HOUR + 1)], 9, 1, false, T);
         assert_eq!(reason(&future, None), "future_timestamp");
         let within = body(&[delete(1, T + HOUR)], 9, 1, false, T);
-        assert!(parse_page(&within, None, HOUR).is_ok());
+        assert!(parse_page(&within, None, FutureSkew::DEFAULT).is_ok());
     }
 
     #[test]
@@ -763,7 +743,7 @@ mod tests {
             d.finish(&mut out)?;
             Ok::<_, String>(out)
         };
-        assert!(parse_page(&decode(&packed).unwrap(), None, HOUR).is_ok());
+        assert!(parse_page(&decode(&packed).unwrap(), None, FutureSkew::DEFAULT).is_ok());
         assert!(decode(&packed[..packed.len() - 4]).is_err());
     }
 }

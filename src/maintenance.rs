@@ -1,7 +1,8 @@
 //! Store upkeep that no change waits for, as three workers: rendering the
 //! teacher documents that changes queued (so that a lookup is one read),
-//! purging tombstones past `store.tombstone_retention`, and computing the
-//! per-school freshness that `/metrics` shows.
+//! purging tombstones past `store.tombstone_retention` and dead letters
+//! past `store.dead_letter_retention`, and computing the per-school
+//! freshness that `/metrics` shows.
 //!
 //! None is on the path of a change or a read: a queued teacher's
 //! document is assembled on the fly by a lookup meanwhile, a tombstone
@@ -64,7 +65,9 @@ impl Worker for Renderer {
     }
 }
 
-/// Purges tombstones past `store.tombstone_retention`, hourly.
+/// Purges tombstones past `store.tombstone_retention` and dead letters past
+/// `store.dead_letter_retention` (or beyond `store.dead_letter_max_count`,
+/// after that limit was lowered), hourly.
 pub struct Purger {
     state: NodeState,
 }
@@ -83,12 +86,23 @@ impl Worker for Purger {
     }
 
     async fn step(&mut self, _stop: &CancellationToken) -> anyhow::Result<Next> {
-        let retention = i64::try_from(self.state.config.store.tombstone_retention.as_nanos())
-            .unwrap_or(i64::MAX);
+        let nanos = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
+        let config = &self.state.config.store;
+        let tombstones = nanos(config.tombstone_retention);
+        let letters = nanos(config.dead_letter_retention);
         let (store, now) = (self.state.store.clone(), self.state.clock.now());
-        let purged = blocking(move || store.purge_tombstones(now, retention)).await?;
+        let (purged, dropped) = blocking(move || {
+            anyhow::Ok((
+                store.purge_tombstones(now, tombstones)?,
+                store.purge_dead_letters(now, letters)?,
+            ))
+        })
+        .await?;
         if purged > 0 {
             tracing::info!(purged, "expired tombstones purged");
+        }
+        if dropped > 0 {
+            tracing::info!(dropped, "dead letters past their retention dropped");
         }
         Ok(Next::After(Self::EVERY))
     }

@@ -52,6 +52,7 @@ pub struct RunningNode {
 /// Opens the store and binds the listeners, then starts the workers and
 /// serves; errors here are the operator's to fix (exit code 1).
 pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<RunningNode> {
+    config.validate_serving()?;
     let tokens = config.load_tokens()?;
     let dir = &config.node.data_dir;
     std::fs::create_dir_all(dir)
@@ -59,6 +60,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     let path = config.store_path();
     let options = StoreOptions {
         cache_bytes: config.store.cache_mb * 1024 * 1024,
+        dead_letter_max_count: config.store.dead_letter_max_count,
     };
     let store = Arc::new(Store::open(&path, &options)?);
     tracing::info!(path = %path.display(), "store open");
@@ -125,11 +127,6 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
             &stop,
             crate::resync::Scheduler::new(state.clone()),
         );
-    }
-    if let crate::config::SchoolFilter::All = config.school_filter() {
-        if !config.schools.all {
-            tracing::warn!("schools.ids is empty: serving every school (set schools.ids, or schools.all = true to silence this)");
-        }
     }
 
     // The watchdog probes /health/live wherever it is served.
@@ -236,7 +233,11 @@ pub async fn serve(
     clock: Arc<dyn Clock>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let node = start(config, clock).await?;
+    run(start(config, clock).await?, shutdown).await
+}
+
+/// [`serve`] for a node already started.
+pub async fn run(node: RunningNode, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let died = tokio::select! {
         _ = shutdown => None,
         e = node.died() => Some(e),

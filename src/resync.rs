@@ -19,7 +19,10 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::{Config, SchoolFilter};
-use crate::domain::{format_timestamp, SchoolSnapshot, SnapshotReader, SyncSource, Timestamp};
+use crate::domain::snapshot::MAX_LINE_BYTES;
+use crate::domain::{
+    format_timestamp, FutureSkew, SchoolSnapshot, SnapshotReader, SyncSource, Timestamp,
+};
 use crate::state::NodeState;
 use crate::status::ResyncOutcome;
 use crate::store::{ReconcileReport, Store};
@@ -128,13 +131,16 @@ fn client_with(
     Ok(builder.build()?)
 }
 
-/// Fetches and validates one school's snapshot; nothing is applied.
+/// Fetches and validates one school's snapshot; nothing is applied. A
+/// record stamped more than `max_future_skew` after the snapshot's `asOf`
+/// fails it (contract §2, "Time").
 pub async fn fetch(
     client: &reqwest::Client,
     base: &str,
     school: Uuid,
+    max_future_skew: FutureSkew,
 ) -> anyhow::Result<SchoolSnapshot> {
-    fetch_counted(client, base, school, |_| {}).await
+    fetch_counted(client, base, school, max_future_skew, |_| {}).await
 }
 
 /// [`fetch`], telling `received` the size of each chunk of the answer as
@@ -145,6 +151,7 @@ pub async fn fetch_counted(
     client: &reqwest::Client,
     base: &str,
     school: Uuid,
+    max_future_skew: FutureSkew,
     mut received: impl FnMut(usize),
 ) -> anyhow::Result<SchoolSnapshot> {
     let url = format!(
@@ -163,7 +170,7 @@ pub async fn fetch_counted(
     );
     let mut decoder =
         Decoder::for_response(&response).map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
-    let mut reader = SnapshotReader::new();
+    let mut reader = SnapshotReader::with_max_future_skew(max_future_skew);
     let mut found: Option<Result<SchoolSnapshot, _>> = None;
     let mut pending = Vec::new();
     let mut body = response.bytes_stream();
@@ -176,8 +183,9 @@ pub async fn fetch_counted(
             }
         }
         anyhow::ensure!(
-            pending.len() <= crate::domain::event::MAX_EVENT_BYTES,
-            "{url}: line too long"
+            pending.len() <= MAX_LINE_BYTES,
+            "{url}: line {} is longer than {MAX_LINE_BYTES} bytes",
+            reader.lines() + 1
         );
         Ok(())
     };
@@ -275,6 +283,7 @@ pub async fn run(
     client: &reqwest::Client,
     base: &str,
     schools: Vec<Uuid>,
+    max_future_skew: FutureSkew,
     now: impl Fn() -> Timestamp,
     dry_run: bool,
 ) -> RunReport {
@@ -283,7 +292,7 @@ pub async fn run(
     let now = &now;
     let outcomes = futures::stream::iter(schools)
         .map(|school| async move {
-            let result = match fetch(client, base, school).await {
+            let result = match fetch(client, base, school, max_future_skew).await {
                 Ok(snapshot) => {
                     let store = store.clone();
                     let t = now();
@@ -342,6 +351,7 @@ pub async fn run_for_node(
         &client,
         &base,
         schools,
+        state.config.max_future_skew(),
         || clock.now(),
         dry_run,
     )
@@ -396,12 +406,7 @@ pub async fn run_for_node(
             ok,
             detail: report.summary(),
         };
-        state.sync.update(|s| {
-            if ok {
-                s.first_sync_done = true;
-            }
-            s.last_resync = Some(outcome);
-        });
+        record(state, outcome).await;
     }
     tracing::info!(dry_run, summary = %report.summary(), ms = report.duration_ms, "resync run finished");
     Ok(report)
@@ -414,6 +419,15 @@ pub fn changed_schools(outcomes: &[SchoolOutcome]) -> impl Iterator<Item = (Uuid
         .iter()
         .filter_map(|o| o.report.as_ref())
         .map(|r| (r.school_id, r.applied + r.deleted))
+}
+
+/// Records a run's outcome in status and in the store (a restart shows it),
+/// on the blocking pool: the store write may wait for the writer.
+async fn record(state: &NodeState, outcome: ResyncOutcome) {
+    let state = state.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || state.record_resync(outcome)).await {
+        tracing::error!(error = %e, "recording the resync outcome failed");
+    }
 }
 
 /// The worker that schedules resync runs: every `resync.interval_secs`
@@ -478,15 +492,12 @@ impl Worker for Scheduler {
             }
             Ok(report) => anyhow::bail!("resync incomplete: {}", report.summary()),
             Err(e) => {
-                let detail = format!("{e:#}");
-                let at = state.clock.now();
-                state.sync.update(|s| {
-                    s.last_resync = Some(ResyncOutcome {
-                        at,
-                        ok: false,
-                        detail,
-                    })
-                });
+                let outcome = ResyncOutcome {
+                    at: state.clock.now(),
+                    ok: false,
+                    detail: format!("{e:#}"),
+                };
+                record(state, outcome).await;
                 Err(e.context("resync not possible"))
             }
         }
@@ -506,16 +517,24 @@ impl Worker for Scheduler {
 /// Imports a snapshot file (several schools concatenated) into the store:
 /// all or nothing per school. Validated schools are committed together, up
 /// to [`IMPORT_BATCH_RECORDS`] records a transaction, which writes far fewer
-/// pages than one transaction per school; a bad school is rejected before
-/// any of it is written. `progress` is told the lines read so far.
+/// pages than one transaction per school; a bad school (a bad line, a wrong
+/// count, a record stamped more than `max_future_skew` after its `asOf`) is
+/// rejected before any of it is written. `progress` is told the lines read
+/// so far.
+///
+/// A line longer than [`MAX_LINE_BYTES`] stops the import with an error
+/// naming it, after reading at most that much of it: a file that is not a
+/// snapshot (one 1 GiB line, say) fails fast, in bounded memory. Schools
+/// committed before stay; the ones read since the last commit do not.
 pub fn import(
     store: &Store,
     filter: &SchoolFilter,
-    input: impl BufRead,
+    max_future_skew: FutureSkew,
+    mut input: impl BufRead,
     now: Timestamp,
     mut progress: impl FnMut(u64),
 ) -> anyhow::Result<Vec<SchoolOutcome>> {
-    let mut reader = SnapshotReader::new();
+    let mut reader = SnapshotReader::with_max_future_skew(max_future_skew);
     let mut outcomes = Vec::new();
     let mut pending: Vec<SchoolSnapshot> = Vec::new();
     let mut pending_records = 0;
@@ -530,8 +549,8 @@ pub fn import(
         }));
         Ok(())
     };
-    for line in input.split(b'\n') {
-        let line = line?;
+    let mut line = Vec::new();
+    while read_line(&mut input, &mut line, reader.lines() + 1)? {
         match reader.feed(&line) {
             Some(Ok(snapshot)) if !filter.serves(snapshot.school_id) => {
                 outcomes.push(SchoolOutcome {
@@ -569,6 +588,26 @@ pub fn import(
         });
     }
     Ok(outcomes)
+}
+
+/// Reads the next line of `input` into `line`, without its `\n`, reading at
+/// most [`MAX_LINE_BYTES`] of it; false at the end of the input. A longer
+/// line (line `number`) is an error.
+fn read_line<R: BufRead>(input: &mut R, line: &mut Vec<u8>, number: u64) -> anyhow::Result<bool> {
+    line.clear();
+    let cap = MAX_LINE_BYTES as u64 + 1;
+    if std::io::Read::take(&mut *input, cap).read_until(b'\n', line)? == 0 {
+        return Ok(false);
+    }
+    if line.last() == Some(&b'\n') {
+        line.pop();
+    } else if line.len() > MAX_LINE_BYTES {
+        anyhow::bail!(
+            "line {number} is longer than {MAX_LINE_BYTES} bytes (the most a snapshot line may \
+             hold): not a snapshot file? The import stopped there; nothing after it was read"
+        );
+    }
+    Ok(true)
 }
 
 /// Writes the snapshots of `schools` to `out`, concatenated; returns the

@@ -44,8 +44,11 @@ pub struct SyncSnapshot {
     /// The first catch-up (to the high watermarks seen at start) or the
     /// first resync finished.
     pub first_sync_done: bool,
+    /// Also kept in the store (`NodeState::record_resync`), and read back
+    /// at start.
     pub last_resync: Option<ResyncOutcome>,
-    /// When and where consumption last fell off the retained log.
+    /// When and where consumption last fell off the retained log; also kept
+    /// in the store (`NodeState::record_offset_out_of_range`).
     pub offset_out_of_range: Option<(Timestamp, String)>,
     /// A follower's contact with its parent; `None` unless `upstream.url`
     /// is set.
@@ -104,7 +107,7 @@ impl SyncSnapshot {
     /// consumer whose next offset is `next` (`None`: watermark unknown).
     pub fn lag(&self, topic: &str, partition: i32, next: i64) -> Option<i64> {
         let hw = self.high_watermarks.get(&(topic.to_owned(), partition))?;
-        Some((hw - next).max(0))
+        Some(hw.saturating_sub(next).max(0))
     }
 
     /// Whether the node cannot currently vouch that its data is fresh: the
@@ -118,7 +121,8 @@ impl SyncSnapshot {
         upstream_stale_after: i64,
         resync_window: i64,
     ) -> bool {
-        let recent = |t: Option<Timestamp>, window: i64| t.is_some_and(|t| now - t <= window);
+        let recent =
+            |t: Option<Timestamp>, window: i64| t.is_some_and(|t| now.saturating_sub(t) <= window);
         if let Some(upstream) = &self.upstream {
             !recent(upstream.last_page_at, upstream_stale_after)
         } else if self.kafka_configured {
@@ -479,6 +483,21 @@ mod tests {
         }
         assert_eq!(a.lock().minutes.len(), ACTIVITY_MINUTES);
         assert_eq!(a.per_minute(t + 299 * MINUTE), vec![1; ACTIVITY_MINUTES]);
+    }
+
+    /// Saturating: a contact "in 1677" seen "in 2262" (a clock set to the
+    /// ends of the range) overflows a plain subtraction in debug builds.
+    #[test]
+    fn staleness_and_lag_saturate_at_the_ends_of_the_range() {
+        let s = SyncSnapshot {
+            kafka_configured: true,
+            kafka_contact_at: Some(i64::MIN),
+            high_watermarks: [(("t".to_owned(), 0), i64::MAX)].into(),
+            ..SyncSnapshot::default()
+        };
+        assert!(s.is_stale(i64::MAX, 10, 0, 0));
+        assert_eq!(s.lag("t", 0, i64::MIN), Some(i64::MAX));
+        assert_eq!(s.lag("t", 0, i64::MAX), Some(0));
     }
 
     #[test]

@@ -239,11 +239,13 @@ async fn admin_import(
     let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
     let store = s.store.clone();
     let filter = s.config.school_filter();
+    let skew = s.config.max_future_skew();
     let now = s.clock.now();
     let outcomes = tokio::task::spawn_blocking(move || {
         crate::resync::import(
             &store,
             &filter,
+            skew,
             std::io::BufReader::with_capacity(1 << 20, reader),
             now,
             |_| {},

@@ -373,6 +373,25 @@ impl Collector for NodeCollector {
             let labels = vec![("outcome".to_string(), outcome.to_string())];
             ConstCounter::new(n).encode(events.encode_family(&labels)?)?;
         }
+        let stored = |name: &str| stats.counters.get(name).copied().unwrap_or(0);
+        ConstCounter::new(stored(counter::DEAD_LETTERS_DROPPED)).encode(
+            encoder.encode_descriptor(
+                "dead_letters_dropped",
+                "Dead letters dropped by their retention (store.dead_letter_max_count, \
+                 store.dead_letter_retention), oldest first (persisted)",
+                None,
+                MetricType::Counter,
+            )?,
+        )?;
+        ConstCounter::new(stored(counter::OFFSET_OUT_OF_RANGE)).encode(
+            encoder.encode_descriptor(
+                "offset_out_of_range",
+                "Partitions found reading outside what Kafka still holds (events lost to \
+                 retention, or the topic recreated); each requested a resync (persisted)",
+                None,
+                MetricType::Counter,
+            )?,
+        )?;
 
         if state.upstream.is_some() {
             let mut changes = encoder.encode_descriptor(
@@ -447,7 +466,10 @@ impl Collector for NodeCollector {
         let since = state
             .partition_last_event
             .iter()
-            .map(|((t, p), at)| (partition(t, *p), (now - at).max(0) as f64 / 1e9))
+            .map(|((t, p), at)| {
+                let seconds = crate::domain::seconds_between(*at, now);
+                (partition(t, *p), seconds)
+            })
             .collect();
         gauge(
             &mut encoder,

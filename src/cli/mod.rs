@@ -326,6 +326,7 @@ fn open_store(config: &Config) -> anyhow::Result<Arc<Store>> {
     std::fs::create_dir_all(&config.node.data_dir)?;
     let options = StoreOptions {
         cache_bytes: config.store.cache_mb << 20,
+        dead_letter_max_count: config.store.dead_letter_max_count,
     };
     Ok(Arc::new(Store::open(&path, &options)?))
 }

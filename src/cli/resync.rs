@@ -41,6 +41,7 @@ pub(super) fn resync(
                     &client,
                     &base,
                     schools,
+                    config.max_future_skew(),
                     || SystemClock.now(),
                     dry_run,
                 )

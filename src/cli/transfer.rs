@@ -115,6 +115,7 @@ pub(super) fn import(config: &Config, file: &Path) -> anyhow::Result<bool> {
             let outcomes = crate::resync::import(
                 &store,
                 &config.school_filter(),
+                config.max_future_skew(),
                 std::io::BufReader::with_capacity(1 << 20, counted),
                 SystemClock.now(),
                 |_| {},

@@ -103,6 +103,12 @@ pub enum StoreError {
     Unavailable(String),
     #[error("store data is corrupt: {0}")]
     Corrupt(String),
+    /// Change `index` of a batch cannot be applied however often it is
+    /// tried (what is stored for its entity does not decode). Nothing of
+    /// the batch was written, and the store is not degraded by it: the
+    /// caller quarantines that change and applies the rest.
+    #[error("change {index} of the batch cannot be applied: {reason}")]
+    Refused { index: usize, reason: String },
     #[error("store I/O failed: {0}")]
     Db(#[from] redb::Error),
     /// The failure [`Store::fail_next_commit`] asks for.
@@ -207,17 +213,33 @@ impl DeadLetter {
     }
 }
 
+/// Something the node remembers across restarts (kept in `meta`): when it
+/// happened (the node's clock), whether it went well, and what it was.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Note {
+    pub at: Timestamp,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// Dead letters kept at most, by default (`store.dead_letter_max_count`).
+pub const DEAD_LETTER_MAX_COUNT: u64 = 100_000;
+
 /// Options for opening a store.
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
     /// redb page cache in bytes.
     pub cache_bytes: usize,
+    /// Dead letters kept at most: a batch that adds some drops the oldest
+    /// beyond this, in the same transaction.
+    pub dead_letter_max_count: u64,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
             cache_bytes: 64 * 1024 * 1024,
+            dead_letter_max_count: DEAD_LETTER_MAX_COUNT,
         }
     }
 }
@@ -253,6 +275,8 @@ pub struct Store {
     health: Mutex<StoreHealth>,
     /// The last change-log position committed (see [`Store::subscribe`]).
     committed: tokio::sync::watch::Sender<u64>,
+    /// [`StoreOptions::dead_letter_max_count`].
+    dead_letter_max_count: u64,
     #[cfg(feature = "fault-injection")]
     fail_next_commit: AtomicBool,
 }
@@ -264,6 +288,9 @@ impl Store {
         Store {
             slot: Mutex::new(reopen::Slot::holding(db)),
             reopened: Condvar::new(),
+            dead_letter_max_count: file
+                .as_ref()
+                .map_or(DEAD_LETTER_MAX_COUNT, |(_, o)| o.dead_letter_max_count),
             file,
             health: Mutex::new(StoreHealth::default()),
             committed: tokio::sync::watch::channel(head).0,

@@ -21,10 +21,10 @@ use uuid::Uuid;
 use super::reopen::REOPEN_WAIT;
 use super::schema::{
     decode, decode_watermark, entity_table, school_index, Id, ASSIGNMENT_BY_TEACHER, CLASSES,
-    COUNTERS, DEAD_LETTERS, META, META_WATERMARK, OFFSETS, PENDING_DOCS, TEACHERS, TEACHER_DOCS,
-    TOMBSTONES,
+    COUNTERS, DEAD_LETTERS, META, META_LAST_RESYNC, META_OFFSET_OUT_OF_RANGE, META_WATERMARK,
+    OFFSETS, PENDING_DOCS, TEACHERS, TEACHER_DOCS, TOMBSTONES,
 };
-use super::{DeadLetter, PartitionOffset, Result, Store, StoreError};
+use super::{DeadLetter, Note, PartitionOffset, Result, Store, StoreError};
 use crate::domain::{
     assemble_teacher_detail, Class, ClassLookup, Entity, EntityKind, OrderKey, Record,
     SchoolFilter, Teacher, TeacherDetail, Timestamp, Tombstone,
@@ -435,6 +435,22 @@ impl Reader {
         let meta = self.txn.open_table(META)?;
         let v = meta.get(META_WATERMARK)?;
         Ok(v.and_then(|v| decode_watermark(v.value())))
+    }
+
+    /// The last resync run's outcome, if one was recorded.
+    pub fn last_resync(&self) -> Result<Option<Note>> {
+        self.note(META_LAST_RESYNC)
+    }
+
+    /// The last time a stored offset fell outside its partition, if ever.
+    pub fn offset_out_of_range(&self) -> Result<Option<Note>> {
+        self.note(META_OFFSET_OUT_OF_RANGE)
+    }
+
+    fn note(&self, key: &str) -> Result<Option<Note>> {
+        let meta = self.txn.open_table(META)?;
+        let v = meta.get(key)?;
+        v.map(|v| decode(v.value())).transpose()
     }
 
     pub fn offsets(&self) -> Result<Vec<PartitionOffset>> {

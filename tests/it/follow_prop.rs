@@ -103,7 +103,12 @@ fn poll(parent: &Store, follower: &Store, limit: usize, crash: bool) -> bool {
     let page = render_page(&parent.read().unwrap(), &schools(), after.as_ref(), limit);
     match page {
         Ok(page) => {
-            let page = parse_page(&page.body, after.as_ref(), HOUR).unwrap();
+            let page = parse_page(
+                &page.body,
+                after.as_ref(),
+                emis_edge::domain::FutureSkew::DEFAULT,
+            )
+            .unwrap();
             if crash {
                 follower.fail_next_commit();
             }
@@ -233,7 +238,7 @@ fn the_property_fails_for_a_follower_that_skips_a_page() {
         )
         .unwrap();
     let page = render_page(&parent.read().unwrap(), &schools(), None, 10).unwrap();
-    let page = parse_page(&page.body, None, HOUR).unwrap();
+    let page = parse_page(&page.body, None, emis_edge::domain::FutureSkew::DEFAULT).unwrap();
     let filter = SchoolFilter::Only(schools().into_iter().collect());
     // The cursor without the lines.
     f.apply_feed_page(&[], &page.cursor, &filter, T0).unwrap();

@@ -445,6 +445,7 @@ async fn a_parent_rebuilt_from_an_import_makes_the_follower_reconcile_and_conver
     emis_edge::resync::import(
         &new.node.state.store,
         &emis_edge::domain::SchoolFilter::All,
+        emis_edge::domain::FutureSkew::DEFAULT,
         file.as_slice(),
         new.clock.now_value(),
         |_| {},
