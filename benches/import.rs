@@ -36,7 +36,9 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(64usize);
-    let p = Province::new(Spec::scale(&scale, 1).expect("EMIS_BENCH_SCALE: tiny, demo, province, national"));
+    let p = Province::new(
+        Spec::scale(&scale, 1).expect("EMIS_BENCH_SCALE: tiny, demo, province, national"),
+    );
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("province.ndjson");
     let started = Instant::now();
@@ -57,6 +59,7 @@ fn main() {
         &dir.path().join("s.redb"),
         &StoreOptions {
             cache_bytes: cache_mb << 20,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -66,6 +69,7 @@ fn main() {
     let outcomes = emis_edge::resync::import(
         &store,
         &emis_edge::config::SchoolFilter::All,
+        emis_edge::domain::FutureSkew::DEFAULT,
         input,
         T_BASE,
         |_| {},

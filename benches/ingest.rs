@@ -148,6 +148,7 @@ fn main() {
     config.node.data_dir = dir.path().to_owned();
     config.http.listen = "127.0.0.1:0".parse().unwrap();
     config.kafka.brokers = brokers.clone();
+    config.schools.all = true;
     for (key, var) in [("fetch.wait.max.ms", "EMIS_BENCH_FETCH_WAIT_MS")] {
         if let Ok(v) = std::env::var(var) {
             config.kafka.properties.insert(key.into(), v);

@@ -43,7 +43,7 @@ fn main() {
         config.clone(),
         Arc::new(emis_edge::clock::SystemClock),
     );
-    let state = ApiState::new(node, Vec::new());
+    let state = ApiState::new(node, Vec::new(), Default::default());
     // A JSON object of exactly `bytes` bytes.
     let pad = bytes.saturating_sub(r#"{"pad":""}"#.len());
     let body = bytes::Bytes::from(format!(r#"{{"pad":"{}"}}"#, "x".repeat(pad)));

@@ -21,9 +21,9 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use emis_edge::domain::{SchoolSnapshot, SyncSource};
 use emis_edge::gen::{Province, Spec, T_BASE};
 use emis_edge::store::{Store, StoreOptions};
-use redb::{Database, ReadableDatabase, TableDefinition};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use redb::{Database, ReadableDatabase, TableDefinition};
 use uuid::Uuid;
 
 fn build(dir: &std::path::Path, p: &Province, cache_mb: usize) -> Store {
@@ -31,6 +31,7 @@ fn build(dir: &std::path::Path, p: &Province, cache_mb: usize) -> Store {
         &dir.join("bench.redb"),
         &StoreOptions {
             cache_bytes: cache_mb << 20,
+            ..Default::default()
         },
     )
     .unwrap();

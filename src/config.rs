@@ -30,6 +30,8 @@ pub struct Config {
     pub node: NodeConfig,
     pub http: HttpConfig,
     pub kafka: KafkaConfig,
+    pub ingest: IngestConfig,
+    pub upstream: UpstreamConfig,
     pub schools: SchoolsConfig,
     pub resync: ResyncConfig,
     pub store: StoreConfig,
@@ -68,6 +70,11 @@ pub struct HttpConfig {
     /// The largest snapshot file `POST /api/admin/import` accepts (the only
     /// route that takes a request body).
     pub max_import_bytes: u64,
+    /// Change-feed requests (`GET /api/changes` with `wait`) held open at
+    /// once, waiting for a change; one more is answered `503`. Unset: half
+    /// of `max_connections`, so that held long-polls never take the
+    /// connections lookups need.
+    pub max_long_polls: Option<usize>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -87,6 +94,40 @@ pub struct KafkaConfig {
     pub batch_max_wait_ms: u64,
     /// `stale` in the sync status once the broker has been unreachable for
     /// this long.
+    pub stale_after_secs: u64,
+}
+
+/// What the node accepts of what it takes in (Kafka events, snapshot,
+/// import and feed lines).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// A change stamped more than this after a clock its source cannot
+    /// fake (the Kafka record's timestamp; a snapshot's or a feed page's
+    /// `asOf`) is refused (contract §2, "Time"), e.g. "1h", "15m".
+    #[serde(with = "humantime_serde")]
+    pub max_future_skew: Duration,
+}
+
+/// Following a parent node's change feed instead of Kafka (contract §6).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// The parent node's base URL; unset: the node does not follow one.
+    pub url: Option<String>,
+    /// Bearer token for the parent (its `http.token_file`): the first
+    /// token of this file is sent.
+    pub token_file: Option<PathBuf>,
+    /// How long the parent holds a request while nothing changed (0-60).
+    pub wait_secs: u64,
+    /// Changes per page (1-10000).
+    pub limit: usize,
+    /// The parent may take `wait_secs` plus this long to start answering,
+    /// and this long between two reads of an answer, before the request is
+    /// abandoned and retried.
+    pub read_timeout_secs: u64,
+    /// `stale` in the sync status once no page has come from the parent
+    /// for this long. More than `wait_secs`.
     pub stale_after_secs: u64,
 }
 
@@ -143,6 +184,11 @@ pub struct StoreConfig {
     /// the file system) when at least this share of it is free, 0.0–1.0;
     /// 1.0 never. Measuring it reads every page of the file once.
     pub compact_at_free_share: f64,
+    /// Dead letters kept at most; the oldest beyond go first.
+    pub dead_letter_max_count: u64,
+    /// Dead letters older than this are dropped (e.g. "30d").
+    #[serde(with = "humantime_serde")]
+    pub dead_letter_retention: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -173,6 +219,7 @@ impl Default for HttpConfig {
             max_connections: 1024,
             header_read_timeout_secs: 10,
             max_import_bytes: 16 << 30,
+            max_long_polls: None,
         }
     }
 }
@@ -190,6 +237,32 @@ impl Default for KafkaConfig {
         }
     }
 }
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            max_future_skew: crate::domain::FutureSkew::DEFAULT.as_duration(),
+        }
+    }
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            url: None,
+            token_file: None,
+            wait_secs: 30,
+            limit: 1000,
+            read_timeout_secs: 30,
+            stale_after_secs: 300,
+        }
+    }
+}
+
+/// The most schools a follower follows: their ids must fit in one
+/// `GET /api/changes` request head, which a node accepts up to 32 KiB
+/// (`school=<id>&` is 44 bytes).
+pub const MAX_FOLLOWED_SCHOOLS: usize = 500;
 
 impl Default for TopicsConfig {
     fn default() -> Self {
@@ -245,6 +318,9 @@ impl Default for StoreConfig {
             tombstone_retention: Duration::from_secs(30 * 86_400),
             cache_mb: 64,
             compact_at_free_share: 0.5,
+            // The store's own default (`store::DEAD_LETTER_MAX_COUNT`).
+            dead_letter_max_count: 100_000,
+            dead_letter_retention: Duration::from_secs(30 * 86_400),
         }
     }
 }
@@ -394,6 +470,18 @@ impl Config {
                 "must be between 1 and 3600",
             ));
         }
+        if let Some(n) = self.http.max_long_polls {
+            if n >= self.http.max_connections {
+                return Err(bad(
+                    "http.max_long_polls",
+                    format!(
+                        "{n} must be less than http.max_connections ({}): held long-polls must \
+                         leave connections for lookups",
+                        self.http.max_connections
+                    ),
+                ));
+            }
+        }
         if self.node.data_dir.as_os_str().is_empty() {
             return Err(bad("node.data_dir", "must not be empty"));
         }
@@ -456,6 +544,10 @@ impl Config {
                 Err(e) => return Err(bad("resync.central_url", format!("{url:?}: {e}"))),
             }
         }
+        self.validate_upstream()?;
+        if self.ingest.max_future_skew < Duration::from_secs(1) {
+            return Err(bad("ingest.max_future_skew", "must be at least 1s"));
+        }
         if self.resync.timeout_secs == 0 {
             return Err(bad("resync.timeout_secs", "must be at least 1"));
         }
@@ -474,6 +566,15 @@ impl Config {
                 "must be between 0.0 and 1.0 (1.0: never)",
             ));
         }
+        if !(1..=10_000_000).contains(&self.store.dead_letter_max_count) {
+            return Err(bad(
+                "store.dead_letter_max_count",
+                "must be between 1 and 10000000",
+            ));
+        }
+        if self.store.dead_letter_retention < Duration::from_secs(3600) {
+            return Err(bad("store.dead_letter_retention", "must be at least 1h"));
+        }
         if log_filter(&self.log.level).is_err() {
             return Err(bad(
                 "log.level",
@@ -481,6 +582,87 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// `[upstream]`: one live source per node, and named schools.
+    fn validate_upstream(&self) -> Result<(), ConfigError> {
+        let u = &self.upstream;
+        if !(0..=60).contains(&u.wait_secs) {
+            return Err(bad("upstream.wait_secs", "must be between 0 and 60"));
+        }
+        if !(1..=10_000).contains(&u.limit) {
+            return Err(bad("upstream.limit", "must be between 1 and 10000"));
+        }
+        if !(1..=3600).contains(&u.read_timeout_secs) {
+            return Err(bad(
+                "upstream.read_timeout_secs",
+                "must be between 1 and 3600",
+            ));
+        }
+        if u.stale_after_secs <= u.wait_secs {
+            return Err(bad(
+                "upstream.stale_after_secs",
+                format!(
+                    "must be more than upstream.wait_secs ({}): an idle parent answers once \
+                     per wait",
+                    u.wait_secs
+                ),
+            ));
+        }
+        let Some(url) = &u.url else {
+            return Ok(());
+        };
+        match reqwest::Url::parse(url) {
+            Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => {}
+            Ok(parsed) => {
+                return Err(bad(
+                    "upstream.url",
+                    format!("scheme {:?} is not http or https", parsed.scheme()),
+                ))
+            }
+            Err(e) => return Err(bad("upstream.url", format!("{url:?}: {e}"))),
+        }
+        if !self.kafka.brokers.trim().is_empty() {
+            return Err(bad(
+                "upstream.url",
+                "upstream.url and kafka.brokers are both set: a node has one live source, its \
+                 parent's change feed or Kafka; remove one of them",
+            ));
+        }
+        if self.schools.all || self.schools.ids.is_empty() {
+            return Err(bad(
+                "schools.ids",
+                "upstream.url needs the list of schools to follow (schools.all cannot be \
+                 followed: a parent's feed is asked for named schools)",
+            ));
+        }
+        if self.schools.ids.len() > MAX_FOLLOWED_SCHOOLS {
+            return Err(bad(
+                "schools.ids",
+                format!(
+                    "{} schools: a follower follows at most {MAX_FOLLOWED_SCHOOLS} (their ids \
+                     must fit in one request to the parent); split them over several nodes",
+                    self.schools.ids.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Long-poll requests held at once (see `http.max_long_polls`).
+    pub fn max_long_polls(&self) -> usize {
+        self.http
+            .max_long_polls
+            .unwrap_or(self.http.max_connections / 2)
+    }
+
+    /// The token sent to `upstream.url`, if `upstream.token_file` is set.
+    pub fn upstream_token(&self) -> anyhow::Result<Option<String>> {
+        Ok(
+            read_tokens("upstream.token_file", self.upstream.token_file.as_deref())?
+                .into_iter()
+                .next(),
+        )
     }
 
     /// The API tokens of `http.token_file` (empty when unset).
@@ -501,6 +683,11 @@ impl Config {
         self.node.data_dir.join(STORE_FILE)
     }
 
+    /// `ingest.max_future_skew`, as the domain checks it.
+    pub fn max_future_skew(&self) -> crate::domain::FutureSkew {
+        crate::domain::FutureSkew::from_duration(self.ingest.max_future_skew)
+    }
+
     pub fn group_id(&self) -> String {
         self.kafka
             .group_id
@@ -508,12 +695,35 @@ impl Config {
             .unwrap_or_else(|| format!("emis-edge-{}", self.node.id))
     }
 
+    /// The schools this node serves: every school with `schools.all`,
+    /// else exactly `schools.ids` (none when the list is empty: a node is
+    /// never told to serve everything by leaving a key out; `serve` and
+    /// `check-config` refuse that configuration, see
+    /// [`Config::validate_serving`]).
     pub fn school_filter(&self) -> SchoolFilter {
-        if self.schools.all || self.schools.ids.is_empty() {
+        if self.schools.all {
             SchoolFilter::All
         } else {
             SchoolFilter::Only(self.schools.ids.iter().copied().collect())
         }
+    }
+
+    /// What a node that runs (`serve`, and `check-config`, which checks
+    /// what `serve` would run with) needs beyond [`Config::validate`]: it
+    /// must be told which schools it serves. An empty `schools.ids`
+    /// without `schools.all = true` is refused rather than read as "every
+    /// school", which on a school server would download and store the
+    /// whole country. (The offline commands accept it: `status` must work
+    /// on any configuration, and `import` then imports no school.)
+    pub fn validate_serving(&self) -> Result<(), ConfigError> {
+        if !self.schools.all && self.schools.ids.is_empty() {
+            return Err(bad(
+                "schools.ids",
+                "is empty: list the schools this node serves, or set `schools.all = true` \
+                 to serve every school (a provincial or national node)",
+            ));
+        }
+        Ok(())
     }
 
     /// The effective configuration as TOML, secrets replaced by `"<redacted>"`.

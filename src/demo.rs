@@ -7,8 +7,11 @@
 //! protocol, runs the *real* node (the same `node::start` as `serve`)
 //! against it, prints `curl` commands with real ids, and keeps publishing a
 //! trickle of updates, deletes and a few malformed events so that the
-//! status, the metrics and the dead-letter list move. Nothing here is used
-//! by `serve`.
+//! status, the metrics and the dead-letter list move. With `--followers N`
+//! it also starts N school nodes (in-process, each on its own port with its
+//! own temporary store) that follow the provincial node's change feed for
+//! one school each, as the deployment tree does (contract §6). Nothing
+//! here is used by `serve`.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -36,6 +39,8 @@ pub struct Options {
     pub rate: u32,
     /// Of every thousand trickled events, how many are malformed.
     pub malformed_per_mille: u32,
+    /// School nodes following the provincial node, one school each.
+    pub followers: u32,
 }
 
 /// Runs the demo until `shutdown` resolves.
@@ -137,17 +142,77 @@ async fn run_in(
         _ = &mut shutdown => false,
         loaded = wait_for_first_sync(&node.state) => loaded,
     };
+    let mut followers = Vec::new();
+    let mut started = Ok(());
     if loaded {
-        print_hints(&province, node.addr, &config_path);
+        started = start_followers(
+            options,
+            &province,
+            node.addr,
+            &dir,
+            clock.clone(),
+            &mut followers,
+        )
+        .await;
+    }
+    if loaded && started.is_ok() {
+        let first = followers.first().map(|f| (f.addr, followers.len()));
+        print_hints(&province, node.addr, &config_path, first);
         trickle(options, province, &publisher, clock.as_ref(), shutdown).await;
     }
     tracing::info!("DEMO: stopping");
+    for follower in followers {
+        if let Err(e) = follower.stop().await {
+            tracing::warn!(error = %format!("{e:#}"), "DEMO: a school node did not stop cleanly");
+        }
+    }
     node.stop().await?;
+    started?;
     if let Some((name, why)) = workers.dead() {
         anyhow::bail!("the {name} worker died ({why})");
     }
     drop(publisher);
     drop(cluster);
+    Ok(())
+}
+
+/// Starts `options.followers` school nodes, the i-th following school i
+/// of the provincial node at `parent`, and waits until each has caught
+/// up. Their stores live under `dir/school-<i>`.
+async fn start_followers(
+    options: &Options,
+    province: &Province,
+    parent: SocketAddr,
+    dir: &std::path::Path,
+    clock: Arc<dyn Clock>,
+    followers: &mut Vec<crate::node::RunningNode>,
+) -> anyhow::Result<()> {
+    let count = options.followers.min(province.spec.schools);
+    if count < options.followers {
+        tracing::warn!(
+            followers = count,
+            "DEMO: one school node per school; the province has only that many schools"
+        );
+    }
+    for i in 0..count {
+        let mut config = Config::default();
+        config.node.id = format!("demo-school-{i}");
+        config.node.data_dir = dir.join(format!("school-{i}"));
+        config.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.upstream.url = Some(format!("http://{}", crate::config::reachable(parent)));
+        config.schools.ids = vec![province.school_id(i)];
+        config.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+        followers.push(crate::node::start(config, clock.clone()).await?);
+    }
+    for f in followers.iter() {
+        wait_for_first_sync(&f.state).await;
+    }
+    if count > 0 {
+        tracing::info!(
+            followers = count,
+            "DEMO: school nodes follow the provincial node"
+        );
+    }
     Ok(())
 }
 
@@ -198,7 +263,28 @@ async fn trickle(
     }
 }
 
-fn print_hints(province: &Province, addr: SocketAddr, config: &std::path::Path) {
+fn print_follower_hints(province: &Province, addr: SocketAddr, count: usize) {
+    let base = format!("http://{}", crate::config::reachable(addr));
+    let teacher = province.teacher(0, 0);
+    println!(
+        "\n{count} school node(s) follow the provincial node's change feed, one school each.\n\
+         The first serves school {} on {base}:\n",
+        province.school_id(0)
+    );
+    println!(
+        "  curl -s {base}/api/teachers/{}\n      # {}: the same answer, from the school node",
+        teacher.teacher_id, teacher.full_name
+    );
+    println!("  curl -s {base}/api/sync/status\n      # its `upstream`: cursor, caught up");
+}
+
+/// The banner; `follower` is the first school node and how many there are.
+fn print_hints(
+    province: &Province,
+    addr: SocketAddr,
+    config: &std::path::Path,
+    follower: Option<(SocketAddr, usize)>,
+) {
     let base = format!("http://{}", crate::config::reachable(addr));
     let teacher = province.teacher(0, 0);
     let school = province.school_id(0);
@@ -252,6 +338,9 @@ fn print_hints(province: &Province, addr: SocketAddr, config: &std::path::Path) 
     );
     for (command, what) in curl {
         println!("  {command}\n      # {what}");
+    }
+    if let Some((addr, count)) = follower {
+        print_follower_hints(province, addr, count);
     }
     println!("\nUpdates, deletes and a few malformed events keep arriving. Ctrl-C stops the demo.\n{rule}");
 }

@@ -459,7 +459,11 @@ impl Trickle {
 
     fn next_key(&mut self, delete: bool) -> OrderKey {
         self.version += 1;
-        self.timestamp += 1_000_000; // 1 ms apart
+        // 1 µs apart: at any rate up to a million changes a second the
+        // timestamps stay behind the clock of the publisher, which stamps
+        // the Kafka records, so the node never refuses them as stamped in
+        // the future (`ingest.max_future_skew`).
+        self.timestamp += 1_000;
         let n = self.version;
         OrderKey {
             version: Some(self.version),

@@ -9,6 +9,11 @@
 //! source of truth for where to resume. Offsets are committed to Kafka only
 //! afterwards and only so that standard tooling shows the node's lag.
 //!
+//! An event stamped more than `ingest.max_future_skew` after its Kafka
+//! record's own timestamp is dead-lettered (contract §2, "Time"): the
+//! record's timestamp is set by the producer or the broker, never by this
+//! server, whose clock may be wrong by days.
+//!
 //! The worker never stops on bad input (dead letters) or on an unreachable
 //! broker (librdkafka reconnects; status reports it). A failing store write
 //! fails the step: the worker backs off and applies the same batch again,
@@ -29,9 +34,9 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::SchoolFilter;
-use crate::domain::{Event, EventType, SyncSource, Timestamp};
+use crate::domain::{format_timestamp, Event, EventType, FutureSkew, SyncSource, Timestamp};
 use crate::state::NodeState;
-use crate::store::{Batch, DeadLetter, PartitionOffset};
+use crate::store::{Batch, DeadLetter, PartitionOffset, StoreError};
 use crate::worker::{Next, Worker};
 
 /// How often partition metadata is re-read to pick up new partitions and
@@ -94,6 +99,16 @@ impl ConsumerContext for IngestContext {}
 
 type IngestConsumer = BaseConsumer<IngestContext>;
 
+/// What [`Reader::handle`] needs of one polled Kafka record.
+struct Record<'m> {
+    topic: &'m str,
+    partition: i32,
+    offset: i64,
+    payload: Option<&'m [u8]>,
+    /// The record's own timestamp (producer or broker), ms since the epoch.
+    timestamp_ms: Option<i64>,
+}
+
 /// The Kafka ingest worker (see the module header).
 pub struct Ingest {
     state: NodeState,
@@ -142,6 +157,7 @@ struct Reader {
     consumer: IngestConsumer,
     topics: HashMap<String, EventType>,
     filter: SchoolFilter,
+    max_future_skew: FutureSkew,
     /// Partitions being read: (topic, partition) → next offset.
     assigned: BTreeMap<(String, i32), i64>,
     /// The high watermarks seen at start; readiness waits for them.
@@ -150,6 +166,17 @@ struct Reader {
     refreshed: Option<Instant>,
     /// A batch whose commit failed: applied again before anything new is read.
     pending: Option<Batch>,
+    /// The partition and offset of each change of the batch in flight (in
+    /// `Batch::changes` order), for the dead letter of a change the store
+    /// refuses.
+    origins: Vec<(i32, i64)>,
+    /// librdkafka reported a partition's position outside its log and
+    /// stopped fetching it: every partition is checked and assigned again
+    /// once the batch in hand is committed.
+    reposition: bool,
+    /// The test hook `Faults::pause_ingest` has paused fetching.
+    #[cfg(feature = "fault-injection")]
+    paused: bool,
     max_messages: usize,
     max_wait: Duration,
 }
@@ -164,7 +191,11 @@ impl Reader {
             .set("client.id", format!("emis-edge-{}", config.node.id))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
+            // A position outside the log is reported, not silently moved
+            // (`earliest` would skip the lost events with no trace): the
+            // worker counts it, records it, requests a resync and moves
+            // the partition itself (`Reader::reposition`).
+            .set("auto.offset.reset", "error")
             .set("enable.partition.eof", "false")
             .set("statistics.interval.ms", "1000")
             .set("topic.metadata.refresh.interval.ms", "60000")
@@ -197,6 +228,7 @@ impl Reader {
             .collect();
         Ok(Reader {
             filter: config.school_filter(),
+            max_future_skew: config.max_future_skew(),
             max_messages: config.kafka.batch_max_messages,
             max_wait: Duration::from_millis(config.kafka.batch_max_wait_ms),
             state,
@@ -206,12 +238,18 @@ impl Reader {
             catch_up: None,
             refreshed: None,
             pending: None,
+            origins: Vec::new(),
+            reposition: false,
+            #[cfg(feature = "fault-injection")]
+            paused: false,
         })
     }
 
     /// One round: (re)read partition metadata when due, collect a batch (or
     /// take the one whose commit failed) and commit it.
     fn step(&mut self, stop: &CancellationToken) -> anyhow::Result<Next> {
+        #[cfg(feature = "fault-injection")]
+        self.injected_faults()?;
         match self.refreshed {
             None => {
                 if let Err(e) = self.assign() {
@@ -238,8 +276,86 @@ impl Reader {
         if !batch.offsets.is_empty() {
             self.apply(batch)?;
         }
+        if self.reposition {
+            self.reposition()?;
+            self.reposition = false;
+        }
         self.check_caught_up();
         Ok(Next::Busy)
+    }
+
+    /// The test hooks of `NodeState::faults`.
+    #[cfg(feature = "fault-injection")]
+    fn injected_faults(&mut self) -> anyhow::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let faults = &self.state.faults;
+        if faults.panic_ingest.swap(false, SeqCst) {
+            panic!("injected panic in the ingest step (test hook)");
+        }
+        let pause = faults.pause_ingest.load(SeqCst);
+        if pause != self.paused && self.refreshed.is_some() {
+            let assignment = self.consumer.assignment()?;
+            if pause {
+                self.consumer.pause(&assignment)?;
+            } else {
+                self.consumer.resume(&assignment)?;
+            }
+            self.paused = pause;
+            faults.ingest_paused.store(pause, SeqCst);
+        }
+        Ok(())
+    }
+
+    /// After librdkafka reported a position outside a partition's log
+    /// (`auto.offset.reset=error`; it then stops fetching that partition):
+    /// each assigned partition's position is checked against the broker's
+    /// watermarks. One below the earliest offset lost events to retention
+    /// while the node ran; one above the latest belongs to a recreated
+    /// topic. Either is recorded (`out_of_range`: counted, kept in the
+    /// store, a resync requested) and read from its earliest offset. Every
+    /// partition is then assigned again at its position, so that none
+    /// stays stopped. Runs after the batch in hand is committed, so the
+    /// positions are the stored ones.
+    fn reposition(&mut self) -> anyhow::Result<()> {
+        let timeout = Duration::from_secs(5);
+        let mut tpl = TopicPartitionList::new();
+        let positions: Vec<((String, i32), i64)> =
+            self.assigned.iter().map(|(k, &v)| (k.clone(), v)).collect();
+        let mut moved = Vec::new();
+        for ((topic, partition), next) in positions {
+            let (low, high) = self.consumer.fetch_watermarks(&topic, partition, timeout)?;
+            let offset = if next < low {
+                self.out_of_range(
+                    &topic,
+                    partition,
+                    format!("stored {next} < earliest {low}"),
+                    "events were lost to retention while the node ran",
+                );
+                low
+            } else if next > high {
+                self.out_of_range(
+                    &topic,
+                    partition,
+                    format!("stored {next} > latest {high}"),
+                    "the topic was recreated or truncated",
+                );
+                low
+            } else {
+                next
+            };
+            if offset != next {
+                moved.push(((topic.clone(), partition), offset));
+            }
+            tpl.add_partition_offset(&topic, partition, Offset::Offset(offset))?;
+        }
+        self.consumer.incremental_unassign(&tpl)?;
+        self.consumer.incremental_assign(&tpl)?;
+        self.assigned.extend(moved);
+        tracing::info!(
+            partitions = tpl.count(),
+            "partitions assigned again after a position outside the log"
+        );
+        Ok(())
     }
 
     /// Assigns every partition of every configured topic not yet assigned,
@@ -353,17 +469,15 @@ impl Reader {
             offsets = %offsets,
             "offset out of range: {why}; reading from the earliest and requesting a resync"
         );
-        let now = self.state.clock.now();
-        self.state.sync.update(|s| {
-            s.offset_out_of_range = Some((now, format!("{topic}/{partition}: {offsets}")));
-        });
-        self.state.resync_wanted.notify_one();
+        self.state
+            .record_offset_out_of_range(format!("{topic}/{partition}: {offsets}"));
     }
 
     /// Polls until the batch is full, `max_wait` after its first message,
     /// or a stop.
     fn collect(&mut self, stop: &CancellationToken) -> Batch {
         let mut batch = Batch::default();
+        self.origins.clear();
         let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
         let mut count = 0;
         let mut deadline: Option<Instant> = None;
@@ -379,14 +493,30 @@ impl Reader {
                     let topic = m.topic();
                     let (partition, offset) = (m.partition(), m.offset());
                     next.insert((topic.to_owned(), partition), offset + 1);
-                    let letters = batch.dead_letters.len();
-                    self.handle(topic, partition, offset, m.payload(), now, &mut batch);
+                    let (letters, changes) = (batch.dead_letters.len(), batch.changes.len());
+                    let record = Record {
+                        topic,
+                        partition,
+                        offset,
+                        payload: m.payload(),
+                        timestamp_ms: m.timestamp().to_millis(),
+                    };
+                    self.handle(record, now, &mut batch);
+                    if batch.changes.len() > changes {
+                        self.origins.push((partition, offset));
+                    }
                     dead_bytes += batch.dead_letters[letters..]
                         .iter()
                         .map(|d| d.raw.len())
                         .sum::<usize>();
                 }
-                Some(Err(e)) => self.poll_error(&e, now),
+                // A position outside a log: commit what was read, then
+                // look at the positions.
+                Some(Err(e)) if self.poll_error(&e) => {
+                    self.reposition = true;
+                    break;
+                }
+                Some(Err(_)) => {}
                 None => {}
             }
             if dead_bytes >= BATCH_MAX_DEAD_LETTER_BYTES {
@@ -410,36 +540,35 @@ impl Reader {
         batch
     }
 
-    fn poll_error(&self, e: &KafkaError, now: Timestamp) {
+    /// Logs a consumer error; true when it says a position fell outside a
+    /// partition's log, which [`Reader::reposition`] handles.
+    fn poll_error(&self, e: &KafkaError) -> bool {
+        use rdkafka::types::RDKafkaErrorCode::{AutoOffsetReset, OffsetOutOfRange};
         tracing::warn!(error = %e, "poll error");
-        if matches!(
+        matches!(
             e.rdkafka_error_code(),
-            Some(rdkafka::types::RDKafkaErrorCode::OffsetOutOfRange)
-        ) {
-            self.state
-                .sync
-                .update(|s| s.offset_out_of_range = Some((now, e.to_string())));
-            self.state.resync_wanted.notify_one();
-        }
+            Some(AutoOffsetReset | OffsetOutOfRange)
+        )
     }
 
     /// Decodes one record into the batch: a change, a change of a school
     /// not served (the store removes what it moved away, or skips it) or a
     /// dead letter.
-    fn handle(
-        &self,
-        topic: &str,
-        partition: i32,
-        offset: i64,
-        payload: Option<&[u8]>,
-        now: Timestamp,
-        batch: &mut Batch,
-    ) {
+    fn handle(&self, record: Record<'_>, now: Timestamp, batch: &mut Batch) {
+        let Record {
+            topic,
+            partition,
+            offset,
+            payload,
+            timestamp_ms,
+        } = record;
         let raw = payload.unwrap_or_default();
         let parsed = match (self.topics.get(topic), payload) {
             (None, _) => Err(format!("topic {topic} is not configured")),
             (Some(_), None) => Err("null value (a Kafka tombstone; expected a JSON object)".into()),
-            (Some(&t), Some(raw)) => Event::parse(t, raw).map_err(|e| e.to_string()),
+            (Some(&t), Some(raw)) => Event::parse(t, raw)
+                .map_err(|e| e.to_string())
+                .and_then(|e| self.plausible(&e, timestamp_ms).map(|()| e)),
         };
         match parsed {
             Ok(e) if self.filter.serves(e.change.school_id()) => {
@@ -459,20 +588,52 @@ impl Reader {
         }
     }
 
+    /// Contract §2 "Time": the event's `timestamp` may lie at most
+    /// `ingest.max_future_skew` after its record's own timestamp. A record
+    /// without one (message format v0, Kafka before 0.10) cannot vouch for
+    /// the event, so it is refused too: accepting it unchecked is exactly
+    /// how one bad timestamp wins forever, and every Kafka since 0.10
+    /// stamps its records, so this refuses nothing on a current cluster and
+    /// says plainly why on an old one.
+    fn plausible(&self, event: &Event, record_ms: Option<i64>) -> Result<(), String> {
+        let stamped = event.key.timestamp;
+        let Some(ms) = record_ms else {
+            return Err(format!(
+                "field `timestamp`: {} cannot be checked against ingest.max_future_skew: the \
+                 Kafka record carries no timestamp of its own",
+                format_timestamp(stamped)
+            ));
+        };
+        self.max_future_skew
+            .check(
+                "timestamp",
+                stamped,
+                ms.saturating_mul(1_000_000),
+                "the Kafka record's timestamp",
+            )
+            .map_err(|e| e.to_string())
+    }
+
     /// Commits the batch. When the store fails, the batch is kept for the
     /// next step (the store records the failure — status `store`,
     /// readiness, metrics — and has reopened its file if it was an I/O
-    /// error) and the offsets do not move.
-    fn apply(&mut self, batch: Batch) -> anyhow::Result<()> {
+    /// error) and the offsets do not move. A change the store can never
+    /// apply is taken out as a dead letter and the rest committed at once.
+    fn apply(&mut self, mut batch: Batch) -> anyhow::Result<()> {
         let now = self.state.clock.now();
         let started = Instant::now();
-        let report = match self.state.store.apply_batch(&batch, now, SyncSource::Kafka) {
-            Ok(report) => report,
-            Err(e) => {
-                self.pending = Some(batch);
-                return Err(
-                    anyhow::Error::from(e).context("store write failed; offsets not advanced")
-                );
+        let report = loop {
+            match self.state.store.apply_batch(&batch, now, SyncSource::Kafka) {
+                Ok(report) => break report,
+                Err(StoreError::Refused { index, reason }) => {
+                    self.quarantine(&mut batch, index, reason, now)
+                }
+                Err(e) => {
+                    self.pending = Some(batch);
+                    return Err(
+                        anyhow::Error::from(e).context("store write failed; offsets not advanced")
+                    );
+                }
             }
         };
         tracing::debug!(
@@ -492,7 +653,7 @@ impl Reader {
         );
         let committed = self.state.clock.now();
         for (key, _) in &batch.changes {
-            let seconds = committed.saturating_sub(key.timestamp).max(0) as f64 / 1e9;
+            let seconds = crate::domain::seconds_between(key.timestamp, committed);
             self.state.metrics.sync_latency.observe(seconds);
         }
         self.state.sync.update(|s| {
@@ -516,6 +677,36 @@ impl Reader {
             tracing::debug!(error = %e, "offset commit to Kafka failed (lag display only)");
         }
         Ok(())
+    }
+
+    /// Takes change `index` out of the batch as a dead letter: the store
+    /// can never apply it (`StoreError::Refused`: what it holds for that
+    /// entity does not decode), and retrying the batch would stop its
+    /// partitions for good. Its payload is the event as parsed, written
+    /// again (the original bytes are not kept past parsing).
+    fn quarantine(&mut self, batch: &mut Batch, index: usize, reason: String, now: Timestamp) {
+        let (key, change) = batch.changes.remove(index);
+        let topic = batch.change_topics.remove(index);
+        let (partition, offset) = self.origins.remove(index);
+        let raw = self
+            .topics
+            .get(&topic)
+            .map_or_else(Vec::new, |&event_type| {
+                Event {
+                    event_type,
+                    key,
+                    change,
+                }
+                .to_json()
+            });
+        let reason = format!(
+            "the store cannot apply this change: {reason}; the payload shown is the event as \
+             parsed"
+        );
+        tracing::error!(topic, partition, offset, %reason, "event dead-lettered");
+        batch.dead_letters.push(DeadLetter::new(
+            &topic, partition, offset, &raw, reason, now,
+        ));
     }
 
     /// Per-topic outcomes, batch size and commit time, for /metrics.

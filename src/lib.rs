@@ -11,6 +11,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod domain;
+pub mod follower;
 pub mod gen;
 pub mod ingest;
 pub mod maintenance;

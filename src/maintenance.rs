@@ -1,11 +1,14 @@
-//! Store upkeep that no change waits for, as three workers: rendering the
+//! Store upkeep that no change waits for, as four workers: rendering the
 //! teacher documents that changes queued (so that a lookup is one read),
-//! purging tombstones past `store.tombstone_retention`, and measuring where
-//! the store file's bytes go (for status and metrics).
+//! purging tombstones past `store.tombstone_retention` and dead letters
+//! past `store.dead_letter_retention`, computing the per-school freshness
+//! that `/metrics` shows, and measuring where the store file's bytes go
+//! (for status and metrics).
 //!
-//! Neither is on the path of a change or a read: a queued teacher's
-//! document is assembled on the fly by a lookup meanwhile, and a tombstone
-//! kept longer harms nothing but space.
+//! None is on the path of a change or a read: a queued teacher's
+//! document is assembled on the fly by a lookup meanwhile, a tombstone
+//! kept longer harms nothing but space, and a scrape reads the freshness
+//! last computed.
 
 use std::time::Duration;
 
@@ -63,7 +66,9 @@ impl Worker for Renderer {
     }
 }
 
-/// Purges tombstones past `store.tombstone_retention`, hourly.
+/// Purges tombstones past `store.tombstone_retention` and dead letters past
+/// `store.dead_letter_retention` (or beyond `store.dead_letter_max_count`,
+/// after that limit was lowered), hourly.
 pub struct Purger {
     state: NodeState,
 }
@@ -82,12 +87,23 @@ impl Worker for Purger {
     }
 
     async fn step(&mut self, _stop: &CancellationToken) -> anyhow::Result<Next> {
-        let retention = i64::try_from(self.state.config.store.tombstone_retention.as_nanos())
-            .unwrap_or(i64::MAX);
+        let nanos = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
+        let config = &self.state.config.store;
+        let tombstones = nanos(config.tombstone_retention);
+        let letters = nanos(config.dead_letter_retention);
         let (store, now) = (self.state.store.clone(), self.state.clock.now());
-        let purged = blocking(move || store.purge_tombstones(now, retention)).await?;
+        let (purged, dropped) = blocking(move || {
+            anyhow::Ok((
+                store.purge_tombstones(now, tombstones)?,
+                store.purge_dead_letters(now, letters)?,
+            ))
+        })
+        .await?;
         if purged > 0 {
             tracing::info!(purged, "expired tombstones purged");
+        }
+        if dropped > 0 {
+            tracing::info!(dropped, "dead letters past their retention dropped");
         }
         Ok(Next::After(Self::EVERY))
     }
@@ -135,5 +151,62 @@ impl Worker for SpaceMeter {
             "store space measured"
         );
         Ok(Next::After(crate::store::SPACE_EVERY))
+    }
+}
+
+/// Computes each served school's oldest `lastSyncedAt`
+/// (`emis_edge_school_oldest_synced_timestamp_seconds`) every
+/// [`Freshness::EVERY`] (and, while there is no data, at the first
+/// commit): a walk over every live record, done here on the blocking pool
+/// so that a scrape only reads the last result.
+pub struct Freshness {
+    state: NodeState,
+    /// Commits of the store: a node that had no data yet computes again
+    /// at its first change instead of at the next period.
+    commits: tokio::sync::watch::Receiver<u64>,
+}
+
+impl Freshness {
+    pub const EVERY: Duration = Duration::from_secs(300);
+    /// How long it waits for a store being reopened.
+    const STORE_WAIT: Duration = Duration::from_secs(5);
+
+    pub fn new(state: NodeState) -> Freshness {
+        let commits = state.store.subscribe();
+        Freshness { state, commits }
+    }
+}
+
+impl Worker for Freshness {
+    fn name(&self) -> &'static str {
+        "freshness"
+    }
+
+    async fn step(&mut self, _stop: &CancellationToken) -> anyhow::Result<Next> {
+        self.commits.borrow_and_update();
+        let state = self.state.clone();
+        let value = blocking(move || {
+            let schools = state.schools_to_sync(Vec::new())?;
+            state
+                .store
+                .read_with(Self::STORE_WAIT, |r| r.oldest_synced(&schools))
+        })
+        .await?;
+        let empty = value.is_empty();
+        self.state.metrics.school_freshness.set(value);
+        Ok(if empty {
+            Next::Idle
+        } else {
+            Next::After(Self::EVERY)
+        })
+    }
+
+    /// With nothing computed yet (no data): the first commit, or the
+    /// period, whichever comes first.
+    async fn wait_for_work(&mut self) {
+        tokio::select! {
+            _ = self.commits.changed() => {}
+            _ = tokio::time::sleep(Self::EVERY) => {}
+        }
     }
 }

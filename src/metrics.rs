@@ -1,13 +1,21 @@
 //! The instruments recorded as things happen — request durations, sync
-//! latency, per-topic outcomes, batch sizes, resync outcomes — in
+//! latency, per-topic outcomes, batch sizes, resync outcomes, the change
+//! feed's long-polls and a follower's pages — in
 //! [`Metrics`], which every worker and the HTTP layer share through
-//! `NodeState`. What is read at scrape time (gauges from the store, the
+//! `NodeState`, and what a worker computes for a scrape to read
+//! ([`SchoolFreshness`]). What is read at scrape time (gauges from the store, the
 //! sync state and the workers) and the exposition itself are
 //! `api::ops`.
 
+use std::sync::{Arc, Mutex};
+
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use uuid::Uuid;
+
+use crate::domain::Timestamp;
 
 pub type Labels = Vec<(String, String)>;
 type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
@@ -37,6 +45,38 @@ pub struct Metrics {
     pub resync_duration: Histogram,
     /// Drift found by resync runs, by entity kind and category.
     pub resync_drift: Family<Labels, Counter>,
+    /// Per-school freshness, as the `freshness` worker last computed it.
+    pub school_freshness: SchoolFreshness,
+    /// Change-feed requests held waiting now (as a parent).
+    pub feed_long_polls: Gauge,
+    /// Change-feed requests refused because `http.max_long_polls` were
+    /// held already.
+    pub feed_long_polls_refused: Counter,
+    /// Pages of the parent's feed applied (as a follower).
+    pub upstream_pages: Counter,
+    /// Change lines in them.
+    pub upstream_lines: Counter,
+    /// Bytes received from the parent (as sent: compressed when it was).
+    pub upstream_bytes: Counter,
+    /// Failed requests to the parent, by reason.
+    pub upstream_errors: Family<Labels, Counter>,
+}
+
+/// The oldest `lastSyncedAt` among each served school's live records, as
+/// last computed (a walk over every record: a background worker does it,
+/// never a scrape, which only reads this copy).
+#[derive(Debug, Default)]
+pub struct SchoolFreshness(Mutex<Arc<Vec<(Uuid, Timestamp)>>>);
+
+impl SchoolFreshness {
+    pub fn set(&self, value: Vec<(Uuid, Timestamp)>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(value);
+    }
+
+    /// The last computed value (empty before the first computation).
+    pub fn get(&self) -> Arc<Vec<(Uuid, Timestamp)>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 impl Default for Metrics {
@@ -50,6 +90,13 @@ impl Default for Metrics {
             resync_schools: Family::default(),
             resync_duration: latency_histogram(),
             resync_drift: Family::default(),
+            school_freshness: SchoolFreshness::default(),
+            feed_long_polls: Gauge::default(),
+            feed_long_polls_refused: Counter::default(),
+            upstream_pages: Counter::default(),
+            upstream_lines: Counter::default(),
+            upstream_bytes: Counter::default(),
+            upstream_errors: Family::default(),
         }
     }
 }

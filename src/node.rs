@@ -5,17 +5,19 @@
 //! Start ([`start`]): token files → data directory → store (format check,
 //! migration) → [`NodeState`] → HTTP listeners bound (`http.listen`, and
 //! `http.ops_listen` if set; a conflict on either fails the start before
-//! any worker runs) → workers (document renderer, tombstone purge, ingest
-//! when `kafka.brokers` is set, the resync schedule when
-//! `resync.central_url` is set) → HTTP served → systemd supervisor
-//! (`READY=1`).
+//! any worker runs) → workers (document renderer, tombstone purge, school
+//! freshness, ingest when `kafka.brokers` is set, the follower when
+//! `upstream.url` is set, the resync schedule when `resync.central_url` is
+//! set) → HTTP served → systemd supervisor (`READY=1`).
 //!
 //! Stop ([`RunningNode::stop`], when the injected `shutdown` future
 //! resolves, or a worker dies): workers are told to stop and each ends
-//! its step (ingest commits its in-flight batch; a scheduled resync run
-//! drops its downloads, while a school already being reconciled commits
-//! whole), then HTTP drains, all within [`SHUTDOWN_DEADLINE`]; the store
-//! closes when the last handle drops.
+//! its step (ingest commits its in-flight batch; the follower drops a
+//! request in flight and commits a page it is applying; a scheduled resync
+//! run drops its downloads, while a school already being reconciled
+//! commits whole), held change-feed requests answer at once, then HTTP
+//! drains, all within [`SHUTDOWN_DEADLINE`]; the store closes when the
+//! last handle drops.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -50,6 +52,7 @@ pub struct RunningNode {
 /// Opens the store and binds the listeners, then starts the workers and
 /// serves; errors here are the operator's to fix (exit code 1).
 pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<RunningNode> {
+    config.validate_serving()?;
     let tokens = config.load_tokens()?;
     let dir = &config.node.data_dir;
     std::fs::create_dir_all(dir)
@@ -57,6 +60,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     let path = config.store_path();
     let options = StoreOptions {
         cache_bytes: config.store.cache_mb * 1024 * 1024,
+        dead_letter_max_count: config.store.dead_letter_max_count,
     };
     let store = Arc::new(Store::open(&path, &options)?);
     tracing::info!(path = %path.display(), "store open");
@@ -98,7 +102,20 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         &stop,
         crate::maintenance::SpaceMeter::new(state.clone()),
     );
-    if config.kafka.brokers.trim().is_empty() {
+    spawn(
+        &mut tasks,
+        &state,
+        &stop,
+        crate::maintenance::Freshness::new(state.clone()),
+    );
+    if config.upstream.url.is_some() {
+        spawn(
+            &mut tasks,
+            &state,
+            &stop,
+            crate::follower::Follower::new(state.clone())?,
+        );
+    } else if config.kafka.brokers.trim().is_empty() {
         tracing::warn!(
             "kafka.brokers is empty: no events will be consumed; serving the store as it is"
         );
@@ -118,15 +135,10 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
             crate::resync::Scheduler::new(state.clone()),
         );
     }
-    if let crate::config::SchoolFilter::All = config.school_filter() {
-        if !config.schools.all {
-            tracing::warn!("schools.ids is empty: serving every school (set schools.ids, or schools.all = true to silence this)");
-        }
-    }
 
     // The watchdog probes /health/live wherever it is served.
     let supervisor = crate::systemd::Supervisor::new(state.clone(), ops_addr.unwrap_or(addr))?;
-    let api_state = ApiState::new(state.clone(), tokens);
+    let api_state = ApiState::new(state.clone(), tokens, stop.clone());
     let app = api::router(api_state.clone());
     let ops_app = api::ops_router(api_state);
     let limits = crate::server::Limits::of(&config.http);
@@ -262,7 +274,11 @@ pub async fn serve(
     clock: Arc<dyn Clock>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let node = start(config, clock).await?;
+    run(start(config, clock).await?, shutdown).await
+}
+
+/// [`serve`] for a node already started.
+pub async fn run(node: RunningNode, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let died = tokio::select! {
         _ = shutdown => None,
         e = node.died() => Some(e),

@@ -19,7 +19,10 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::{Config, SchoolFilter};
-use crate::domain::{format_timestamp, SchoolSnapshot, SnapshotReader, SyncSource, Timestamp};
+use crate::domain::snapshot::MAX_LINE_BYTES;
+use crate::domain::{
+    format_timestamp, FutureSkew, SchoolSnapshot, SnapshotReader, SyncSource, Timestamp,
+};
 use crate::state::NodeState;
 use crate::status::ResyncOutcome;
 use crate::store::{ReconcileReport, Store};
@@ -84,41 +87,94 @@ impl RunReport {
 
 /// The client for `resync.central_url`, sending `resync.token_file`'s token.
 pub fn http_client(config: &Config) -> anyhow::Result<reqwest::Client> {
+    client_with(
+        config.resync_token()?,
+        Some(Duration::from_secs(config.resync.timeout_secs)),
+    )
+}
+
+/// The client for a follower's parent (`upstream.url`), sending
+/// `upstream.token_file`'s token. It has no overall time limit (a
+/// long-poll is held by design); callers bound each wait themselves.
+pub fn upstream_client(config: &Config) -> anyhow::Result<reqwest::Client> {
+    client_with(config.upstream_token()?, None)
+}
+
+/// Where a resync reads snapshots from, with the client for it:
+/// `resync.central_url`, else a follower's parent (`upstream.url`, which
+/// serves the snapshot route too); `None` when neither is set.
+pub fn source(config: &Config) -> anyhow::Result<Option<(String, reqwest::Client)>> {
+    let timeout = Some(Duration::from_secs(config.resync.timeout_secs));
+    Ok(match (&config.resync.central_url, &config.upstream.url) {
+        (Some(url), _) => Some((url.clone(), http_client(config)?)),
+        (None, Some(url)) => Some((url.clone(), client_with(config.upstream_token()?, timeout)?)),
+        (None, None) => None,
+    })
+}
+
+fn client_with(
+    token: Option<String>,
+    timeout: Option<Duration>,
+) -> anyhow::Result<reqwest::Client> {
     let mut headers = reqwest::header::HeaderMap::new();
-    if let Some(token) = config.resync_token()? {
+    if let Some(token) = token {
         let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))?;
         value.set_sensitive(true);
         headers.insert(reqwest::header::AUTHORIZATION, value);
     }
-    Ok(reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
-        .timeout(Duration::from_secs(config.resync.timeout_secs))
-        .default_headers(headers)
-        .build()?)
+        .default_headers(headers);
+    if let Some(timeout) = timeout {
+        builder = builder.timeout(timeout);
+    }
+    Ok(builder.build()?)
 }
 
-/// Fetches and validates one school's snapshot; nothing is applied.
+/// Fetches and validates one school's snapshot; nothing is applied. A
+/// record stamped more than `max_future_skew` after the snapshot's `asOf`
+/// fails it (contract §2, "Time").
 pub async fn fetch(
     client: &reqwest::Client,
     base: &str,
     school: Uuid,
+    max_future_skew: FutureSkew,
+) -> anyhow::Result<SchoolSnapshot> {
+    fetch_counted(client, base, school, max_future_skew, |_| {}).await
+}
+
+/// [`fetch`], telling `received` the size of each chunk of the answer as
+/// it came over the network (compressed, when it was). The answer is
+/// asked for gzip-compressed (contract §6); a server that does not
+/// compress is read as is.
+pub async fn fetch_counted(
+    client: &reqwest::Client,
+    base: &str,
+    school: Uuid,
+    max_future_skew: FutureSkew,
+    mut received: impl FnMut(usize),
 ) -> anyhow::Result<SchoolSnapshot> {
     let url = format!(
         "{}/api/schools/{school}/snapshot",
         base.trim_end_matches('/')
     );
-    let response = client.get(&url).send().await?;
+    let response = client
+        .get(&url)
+        .header(reqwest::header::ACCEPT_ENCODING, "gzip")
+        .send()
+        .await?;
     anyhow::ensure!(
         response.status().is_success(),
         "{url} answered {}",
         response.status()
     );
-    let mut reader = SnapshotReader::new();
+    let mut decoder =
+        Decoder::for_response(&response).map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+    let mut reader = SnapshotReader::with_max_future_skew(max_future_skew);
     let mut found: Option<Result<SchoolSnapshot, _>> = None;
     let mut pending = Vec::new();
     let mut body = response.bytes_stream();
-    while let Some(chunk) = body.next().await {
-        pending.extend_from_slice(&chunk?);
+    let mut take_lines = |pending: &mut Vec<u8>| -> anyhow::Result<()> {
         while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = pending.drain(..=pos).collect();
             if let Some(result) = reader.feed(&line[..line.len() - 1]) {
@@ -127,10 +183,24 @@ pub async fn fetch(
             }
         }
         anyhow::ensure!(
-            pending.len() <= crate::domain::event::MAX_EVENT_BYTES,
-            "{url}: line too long"
+            pending.len() <= MAX_LINE_BYTES,
+            "{url}: line {} is longer than {MAX_LINE_BYTES} bytes",
+            reader.lines() + 1
         );
+        Ok(())
+    };
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk?;
+        received(chunk.len());
+        decoder
+            .push(&chunk, &mut pending)
+            .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+        take_lines(&mut pending)?;
     }
+    decoder
+        .finish(&mut pending)
+        .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+    take_lines(&mut pending)?;
     if !pending.is_empty() {
         if let Some(result) = reader.feed(&pending) {
             found = Some(result);
@@ -150,6 +220,61 @@ pub async fn fetch(
     Ok(snapshot)
 }
 
+/// Decodes an HTTP answer's body as it arrives: gunzips it when the
+/// server sent it gzip-compressed (`Content-Encoding: gzip`), else passes
+/// it through.
+pub struct Decoder(Option<flate2::write::GzDecoder<Vec<u8>>>);
+
+impl Decoder {
+    /// The decoder for `response`'s `Content-Encoding`; another encoding
+    /// than gzip or none is an error.
+    pub fn for_response(response: &reqwest::Response) -> Result<Decoder, String> {
+        match response
+            .headers()
+            .get(reqwest::header::CONTENT_ENCODING)
+            .map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase())
+            .as_deref()
+        {
+            None | Some("identity") => Ok(Decoder(None)),
+            Some("gzip") => Ok(Decoder::gzip()),
+            Some(other) => Err(format!(
+                "the answer is encoded as {other:?}, which this node does not read"
+            )),
+        }
+    }
+
+    /// A decoder of a gzip stream.
+    pub fn gzip() -> Decoder {
+        Decoder(Some(flate2::write::GzDecoder::new(Vec::new())))
+    }
+
+    /// Appends what `chunk` decodes to onto `out`.
+    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+        use std::io::Write;
+        match &mut self.0 {
+            None => out.extend_from_slice(chunk),
+            Some(gz) => {
+                gz.write_all(chunk)
+                    .map_err(|e| format!("the gzip stream is damaged: {e}"))?;
+                out.append(gz.get_mut());
+            }
+        }
+        Ok(())
+    }
+
+    /// At the end of the body: appends the rest; fails if a gzip stream
+    /// was cut short.
+    pub fn finish(self, out: &mut Vec<u8>) -> Result<(), String> {
+        if let Some(gz) = self.0 {
+            let rest = gz
+                .finish()
+                .map_err(|e| format!("the gzip stream ends early: {e}"))?;
+            out.extend_from_slice(&rest);
+        }
+        Ok(())
+    }
+}
+
 /// One resync run over `schools` from `base`, at most
 /// [`CONCURRENT_SCHOOLS`] at a time. A failed school does not stop the
 /// others.
@@ -158,6 +283,7 @@ pub async fn run(
     client: &reqwest::Client,
     base: &str,
     schools: Vec<Uuid>,
+    max_future_skew: FutureSkew,
     now: impl Fn() -> Timestamp,
     dry_run: bool,
 ) -> RunReport {
@@ -166,7 +292,7 @@ pub async fn run(
     let now = &now;
     let outcomes = futures::stream::iter(schools)
         .map(|school| async move {
-            let result = match fetch(client, base, school).await {
+            let result = match fetch(client, base, school, max_future_skew).await {
                 Ok(snapshot) => {
                     let store = store.clone();
                     let t = now();
@@ -211,12 +337,8 @@ pub async fn run_for_node(
     only: Option<Vec<Uuid>>,
     dry_run: bool,
 ) -> anyhow::Result<RunReport> {
-    let base = state
-        .config
-        .resync
-        .central_url
-        .clone()
-        .ok_or_else(|| anyhow::anyhow!("resync.central_url is not set"))?;
+    let (base, client) = source(&state.config)?
+        .ok_or_else(|| anyhow::anyhow!("resync.central_url is not set (nor upstream.url)"))?;
     let schools = state.schools_to_sync(only.unwrap_or_default())?;
     anyhow::ensure!(
         !schools.is_empty(),
@@ -226,9 +348,10 @@ pub async fn run_for_node(
     let clock = state.clock.clone();
     let report = run(
         &state.store,
-        &http_client(&state.config)?,
+        &client,
         &base,
         schools,
+        state.config.max_future_skew(),
         || clock.now(),
         dry_run,
     )
@@ -283,12 +406,7 @@ pub async fn run_for_node(
             ok,
             detail: report.summary(),
         };
-        state.sync.update(|s| {
-            if ok {
-                s.first_sync_done = true;
-            }
-            s.last_resync = Some(outcome);
-        });
+        record(state, outcome).await;
     }
     tracing::info!(dry_run, summary = %report.summary(), ms = report.duration_ms, "resync run finished");
     Ok(report)
@@ -301,6 +419,15 @@ pub fn changed_schools(outcomes: &[SchoolOutcome]) -> impl Iterator<Item = (Uuid
         .iter()
         .filter_map(|o| o.report.as_ref())
         .map(|r| (r.school_id, r.applied + r.deleted))
+}
+
+/// Records a run's outcome in status and in the store (a restart shows it),
+/// on the blocking pool: the store write may wait for the writer.
+async fn record(state: &NodeState, outcome: ResyncOutcome) {
+    let state = state.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || state.record_resync(outcome)).await {
+        tracing::error!(error = %e, "recording the resync outcome failed");
+    }
 }
 
 /// The worker that schedules resync runs: every `resync.interval_secs`
@@ -365,15 +492,12 @@ impl Worker for Scheduler {
             }
             Ok(report) => anyhow::bail!("resync incomplete: {}", report.summary()),
             Err(e) => {
-                let detail = format!("{e:#}");
-                let at = state.clock.now();
-                state.sync.update(|s| {
-                    s.last_resync = Some(ResyncOutcome {
-                        at,
-                        ok: false,
-                        detail,
-                    })
-                });
+                let outcome = ResyncOutcome {
+                    at: state.clock.now(),
+                    ok: false,
+                    detail: format!("{e:#}"),
+                };
+                record(state, outcome).await;
                 Err(e.context("resync not possible"))
             }
         }
@@ -401,19 +525,27 @@ pub enum ImportProgress {
 }
 
 /// Imports a snapshot file (several schools concatenated) into the store:
-/// all or nothing per school; a bad school is rejected before any of it is
-/// written. Into an empty store it is a bulk load (`Store::bulk_load`):
-/// every validated school is collected in memory and written at the end
-/// in key order, documents rendered, in one transaction — the same store
-/// as the normal path, faster and smaller; an entity that comes twice ends
-/// the bulk load there and the rest goes the normal way. Otherwise
-/// validated schools are reconciled together, up to
+/// all or nothing per school; a bad school (a bad line, a wrong count, a
+/// record stamped more than `max_future_skew` after its `asOf`) is rejected
+/// before any of it is written. Into an empty store it is a bulk load
+/// (`Store::bulk_load`): every validated school is collected in memory and
+/// written at the end in key order, documents rendered, in one transaction
+/// — the same store as the normal path, faster and smaller; an entity that
+/// comes twice ends the bulk load there and the rest goes the normal way.
+/// Otherwise validated schools are reconciled together, up to
 /// [`IMPORT_BATCH_RECORDS`] records a transaction, which writes far fewer
 /// pages than one transaction per school. `progress` is told how far it
 /// got.
+///
+/// A line longer than [`MAX_LINE_BYTES`] stops the import with an error
+/// naming it, after reading at most that much of it: a file that is not a
+/// snapshot (one 1 GiB line, say) fails fast, in bounded memory. Schools
+/// committed before stay; the ones read since the last commit do not (in a
+/// bulk load, that is all of them: it commits once, at the end).
 pub fn import(
     store: &Store,
     filter: &SchoolFilter,
+    max_future_skew: FutureSkew,
     input: impl BufRead + Send,
     now: Timestamp,
     mut progress: impl FnMut(ImportProgress),
@@ -422,7 +554,7 @@ pub fn import(
     // writes: parsing JSON is a third of an import's work.
     let (tx, rx) = std::sync::mpsc::sync_channel::<Parsed>(64);
     std::thread::scope(|scope| {
-        let reader = scope.spawn(move || parse_schools(input, tx));
+        let reader = scope.spawn(move || parse_schools(input, max_future_skew, tx));
         let result = import_parsed(store, filter, &rx, now, &mut progress);
         // On an error here the parser stops at its next send.
         drop(rx);
@@ -442,12 +574,13 @@ enum Parsed {
 }
 
 fn parse_schools(
-    input: impl BufRead,
+    mut input: impl BufRead,
+    max_future_skew: FutureSkew,
     tx: std::sync::mpsc::SyncSender<Parsed>,
-) -> std::io::Result<()> {
-    let mut reader = SnapshotReader::new();
-    for line in input.split(b'\n') {
-        let line = line?;
+) -> anyhow::Result<()> {
+    let mut reader = SnapshotReader::with_max_future_skew(max_future_skew);
+    let mut line = Vec::new();
+    while read_line(&mut input, &mut line, reader.lines() + 1)? {
         if let Some(result) = reader.feed(&line) {
             if tx.send(Parsed::School(result)).is_err() {
                 return Ok(()); // the writer gave up
@@ -556,6 +689,26 @@ fn finish_bulk(
     let of = bulk.rows();
     bulk.finish(|rows| progress(ImportProgress::Written { rows, of }))?;
     Ok(())
+}
+
+/// Reads the next line of `input` into `line`, without its `\n`, reading at
+/// most [`MAX_LINE_BYTES`] of it; false at the end of the input. A longer
+/// line (line `number`) is an error.
+fn read_line<R: BufRead>(input: &mut R, line: &mut Vec<u8>, number: u64) -> anyhow::Result<bool> {
+    line.clear();
+    let cap = MAX_LINE_BYTES as u64 + 1;
+    if std::io::Read::take(&mut *input, cap).read_until(b'\n', line)? == 0 {
+        return Ok(false);
+    }
+    if line.last() == Some(&b'\n') {
+        line.pop();
+    } else if line.len() > MAX_LINE_BYTES {
+        anyhow::bail!(
+            "line {number} is longer than {MAX_LINE_BYTES} bytes (the most a snapshot line may \
+             hold): not a snapshot file? The import stopped there; nothing after it was read"
+        );
+    }
+    Ok(true)
 }
 
 /// Writes the snapshots of `schools` to `out`, concatenated; returns the

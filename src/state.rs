@@ -16,10 +16,11 @@ use crate::config::{Config, SchoolFilter};
 use crate::domain::format_timestamp;
 use crate::metrics::Metrics;
 use crate::status::{
-    Activity, EntityCounts, KafkaStatus, OffsetOutOfRange, PartitionStatus, ResyncStatus,
-    SchoolFreshness, ServedSchools, StoreStatus, SyncState, SyncStatus, STATUS_SCHOOLS_MAX,
+    Activity, EntityCounts, KafkaStatus, OffsetOutOfRange, PartitionStatus, ResyncOutcome,
+    ResyncStatus, SchoolFreshness, ServedSchools, StoreStatus, SyncState, SyncStatus,
+    UpstreamStatus, STATUS_SCHOOLS_MAX,
 };
-use crate::store::{Store, StoreError};
+use crate::store::{Note, Store, StoreError};
 use crate::worker::Workers;
 
 /// What the workers and the HTTP layer share: one allocation, so handing
@@ -40,6 +41,24 @@ pub struct Parts {
     /// (offset out of range); the resync worker listens.
     pub resync_wanted: Arc<tokio::sync::Notify>,
     pub workers: Arc<Workers>,
+    /// Test hooks into the workers (the `fault-injection` feature only).
+    #[cfg(feature = "fault-injection")]
+    pub faults: Faults,
+}
+
+/// Test hooks into the workers, with the `fault-injection` cargo feature
+/// only (tests and benches; a release build has none of this).
+#[cfg(feature = "fault-injection")]
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// The ingest worker's next step panics.
+    pub panic_ingest: std::sync::atomic::AtomicBool,
+    /// While set, the ingest worker has librdkafka stop fetching (pause
+    /// every assigned partition), as a node far behind its broker would
+    /// not fetch; cleared, it resumes.
+    pub pause_ingest: std::sync::atomic::AtomicBool,
+    /// Set by the ingest worker once it has paused (cleared once resumed).
+    pub ingest_paused: std::sync::atomic::AtomicBool,
 }
 
 impl std::ops::Deref for NodeState {
@@ -93,17 +112,78 @@ impl std::fmt::Display for NotReady {
 impl NodeState {
     /// The state of a node with `store` open and `config` loaded; no worker
     /// yet.
+    /// What the store remembers of earlier runs (the last resync, the last
+    /// offset out of range) is status from the start.
     pub fn new(store: Arc<Store>, config: Config, clock: Arc<dyn Clock>) -> NodeState {
+        let sync = SyncState::new(
+            !config.kafka.brokers.trim().is_empty(),
+            config.upstream.url.is_some(),
+        );
+        match store
+            .read()
+            .and_then(|r| Ok((r.last_resync()?, r.offset_out_of_range()?)))
+        {
+            Ok((resync, out_of_range)) => sync.update(|s| {
+                s.last_resync = resync.map(|n| ResyncOutcome {
+                    at: n.at,
+                    ok: n.ok,
+                    detail: n.detail,
+                });
+                s.offset_out_of_range = out_of_range.map(|n| (n.at, n.detail));
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "the last resync and offset out of range not read")
+            }
+        }
         NodeState(Arc::new(Parts {
             store,
-            sync: Arc::new(SyncState::new(!config.kafka.brokers.trim().is_empty())),
+            sync: Arc::new(sync),
             config: Arc::new(config),
             workers: Arc::new(Workers::new(clock.clone())),
             clock,
             metrics: Arc::new(Metrics::default()),
             activity: Arc::new(Activity::default()),
             resync_wanted: Arc::new(tokio::sync::Notify::new()),
+            #[cfg(feature = "fault-injection")]
+            faults: Faults::default(),
         }))
+    }
+
+    /// Records a resync run's outcome in status and, so that a restart
+    /// does not forget it, in the store. Blocking (a store write).
+    pub fn record_resync(&self, outcome: ResyncOutcome) {
+        let note = Note {
+            at: outcome.at,
+            ok: outcome.ok,
+            detail: outcome.detail.clone(),
+        };
+        self.sync.update(|s| {
+            if outcome.ok {
+                s.first_sync_done = true;
+            }
+            s.last_resync = Some(outcome);
+        });
+        if let Err(e) = self.store.record_resync(&note) {
+            tracing::warn!(error = %e, "the resync outcome is not stored; status shows it until a restart");
+        }
+    }
+
+    /// Records a partition read outside what Kafka holds: in status, in the
+    /// store (counted, kept across restarts), and asks for a resync, the
+    /// only repair for events lost from the log. Blocking (a store write).
+    pub fn record_offset_out_of_range(&self, detail: String) {
+        let at = self.clock.now();
+        let note = Note {
+            at,
+            ok: false,
+            detail: detail.clone(),
+        };
+        self.sync
+            .update(|s| s.offset_out_of_range = Some((at, detail)));
+        if let Err(e) = self.store.record_offset_out_of_range(&note) {
+            tracing::warn!(error = %e, "the offset out of range is not stored; status shows it until a restart");
+        }
+        self.resync_wanted.notify_one();
     }
 
     /// Ready: the store is open (it is, or there would be no state), its
@@ -138,13 +218,14 @@ impl NodeState {
         if sync.high_watermarks.is_empty() {
             return 0;
         }
-        let Ok(offsets) = self.store.read().and_then(|r| r.offsets()) else {
+        // Workers ask this from async code: never wait for a reopen.
+        let Ok(offsets) = self.store.try_read().and_then(|r| r.offsets()) else {
             return 0;
         };
         offsets
             .iter()
             .filter_map(|o| sync.lag(&o.topic, o.partition, o.next_offset))
-            .sum()
+            .fold(0, i64::saturating_add)
     }
 
     /// The status document, from one store read transaction.
@@ -192,9 +273,21 @@ impl NodeState {
         let stale = state.is_stale(
             now,
             secs(config.kafka.stale_after_secs),
+            secs(config.upstream.stale_after_secs),
             secs(config.resync.interval_secs.saturating_mul(2)),
         );
         let (school_count, schools) = self.school_freshness(&reader)?;
+        let upstream = match (&config.upstream.url, &state.upstream) {
+            (Some(url), Some(run)) => Some(UpstreamStatus {
+                url: url.clone(),
+                connected: run.connected,
+                cursor: reader.upstream_cursor()?.map(|c| c.to_string()),
+                last_page_at: run.last_page_at.map(format_timestamp),
+                caught_up: run.caught_up,
+                last_error: run.last_error.clone(),
+            }),
+            _ => None,
+        };
         Ok(SyncStatus {
             node_id: config.node.id.clone(),
             generated_at: Some(format_timestamp(now)),
@@ -251,6 +344,7 @@ impl NodeState {
             school_count,
             schools,
             applied_per_minute: self.activity.per_minute(now),
+            upstream,
         })
     }
 

@@ -1,6 +1,7 @@
 //! What the node knows about its own synchronisation: the run-time
 //! [`SyncState`] beyond what the store holds (broker reachability, high
-//! watermarks, the first sync, the last resync), written by the workers;
+//! watermarks, the first sync, the last resync, a follower's contact with
+//! its parent), written by the workers;
 //! and [`SyncStatus`], the typed document of `GET /api/sync/status` that
 //! `emis-edge status` deserializes too, so a renamed field breaks the
 //! build, not the CLI. (Whether the store can be written is the store's
@@ -43,9 +44,29 @@ pub struct SyncSnapshot {
     /// The first catch-up (to the high watermarks seen at start) or the
     /// first resync finished.
     pub first_sync_done: bool,
+    /// Also kept in the store (`NodeState::record_resync`), and read back
+    /// at start.
     pub last_resync: Option<ResyncOutcome>,
-    /// When and where consumption last fell off the retained log.
+    /// When and where consumption last fell off the retained log; also kept
+    /// in the store (`NodeState::record_offset_out_of_range`).
     pub offset_out_of_range: Option<(Timestamp, String)>,
+    /// A follower's contact with its parent; `None` unless `upstream.url`
+    /// is set.
+    pub upstream: Option<UpstreamRun>,
+}
+
+/// What a follower knows of its parent at run time (its cursor is in the
+/// store).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UpstreamRun {
+    /// The last request to the parent was answered with a page.
+    pub connected: bool,
+    /// When the last page was applied (node clock).
+    pub last_page_at: Option<Timestamp>,
+    /// The last page applied said nothing more followed (`more: false`).
+    pub caught_up: bool,
+    /// Why the last request failed, until one succeeds again.
+    pub last_error: Option<String>,
 }
 
 /// Shared, lock-protected run-time status. Critical sections are tiny.
@@ -53,11 +74,23 @@ pub struct SyncSnapshot {
 pub struct SyncState(Mutex<SyncSnapshot>);
 
 impl SyncState {
-    pub fn new(kafka_configured: bool) -> SyncState {
+    /// The state of a node that consumes Kafka (`kafka_configured`), or
+    /// follows a parent (`upstream_configured`), or neither.
+    pub fn new(kafka_configured: bool, upstream_configured: bool) -> SyncState {
         SyncState(Mutex::new(SyncSnapshot {
             kafka_configured,
+            upstream: upstream_configured.then(UpstreamRun::default),
             ..SyncSnapshot::default()
         }))
+    }
+
+    /// Changes a follower's run-time state (nothing when it is none).
+    pub fn update_upstream(&self, f: impl FnOnce(&mut UpstreamRun)) {
+        self.update(|s| {
+            if let Some(u) = s.upstream.as_mut() {
+                f(u);
+            }
+        })
     }
 
     pub fn update(&self, f: impl FnOnce(&mut SyncSnapshot)) {
@@ -74,15 +107,25 @@ impl SyncSnapshot {
     /// consumer whose next offset is `next` (`None`: watermark unknown).
     pub fn lag(&self, topic: &str, partition: i32, next: i64) -> Option<i64> {
         let hw = self.high_watermarks.get(&(topic.to_owned(), partition))?;
-        Some((hw - next).max(0))
+        Some(hw.saturating_sub(next).max(0))
     }
 
     /// Whether the node cannot currently vouch that its data is fresh: the
-    /// broker has not been reached for `stale_after`, or there is no broker
-    /// and no successful resync within `resync_window`.
-    pub fn is_stale(&self, now: Timestamp, stale_after: i64, resync_window: i64) -> bool {
-        let recent = |t: Option<Timestamp>, window: i64| t.is_some_and(|t| now - t <= window);
-        if self.kafka_configured {
+    /// broker has not been reached for `stale_after`; a follower has had
+    /// no page from its parent for `upstream_stale_after`; or there is
+    /// neither and no successful resync within `resync_window`.
+    pub fn is_stale(
+        &self,
+        now: Timestamp,
+        stale_after: i64,
+        upstream_stale_after: i64,
+        resync_window: i64,
+    ) -> bool {
+        let recent =
+            |t: Option<Timestamp>, window: i64| t.is_some_and(|t| now.saturating_sub(t) <= window);
+        if let Some(upstream) = &self.upstream {
+            !recent(upstream.last_page_at, upstream_stale_after)
+        } else if self.kafka_configured {
             !(self.kafka_connected || recent(self.kafka_contact_at, stale_after))
         } else {
             let resynced = self.last_resync.as_ref().filter(|r| r.ok).map(|r| r.at);
@@ -175,9 +218,10 @@ impl Activity {
 
 /// The sync status document (`GET /api/sync/status`, `emis-edge status`).
 /// Times are RFC 3339 strings; absent ones are `null`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SyncStatus {
+    #[schema(example = "edge-hanoi-01")]
     pub node_id: String,
     /// When the node made this document (its own clock): the time the
     /// others compare with, whatever the reader's clock says.
@@ -220,6 +264,9 @@ pub struct SyncStatus {
     /// store).
     #[serde(default)]
     pub applied_per_minute: Vec<u64>,
+    /// A follower's parent (contract §6); `null` unless `upstream.url` is set.
+    #[serde(default)]
+    pub upstream: Option<UpstreamStatus>,
 }
 
 /// The most schools the status document lists (their entity counts are
@@ -227,7 +274,7 @@ pub struct SyncStatus {
 pub const STATUS_SCHOOLS_MAX: usize = 50;
 
 /// One school in the status document.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SchoolFreshness {
     pub school_id: Uuid,
@@ -240,12 +287,46 @@ pub struct SchoolFreshness {
     pub assignments: u64,
 }
 
+/// A follower's view of its parent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamStatus {
+    pub url: String,
+    /// The last request was answered with a page.
+    pub connected: bool,
+    /// The parent's cursor the applied pages reach (stored with them).
+    pub cursor: Option<String>,
+    /// When the last page was applied.
+    pub last_page_at: Option<String>,
+    /// The last page applied was the end of the feed for now; `false`:
+    /// behind (more pages are waiting, or no page came yet).
+    pub caught_up: bool,
+    /// Why the last request failed, until one succeeds again.
+    pub last_error: Option<String>,
+}
+
 /// `"all"`, or the list of served school ids.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ServedSchools {
     All,
     Only(Vec<Uuid>),
 }
+
+/// `"all"`, or an array of school ids (serialized by hand above).
+impl utoipa::PartialSchema for ServedSchools {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        serde_json::from_value(serde_json::json!({
+            "description": "`\"all\"`, or the ids of the schools this node serves",
+            "oneOf": [
+                {"type": "string", "enum": ["all"]},
+                {"type": "array", "items": {"type": "string", "format": "uuid"}}
+            ]
+        }))
+        .expect("a valid schema")
+    }
+}
+
+impl utoipa::ToSchema for ServedSchools {}
 
 impl Serialize for ServedSchools {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -286,7 +367,7 @@ impl std::fmt::Display for ServedSchools {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct KafkaStatus {
     /// `kafka.brokers` is set.
@@ -299,14 +380,14 @@ pub struct KafkaStatus {
     pub offset_out_of_range: Option<OffsetOutOfRange>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OffsetOutOfRange {
     pub at: String,
     pub detail: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StoreStatus {
     /// The last write failed: reads answer, nothing new comes in.
@@ -344,7 +425,7 @@ pub struct StoreStatus {
     pub tables: Option<Vec<crate::store::TableSpace>>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PartitionStatus {
     pub topic: String,
@@ -356,16 +437,17 @@ pub struct PartitionStatus {
     pub last_event_received_at: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ResyncStatus {
     pub at: String,
     /// `ok` or `failed`.
+    #[schema(example = "ok")]
     pub result: String,
     pub detail: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EntityCounts {
     pub classes: u64,
@@ -381,7 +463,7 @@ mod tests {
     #[test]
     fn a_node_without_broker_or_resync_is_stale() {
         let s = SyncSnapshot::default();
-        assert!(s.is_stale(100, 10, 10));
+        assert!(s.is_stale(100, 10, 10, 10));
         let s = SyncSnapshot {
             last_resync: Some(ResyncOutcome {
                 at: 95,
@@ -390,8 +472,8 @@ mod tests {
             }),
             ..s
         };
-        assert!(!s.is_stale(100, 10, 10));
-        assert!(s.is_stale(106, 10, 10));
+        assert!(!s.is_stale(100, 10, 10, 10));
+        assert!(s.is_stale(106, 10, 10, 10));
     }
 
     #[test]
@@ -424,6 +506,21 @@ mod tests {
         assert_eq!(a.per_minute(t + 299 * MINUTE), vec![1; ACTIVITY_MINUTES]);
     }
 
+    /// Saturating: a contact "in 1677" seen "in 2262" (a clock set to the
+    /// ends of the range) overflows a plain subtraction in debug builds.
+    #[test]
+    fn staleness_and_lag_saturate_at_the_ends_of_the_range() {
+        let s = SyncSnapshot {
+            kafka_configured: true,
+            kafka_contact_at: Some(i64::MIN),
+            high_watermarks: [(("t".to_owned(), 0), i64::MAX)].into(),
+            ..SyncSnapshot::default()
+        };
+        assert!(s.is_stale(i64::MAX, 10, 0, 0));
+        assert_eq!(s.lag("t", 0, i64::MIN), Some(i64::MAX));
+        assert_eq!(s.lag("t", 0, i64::MAX), Some(0));
+    }
+
     #[test]
     fn a_lost_broker_makes_the_node_stale_after_the_threshold() {
         let s = SyncSnapshot {
@@ -432,7 +529,25 @@ mod tests {
             kafka_contact_at: Some(50),
             ..SyncSnapshot::default()
         };
-        assert!(!s.is_stale(60, 10, 0));
-        assert!(s.is_stale(61, 10, 0));
+        assert!(!s.is_stale(60, 10, 0, 0));
+        assert!(s.is_stale(61, 10, 0, 0));
+    }
+
+    #[test]
+    fn a_follower_is_stale_once_no_page_came_for_the_bound() {
+        let s = SyncSnapshot {
+            upstream: Some(UpstreamRun::default()),
+            ..SyncSnapshot::default()
+        };
+        assert!(s.is_stale(100, 1000, 10, 1000), "no page yet");
+        let s = SyncSnapshot {
+            upstream: Some(UpstreamRun {
+                last_page_at: Some(50),
+                ..UpstreamRun::default()
+            }),
+            ..s
+        };
+        assert!(!s.is_stale(60, 0, 10, 0));
+        assert!(s.is_stale(61, 1000, 10, 1000));
     }
 }

@@ -103,7 +103,7 @@ impl Backoff {
 }
 
 /// Where a worker is, as status shows it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum WorkerState {
     /// Registered, first step not taken yet.
@@ -135,7 +135,7 @@ impl std::fmt::Display for WorkerState {
 }
 
 /// One worker in the status document (`workers` of `GET /api/sync/status`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkerReport {
     pub name: String,

@@ -133,7 +133,7 @@ _emis__edge() {
             return 0
             ;;
         emis__subcmd__edge__subcmd__demo)
-            opts="-h --scale --seed --listen --data-dir --rate --malformed-per-mille --help"
+            opts="-h --scale --seed --listen --data-dir --rate --malformed-per-mille --followers --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -160,6 +160,10 @@ _emis__edge() {
                     return 0
                     ;;
                 --malformed-per-mille)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --followers)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

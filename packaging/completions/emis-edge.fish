@@ -61,6 +61,7 @@ complete -c emis-edge -n "__fish_emis_edge_using_subcommand demo" -l listen -d '
 complete -c emis-edge -n "__fish_emis_edge_using_subcommand demo" -l data-dir -d 'Keep the store in this directory after the demo (it must not hold a store yet; default: a temporary directory removed at the end)' -r -F
 complete -c emis-edge -n "__fish_emis_edge_using_subcommand demo" -l rate -d 'Changes published per second after the initial load (0: none)' -r
 complete -c emis-edge -n "__fish_emis_edge_using_subcommand demo" -l malformed-per-mille -d 'Of every thousand changes published, how many are malformed' -r
+complete -c emis-edge -n "__fish_emis_edge_using_subcommand demo" -l followers -d 'Also start N school nodes (in-process, each on its own port and temporary store) that follow this provincial node\'s change feed, one school each' -r
 complete -c emis-edge -n "__fish_emis_edge_using_subcommand demo" -s h -l help -d 'Print help'
 complete -c emis-edge -n "__fish_emis_edge_using_subcommand gen" -l scale -d 'Data-set size: tiny (3 schools), demo (25 schools, 1,000 teachers), province (1,000 schools: 100,000 teachers and classes, ~1 M assignments), national (10,000 schools)' -r -f -a "tiny\t''
 demo\t''

@@ -1,49 +1,118 @@
 //! Admin routes (`/api/admin/*`): what the CLI does through a running
 //! node, since redb lets one process open the store (contract §5) — a
 //! resync run, an import streamed in the request body, the list of
-//! schools. They answer loopback, this host, or a valid bearer token.
+//! schools. With `http.token_file` set they need a valid bearer token
+//! from every peer; without one they answer only this host
+//! ([`admin_access`]).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use futures::StreamExt;
 use serde_json::json;
 use uuid::Uuid;
 
-use super::problem::{parse_id, Problem};
-use super::{has_token, ApiState};
+use super::problem::{parse_id, Problem, ProblemDocument};
+use super::{has_token, unauthorized, ApiState};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-pub(super) fn routes() -> Router<ApiState> {
-    Router::new()
-        .route("/api/admin/resync", post(admin_resync))
-        .route("/api/admin/import", post(admin_import))
-        .route("/api/admin/schools", get(admin_schools))
+/// The admin routes, before [`admin_only`] is put in front of them.
+pub(super) fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(admin_resync))
+        .routes(routes!(admin_import))
+        .routes(routes!(admin_schools))
 }
 
-/// The CLI acts through these while `serve` holds the store (contract §5).
-/// Loopback, this host itself when `http.listen` is one of its own
-/// addresses (the CLI then connects from that address), or a valid token.
-fn loopback_only(
-    s: &ApiState,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: &axum::http::HeaderMap,
-) -> Result<(), Problem> {
-    match peer.ip() {
-        ip if ip.is_loopback() || ip == s.config.http.listen.ip() => Ok(()),
-        _ if has_token(s, headers) => Ok(()),
-        _ => Err(Problem::new(
+/// The schools a resync run or an export covers.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct AdminSchools {
+    schools: Vec<Uuid>,
+}
+
+/// Who may use an admin route: a resync run, an import or the school list
+/// are the operator's, not an app's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminAccess {
+    Granted,
+    /// `401`: `http.token_file` is set and the request has no valid token.
+    NeedsToken,
+    /// `403`: no token file, and the peer is not this host.
+    Forbidden,
+}
+
+/// The admin access rule. With `http.token_file` set (`tokens_configured`)
+/// the token is required from every peer, loopback too: a reverse proxy
+/// on this host connects from loopback, so the peer address says nothing
+/// about who the client is. Without a token file only this host is
+/// admitted: a loopback peer, or the host's own `http.listen` address
+/// (the command line connects from it when `http.listen` is a specific
+/// address); docs/OPERATIONS.md says not to put a proxy in front of such
+/// a node.
+pub fn admin_access(
+    tokens_configured: bool,
+    token_valid: bool,
+    peer: IpAddr,
+    listen: IpAddr,
+) -> AdminAccess {
+    if tokens_configured {
+        return if token_valid {
+            AdminAccess::Granted
+        } else {
+            AdminAccess::NeedsToken
+        };
+    }
+    let peer = peer.to_canonical();
+    if peer.is_loopback() || (!listen.is_unspecified() && peer == listen.to_canonical()) {
+        AdminAccess::Granted
+    } else {
+        AdminAccess::Forbidden
+    }
+}
+
+/// The gate in front of every admin route ([`admin_access`]).
+pub(super) async fn admin_only(
+    State(s): State<ApiState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(peer)| peer.ip());
+    let Some(peer) = peer else {
+        // Every connection of the server loop carries its peer.
+        return Problem::new(
             StatusCode::FORBIDDEN,
             "forbidden",
             "Forbidden",
-            "admin routes answer loopback clients, this host, or a valid bearer token".into(),
-        )),
+            "the client's address is unknown".into(),
+        )
+        .into_response();
+    };
+    let access = admin_access(
+        !s.tokens().is_empty(),
+        has_token(&s, request.headers()),
+        peer,
+        s.config.http.listen.ip(),
+    );
+    match access {
+        AdminAccess::Granted => next.run(request).await,
+        AdminAccess::NeedsToken => unauthorized(),
+        AdminAccess::Forbidden => Problem::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "Forbidden",
+            "admin routes answer only this host when the node has no http.token_file".into(),
+        )
+        .into_response(),
     }
 }
 
@@ -54,13 +123,28 @@ fn school_params(params: &HashMap<String, String>) -> Result<Option<Vec<Uuid>>, 
         .transpose()
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/admin/resync",
+    tag = "admin",
+    summary = "Run one resync now (`emis-edge resync`)",
+    params(
+        ("school" = Option<String>, Query, description = "Comma-separated school ids; default: every served school"),
+        ("dryRun" = Option<bool>, Query, description = "Change nothing; report the drift"),
+    ),
+    responses(
+        (status = 200, description = "The run's report, per school", body = Object),
+        (status = 400, description = "A malformed school id", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "`http.token_file` is set and the request has no valid bearer token", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 403, description = "No `http.token_file`, and the client is not on this host", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 409, description = "No `resync.central_url`, or a run is under way", body = ProblemDocument, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
 async fn admin_resync(
     State(s): State<ApiState>,
-    peer: ConnectInfo<SocketAddr>,
-    headers: axum::http::HeaderMap,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Response, Problem> {
-    loopback_only(&s, peer, &headers)?;
     let Query(params) = query?;
     let dry_run = params
         .get("dryRun")
@@ -79,22 +163,23 @@ async fn admin_resync(
     Ok(Json(report).into_response())
 }
 
-async fn admin_schools(
-    State(s): State<ApiState>,
-    peer: ConnectInfo<SocketAddr>,
-    headers: axum::http::HeaderMap,
-) -> Result<Response, Problem> {
-    loopback_only(&s, peer, &headers)?;
-    let schools = s.schools_to_sync(Vec::new()).map_err(|e| {
-        tracing::error!(error = %e, "listing schools failed");
-        Problem::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "store-error",
-            "Store error",
-            format!("{e:#}"),
-        )
-    })?;
-    Ok(Json(json!({ "schools": schools })).into_response())
+#[utoipa::path(
+    get,
+    path = "/api/admin/schools",
+    tag = "admin",
+    summary = "The schools a resync or an export covers",
+    responses(
+        (status = 200, description = "School ids", body = AdminSchools),
+        (status = 401, description = "`http.token_file` is set and the request has no valid bearer token", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 403, description = "No `http.token_file`, and the client is not on this host", body = ProblemDocument, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
+async fn admin_schools(State(s): State<ApiState>) -> Result<Response, Problem> {
+    let node = s.node().clone();
+    let schools = super::blocking(move || node.schools_to_sync(Vec::new())).await?;
+    let schools = schools?;
+    Ok(Json(AdminSchools { schools }).into_response())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,13 +202,26 @@ fn too_large(limit: u64) -> Problem {
 const IMPORT_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Imports an NDJSON snapshot file streamed in the request body.
+#[utoipa::path(
+    post,
+    path = "/api/admin/import",
+    tag = "admin",
+    summary = "Import a snapshot file (`emis-edge import`), all or nothing per school",
+    request_body(content = String, content_type = "application/x-ndjson", description = "Snapshot lines of one or more schools (contract §3), at most `http.max_import_bytes`"),
+    responses(
+        (status = 200, description = "The outcome per school", body = Object),
+        (status = 401, description = "`http.token_file` is set and the request has no valid bearer token", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 403, description = "No `http.token_file`, and the client is not on this host", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 413, description = "The body exceeds `http.max_import_bytes`", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 500, description = "The import failed (e.g. the disk is full); nothing of a failed school is kept", body = ProblemDocument, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
 async fn admin_import(
     State(s): State<ApiState>,
-    peer: ConnectInfo<SocketAddr>,
     headers: axum::http::HeaderMap,
     body: Body,
 ) -> Result<Response, Problem> {
-    loopback_only(&s, peer, &headers)?;
     let limit = s.config.http.max_import_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -144,6 +242,7 @@ async fn admin_import(
     let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
     let store = s.store.clone();
     let filter = s.config.school_filter();
+    let skew = s.config.max_future_skew();
     let now = s.clock.now();
     let outcomes = tokio::task::spawn_blocking(move || {
         // Periodic progress lines in the node's log.
@@ -151,6 +250,7 @@ async fn admin_import(
         crate::resync::import(
             &store,
             &filter,
+            skew,
             std::io::BufReader::with_capacity(1 << 20, reader),
             now,
             |p| {

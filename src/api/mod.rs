@@ -1,14 +1,18 @@
 //! The HTTP API (contract §4): which routes exist, behind which layers
 //! (bearer token, time and concurrency limits, request metrics), and the
 //! HTTP-only state they need on top of [`NodeState`] (the accepted
-//! tokens). The routes themselves are in [`read`] (lookups, lists,
-//! snapshot, status, dead letters), [`admin`] (what the CLI does through a
-//! running node) and [`ops`] (health and metrics); errors are
+//! tokens, the metrics registry, the long-poll slots, the stop signal).
+//! The routes themselves are in [`read`] (lookups, lists, snapshot, status,
+//! dead letters), [`feed`] (the change feed, contract §6), [`admin`] (what
+//! the CLI does through a running node), [`ops`] (health and metrics) and
+//! [`page`] (the status page), each with its OpenAPI description
+//! ([`openapi`]); errors are
 //! problem+json ([`problem`]). The connection loop underneath is
 //! `crate::server`.
 //!
 //! Handlers answer from the local store only; none makes a network call
-//! (the admin resync route starts a resync run, which does).
+//! (the admin resync route starts a resync run, which does), and none
+//! blocks an async thread (`ApiState::read`, `blocking`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,10 +20,14 @@ use std::time::Duration;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use tokio_util::sync::CancellationToken;
 
 use crate::state::NodeState;
+use crate::store::Reader;
 
 pub mod admin;
+pub mod feed;
+pub mod openapi;
 pub mod ops;
 pub mod page;
 pub mod problem;
@@ -38,11 +46,39 @@ struct ApiParts {
     node: NodeState,
     /// Bearer tokens accepted on `/api/*` (none: no authentication).
     tokens: Vec<String>,
+    /// What `/metrics` renders.
+    registry: prometheus_client::registry::Registry,
+    /// Slots of change-feed requests held waiting (`http.max_long_polls`).
+    long_polls: Arc<tokio::sync::Semaphore>,
+    /// Fires when the node stops: held long-polls answer at once.
+    stopping: CancellationToken,
 }
 
 impl ApiState {
-    pub fn new(node: NodeState, tokens: Vec<String>) -> ApiState {
-        ApiState(Arc::new(ApiParts { node, tokens }))
+    /// The HTTP state of a node whose held requests end when `stopping`
+    /// fires.
+    pub fn new(node: NodeState, tokens: Vec<String>, stopping: CancellationToken) -> ApiState {
+        let registry = ops::registry(node.clone());
+        let long_polls = Arc::new(tokio::sync::Semaphore::new(node.config.max_long_polls()));
+        ApiState(Arc::new(ApiParts {
+            node,
+            tokens,
+            registry,
+            long_polls,
+            stopping,
+        }))
+    }
+
+    fn long_polls(&self) -> &Arc<tokio::sync::Semaphore> {
+        &self.0.long_polls
+    }
+
+    fn stopping(&self) -> &CancellationToken {
+        &self.0.stopping
+    }
+
+    fn registry(&self) -> &prometheus_client::registry::Registry {
+        &self.0.registry
     }
 
     pub fn node(&self) -> &NodeState {
@@ -52,6 +88,69 @@ impl ApiState {
     fn tokens(&self) -> &[String] {
         &self.0.tokens
     }
+}
+
+impl ApiState {
+    /// Runs `f` on one read transaction of the store without blocking this
+    /// async thread for long. The fast path reads here: a lookup is a few
+    /// microseconds of redb reads from its page cache, cheaper than a hop
+    /// to the blocking pool (see docs/PERFORMANCE.md). Only when the store
+    /// is being reopened, or the handle turns out poisoned by a writer's
+    /// I/O error, the read moves to the blocking pool, where it waits for
+    /// the writer's reopen and runs once more
+    /// ([`Store::read_with`](crate::store::Store::read_with)); a
+    /// store that does not come back in time is `503` with `Retry-After`,
+    /// never `500`. A reader never reopens the file itself.
+    pub(crate) async fn read<T, F>(&self, f: F) -> Result<T, Problem>
+    where
+        F: Fn(&Reader) -> crate::store::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        match self.store.try_read().and_then(|r| f(&r)) {
+            Err(e) if e.is_transient() => {}
+            done => return done.map_err(Problem::from),
+        }
+        let store = self.store.clone();
+        blocking(move || store.read_with(STORE_WAIT, f))
+            .await?
+            .map_err(Problem::from)
+    }
+
+    /// A read transaction to hand to blocking work (a snapshot stream):
+    /// at once when the store is open, else from the blocking pool once the
+    /// reopen is done.
+    pub(crate) async fn reader(&self) -> Result<Reader, Problem> {
+        match self.store.try_read() {
+            Err(e) if e.is_transient() => {}
+            done => return done.map_err(Problem::from),
+        }
+        let store = self.store.clone();
+        blocking(move || store.read_within(STORE_WAIT))
+            .await?
+            .map_err(Problem::from)
+    }
+}
+
+/// How long a request waits (on the blocking pool) for the store to be
+/// reopened before it is answered `503` with `Retry-After`: a reopen on a
+/// full disk takes about a second.
+pub const STORE_WAIT: Duration = Duration::from_secs(2);
+
+/// Runs work that may block (store reads that wait for a reopen, status
+/// documents, readiness, the metrics scrape) on tokio's blocking pool, so
+/// that `/health/live` and every other request keep their async threads.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Problem> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        tracing::error!(error = %e, "blocking request work failed");
+        Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "Internal error",
+            "the request failed; see the node's log".into(),
+        )
+    })
 }
 
 impl std::ops::Deref for ApiState {
@@ -66,6 +165,9 @@ impl std::ops::Deref for ApiState {
 /// `414`. (A request head over `server::MAX_HEADER_BYTES` is refused by
 /// hyper with `431` before it gets here.)
 pub const MAX_URI_BYTES: usize = 8 * 1024;
+/// … except on the change feed, whose `school` parameter repeats: there
+/// the request head's own limit is the only one.
+pub const MAX_FEED_URI_BYTES: usize = crate::server::MAX_HEADER_BYTES;
 
 pub fn router(state: ApiState) -> Router {
     router_with(state, Router::new())
@@ -103,24 +205,38 @@ pub fn router_with(state: ApiState, extra: Router<ApiState>) -> Router {
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
             state.config.http.max_concurrent_requests,
         ));
-    // Reads: bearer token when http.token_file is set, and a time limit.
-    let api = read::routes().merge(extra);
-    // Without tokens configured, no per-request token check at all.
-    let api = if state.tokens().is_empty() {
-        api
-    } else {
-        api.route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            require_token,
-        ))
+    // Reads: bearer token when http.token_file is set (without tokens
+    // configured, no per-request token check at all), and the limits.
+    let guard = |routes: Router<ApiState>| {
+        if state.tokens().is_empty() {
+            routes
+        } else {
+            routes.route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                require_token,
+            ))
+        }
     };
-    let api = api.layer(limits);
+    let api = guard(read::routes().split_for_parts().0.merge(extra)).layer(limits);
+    // The change feed: the same tokens, but neither the time limit nor the
+    // concurrency limit of the reads (a held long-poll is neither slow nor
+    // busy); it has its own bound (`api::feed`).
+    let feed = guard(feed::routes().split_for_parts().0);
+    let (admin, _) = admin::routes()
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            admin::admin_only,
+        ))
+        .split_for_parts();
+    let (description, _) = openapi::routes().split_for_parts();
     let main = Router::new()
         .merge(api)
-        .merge(admin::routes())
-        .merge(page::routes());
+        .merge(feed)
+        .merge(admin)
+        .merge(description)
+        .merge(page::routes().split_for_parts().0);
     let main = if state.config.http.ops_listen.is_none() {
-        main.merge(ops::routes(&state))
+        main.merge(ops::routes().split_for_parts().0)
     } else {
         main
     };
@@ -129,7 +245,7 @@ pub fn router_with(state: ApiState, extra: Router<ApiState>) -> Router {
 
 /// `/health/*` and `/metrics` alone, for `http.ops_listen`.
 pub fn ops_router(state: ApiState) -> Router {
-    let routes = ops::routes(&state);
+    let (routes, _) = ops::routes().split_for_parts();
     finish(routes, state)
 }
 
@@ -153,18 +269,24 @@ fn finish(router: Router<ApiState>, state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// Refuses request targets over [`MAX_URI_BYTES`] before routing.
+/// Refuses request targets over [`MAX_URI_BYTES`] (the change feed:
+/// [`MAX_FEED_URI_BYTES`]) before routing.
 async fn limit_uri(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let len = request
         .uri()
         .path_and_query()
         .map_or(0, |p| p.as_str().len());
-    if len > MAX_URI_BYTES {
+    let max = if request.uri().path() == "/api/changes" {
+        MAX_FEED_URI_BYTES
+    } else {
+        MAX_URI_BYTES
+    };
+    if len > max {
         return Problem::new(
             StatusCode::URI_TOO_LONG,
             "uri-too-long",
             "URI too long",
-            format!("the request target is {len} bytes; at most {MAX_URI_BYTES} are accepted"),
+            format!("the request target is {len} bytes; at most {max} are accepted"),
         )
         .into_response();
     }

@@ -2,66 +2,100 @@
 //! `/metrics` (served on the API listener, or alone on `http.ops_listen`),
 //! and the Prometheus exposition of the node's state behind `/metrics`.
 //! The instruments recorded as things happen are `crate::metrics`; the
-//! gauges here are read at scrape time from the store, the sync state and
-//! the worker registry, so they cannot drift from what status reports.
-
-use std::sync::Arc;
+//! gauges here are read at scrape time from the store (counts, offsets and
+//! the watermark: a few look-ups, never a walk over records), the sync
+//! state and the worker registry, so they cannot drift from what status
+//! reports. Per-school freshness needs a walk: the `freshness` worker does
+//! it and the scrape reads its last result. A scrape runs on the blocking
+//! pool.
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::problem::Problem;
+use super::problem::{Problem, ProblemDocument};
 use super::ApiState;
 use crate::metrics::{labels, Labels};
 use crate::state::NodeState;
 use crate::store::counter;
 use crate::worker::WorkerState;
 
-pub(super) fn routes(state: &ApiState) -> Router<ApiState> {
-    let registry = Arc::new(registry(state.node().clone()));
-    Router::new()
-        .route("/health/live", get(|| async { "ok\n" }))
-        .route("/health/ready", get(ready))
-        .route(
-            "/metrics",
-            get(move |headers: axum::http::HeaderMap| async move {
-                let text = render(&registry);
-                let openmetrics = headers
-                    .get(header::ACCEPT)
-                    .and_then(|v| v.to_str().ok())
-                    .is_some_and(|v| v.contains("application/openmetrics-text"));
-                if openmetrics {
-                    (
-                        [(
-                            header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        text,
-                    )
-                } else {
-                    (
-                        [(
-                            header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4; charset=utf-8",
-                        )],
-                        to_prometheus_text(&text),
-                    )
-                }
-            }),
-        )
+pub(super) fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(live))
+        .routes(routes!(ready))
+        .routes(routes!(metrics))
 }
 
+#[utoipa::path(
+    get,
+    path = "/health/live",
+    tag = "operations",
+    summary = "Liveness: 200 while the process runs",
+    responses((status = 200, description = "The process runs", body = String, content_type = "text/plain", example = "ok\n")),
+)]
+async fn live() -> &'static str {
+    "ok\n"
+}
+
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    summary = "Prometheus metrics",
+    description = "The Prometheus text format (0.0.4), or OpenMetrics 1.0 for a client whose `Accept` asks for `application/openmetrics-text`.",
+    responses((status = 200, description = "The exposition", body = String, content_type = "text/plain; version=0.0.4; charset=utf-8")),
+)]
+async fn metrics(State(s): State<ApiState>, headers: HeaderMap) -> Result<Response, Problem> {
+    // The collector reads the store: off the async threads.
+    let state = s.clone();
+    let text = super::blocking(move || render(state.registry())).await?;
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/openmetrics-text"));
+    Ok(if openmetrics {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response()
+    } else {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            to_prometheus_text(&text),
+        )
+            .into_response()
+    })
+}
+
+#[utoipa::path(
+    get,
+    path = "/health/ready",
+    tag = "operations",
+    summary = "Readiness: 200 once the store is open and the node has data or has finished its first sync",
+    responses(
+        (status = 200, description = "Ready", body = String, content_type = "text/plain", example = "ready\n"),
+        (status = 503, description = "Not ready; `detail` says why", body = ProblemDocument, content_type = "application/problem+json"),
+    ),
+)]
 async fn ready(State(s): State<ApiState>) -> Result<Response, Problem> {
-    match s.readiness()? {
+    let node = s.node().clone();
+    match super::blocking(move || node.readiness()).await?? {
         Ok(()) => Ok("ready\n".into_response()),
         Err(why) => Err(Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -116,10 +150,37 @@ pub fn registry(state: NodeState) -> Registry {
         "Drift found by resync runs, by entity kind and category",
         m.resync_drift.clone(),
     );
-    registry.register_collector(Box::new(NodeCollector {
-        state,
-        freshness: std::sync::Mutex::new(None),
-    }));
+    registry.register(
+        "feed_long_polls",
+        "Change-feed requests held waiting for a change now",
+        m.feed_long_polls.clone(),
+    );
+    registry.register(
+        "feed_long_polls_refused",
+        "Change-feed requests answered 503 because http.max_long_polls were held already",
+        m.feed_long_polls_refused.clone(),
+    );
+    registry.register(
+        "upstream_pages",
+        "Pages of the parent's change feed applied",
+        m.upstream_pages.clone(),
+    );
+    registry.register(
+        "upstream_lines",
+        "Change lines in the parent's pages applied",
+        m.upstream_lines.clone(),
+    );
+    registry.register(
+        "upstream_bytes",
+        "Bytes received from the parent's change feed and snapshots (compressed, as sent)",
+        m.upstream_bytes.clone(),
+    );
+    registry.register(
+        "upstream_errors",
+        "Failed requests to the parent, by reason",
+        m.upstream_errors.clone(),
+    );
+    registry.register_collector(Box::new(NodeCollector { state }));
     registry
 }
 
@@ -162,39 +223,8 @@ pub fn render(registry: &Registry) -> String {
     out
 }
 
-/// How long a computed per-school freshness is reused: computing it walks
-/// every served school's records.
-const FRESHNESS_TTL: std::time::Duration = std::time::Duration::from_secs(300);
-
-type Freshness = Vec<(uuid::Uuid, crate::domain::Timestamp)>;
-
 struct NodeCollector {
     state: NodeState,
-    freshness: std::sync::Mutex<Option<(std::time::Instant, Freshness)>>,
-}
-
-impl NodeCollector {
-    fn freshness(&self) -> Freshness {
-        let mut cached = self.freshness.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((at, value)) = cached.as_ref() {
-            if at.elapsed() < FRESHNESS_TTL {
-                return value.clone();
-            }
-        }
-        let s = &self.state;
-        let value = s
-            .schools_to_sync(Vec::new())
-            .and_then(|schools| s.store.read()?.oldest_synced(&schools))
-            .unwrap_or_else(|e| {
-                tracing::error!(error = %format!("{e:#}"), "metrics: freshness not computed");
-                Vec::new()
-            });
-        // Nothing to report yet is not worth caching.
-        if !value.is_empty() {
-            *cached = Some((std::time::Instant::now(), value.clone()));
-        }
-        value
-    }
 }
 
 impl std::fmt::Debug for NodeCollector {
@@ -292,6 +322,28 @@ impl Collector for NodeCollector {
             "1 when the last contact with the broker succeeded",
             bare(f64::from(u8::from(state.kafka_connected))),
         )?;
+        if let Some(u) = &state.upstream {
+            gauge(
+                &mut encoder,
+                "upstream_connected",
+                "1 when the last request to the parent (upstream.url) was answered with a page",
+                bare(f64::from(u8::from(u.connected))),
+            )?;
+            gauge(
+                &mut encoder,
+                "upstream_caught_up",
+                "1 when the last page applied from the parent was the end of its feed for now",
+                bare(f64::from(u8::from(u.caught_up))),
+            )?;
+            if let Some(at) = u.last_page_at {
+                gauge(
+                    &mut encoder,
+                    "upstream_seconds_since_last_page",
+                    "Seconds since the last page from the parent was applied",
+                    bare(s.clock.now().saturating_sub(at).max(0) as f64 / 1e9),
+                )?;
+            }
+        }
         let (stats, watermark, offsets) = match s
             .store
             .read()
@@ -321,7 +373,44 @@ impl Collector for NodeCollector {
             let labels = vec![("outcome".to_string(), outcome.to_string())];
             ConstCounter::new(n).encode(events.encode_family(&labels)?)?;
         }
+        let stored = |name: &str| stats.counters.get(name).copied().unwrap_or(0);
+        ConstCounter::new(stored(counter::DEAD_LETTERS_DROPPED)).encode(
+            encoder.encode_descriptor(
+                "dead_letters_dropped",
+                "Dead letters dropped by their retention (store.dead_letter_max_count, \
+                 store.dead_letter_retention), oldest first (persisted)",
+                None,
+                MetricType::Counter,
+            )?,
+        )?;
+        ConstCounter::new(stored(counter::OFFSET_OUT_OF_RANGE)).encode(
+            encoder.encode_descriptor(
+                "offset_out_of_range",
+                "Partitions found reading outside what Kafka still holds (events lost to \
+                 retention, or the topic recreated); each requested a resync (persisted)",
+                None,
+                MetricType::Counter,
+            )?,
+        )?;
 
+        if state.upstream.is_some() {
+            let mut changes = encoder.encode_descriptor(
+                "upstream_changes",
+                "Change lines of the parent's feed, by outcome (persisted: survives restarts)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (outcome, name) in [
+                ("applied", counter::FEED_APPLIED),
+                ("stale", counter::FEED_STALE),
+                ("skipped", counter::FEED_SKIPPED),
+                ("transferred_out", counter::FEED_TRANSFERRED_OUT),
+            ] {
+                let n = stats.counters.get(name).copied().unwrap_or(0);
+                ConstCounter::new(n)
+                    .encode(changes.encode_family(&labels(&[("outcome", outcome)]))?)?;
+            }
+        }
         gauge(
             &mut encoder,
             "store_pending_documents",
@@ -377,7 +466,10 @@ impl Collector for NodeCollector {
         let since = state
             .partition_last_event
             .iter()
-            .map(|((t, p), at)| (partition(t, *p), (now - at).max(0) as f64 / 1e9))
+            .map(|((t, p), at)| {
+                let seconds = crate::domain::seconds_between(*at, now);
+                (partition(t, *p), seconds)
+            })
             .collect();
         gauge(
             &mut encoder,
@@ -385,15 +477,19 @@ impl Collector for NodeCollector {
             "Seconds since this node last received an event of the partition",
             since,
         )?;
-        let fresh = self
-            .freshness()
+        // As the freshness worker last computed it: a scrape never walks
+        // the records.
+        let fresh = s
+            .metrics
+            .school_freshness
+            .get()
             .iter()
             .map(|(school, t)| (labels(&[("school", &school.to_string())]), *t as f64 / 1e9))
             .collect();
         gauge(
             &mut encoder,
             "school_oldest_synced_timestamp_seconds",
-            "Oldest lastSyncedAt among a served school's live records (refreshed every 5 minutes)",
+            "Oldest lastSyncedAt among a served school's live records (computed every 5 minutes)",
             fresh,
         )?;
         if let Some(allocated) = crate::store::allocated_bytes(&s.config.store_path()) {

@@ -9,8 +9,8 @@
 
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::ApiState;
 
@@ -24,10 +24,18 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'unsafe-in
      style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; \
      form-action 'none'; frame-ancestors 'none'";
 
-pub(super) fn routes() -> Router<ApiState> {
-    Router::new().route("/", get(page))
+pub(super) fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new().routes(routes!(page))
 }
 
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "operations",
+    summary = "The status page, for a person with a browser",
+    description = "One self-contained HTML page (no external assets) that draws `/api/sync/status` and `/api/sync/dead-letters` and refreshes itself; with `http.token_file` set it asks for the token.",
+    responses((status = 200, description = "The page", body = String, content_type = "text/html; charset=utf-8")),
+)]
 async fn page() -> Response {
     (
         [

@@ -8,7 +8,6 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::Path;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 use uuid::Uuid;
 
 use crate::store::StoreError;
@@ -24,6 +23,8 @@ pub struct Problem {
     kind: &'static str,
     title: &'static str,
     detail: String,
+    /// Seconds for a `Retry-After` header (a `503` that will pass).
+    retry_after: Option<u32>,
 }
 
 impl Problem {
@@ -38,6 +39,22 @@ impl Problem {
             kind,
             title,
             detail,
+            retry_after: None,
+        }
+    }
+
+    /// `503 store-unavailable` with `Retry-After`: the store is being
+    /// reopened after an I/O error, a moment and not a fault of the
+    /// request.
+    pub fn store_unavailable(detail: String) -> Self {
+        Problem {
+            retry_after: Some(1),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store-unavailable",
+                "Store unavailable",
+                detail,
+            )
         }
     }
 
@@ -60,35 +77,60 @@ impl Problem {
     }
 }
 
+/// An error (RFC 9457 problem details, `application/problem+json`).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[schema(as = Problem)]
+pub struct ProblemDocument {
+    /// `urn:emis-edge:problem:` and a short name.
+    #[serde(rename = "type")]
+    #[schema(example = "urn:emis-edge:problem:not-found")]
+    kind: String,
+    #[schema(example = "Not found")]
+    title: &'static str,
+    #[schema(example = 404)]
+    status: u16,
+    #[schema(example = "teacher 0e150000-0000-4000-8000-000000000001 is not known here")]
+    detail: String,
+}
+
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
-        let body = json!({
-            "type": format!("urn:emis-edge:problem:{}", self.kind),
-            "title": self.title,
-            "status": self.status.as_u16(),
-            "detail": self.detail,
-        });
-        (
+        let body = serde_json::to_value(ProblemDocument {
+            kind: format!("urn:emis-edge:problem:{}", self.kind),
+            title: self.title,
+            status: self.status.as_u16(),
+            detail: self.detail,
+        })
+        .expect("a problem always serializes");
+        let mut response = (
             self.status,
             [(header::CONTENT_TYPE, "application/problem+json")],
             body.to_string(),
         )
-            .into_response()
+            .into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, secs.into());
+        }
+        response
     }
 }
 
 impl From<StoreError> for Problem {
     fn from(e: StoreError) -> Self {
-        tracing::error!(error = %e, "store read failed");
-        if let StoreError::Unavailable(why) = e {
+        if e.is_transient() {
             // Reopening after an I/O error: a moment, not a fault of the request.
-            return Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store-unavailable",
-                "Store unavailable",
-                format!("the local store is not available ({why}); try again shortly"),
-            );
+            tracing::warn!(error = %e, "store read deferred: the store is being reopened");
+            let why = match e {
+                StoreError::Unavailable(why) => why,
+                other => other.to_string(),
+            };
+            return Problem::store_unavailable(format!(
+                "the local store is not available ({why}); try again shortly"
+            ));
         }
+        tracing::error!(error = %e, "store read failed");
         Problem::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "store-error",

@@ -135,6 +135,11 @@ enum Command {
         /// Of every thousand changes published, how many are malformed.
         #[arg(long, default_value_t = 20, value_name = "N")]
         malformed_per_mille: u32,
+        /// Also start N school nodes (in-process, each on its own port and
+        /// temporary store) that follow this provincial node's change feed,
+        /// one school each.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        followers: u32,
     },
     /// Generate realistic Vietnamese EMIS data, deterministically from a seed:
     /// a snapshot file for `import` (--out), every entity's `created` event
@@ -248,6 +253,7 @@ pub fn run() -> ExitCode {
             data_dir,
             rate,
             malformed_per_mille,
+            followers,
         } => {
             init_logging(&Config::default());
             let options = crate::demo::Options {
@@ -256,6 +262,7 @@ pub fn run() -> ExitCode {
                 listen,
                 rate,
                 malformed_per_mille,
+                followers,
             };
             let result = tokio::runtime::Runtime::new()
                 .map_err(anyhow::Error::new)
@@ -341,6 +348,7 @@ fn open_store(config: &Config) -> anyhow::Result<Arc<Store>> {
     std::fs::create_dir_all(&config.node.data_dir)?;
     let options = StoreOptions {
         cache_bytes: config.store.cache_mb << 20,
+        dead_letter_max_count: config.store.dead_letter_max_count,
     };
     Ok(Arc::new(Store::open(&path, &options)?))
 }
@@ -351,25 +359,29 @@ fn local_addr(config: &Config) -> std::net::SocketAddr {
     crate::config::reachable(config.http.listen)
 }
 
-/// A client that sends the node's first API token, when it has any.
-fn node_client(config: &Config, timeout: Duration) -> anyhow::Result<reqwest::Client> {
+/// A client that sends the node's first API token (`http.token_file`),
+/// when it has any: read routes need it then, and admin routes need it
+/// from every peer, loopback too.
+fn node_client(config: &Config, timeout: Option<Duration>) -> anyhow::Result<reqwest::Client> {
     let mut headers = reqwest::header::HeaderMap::new();
     if let Some(token) = config.load_tokens()?.into_iter().next() {
         let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))?;
         value.set_sensitive(true);
         headers.insert(reqwest::header::AUTHORIZATION, value);
     }
-    Ok(reqwest::Client::builder()
-        .timeout(timeout)
-        .default_headers(headers)
-        .build()?)
+    let mut builder = reqwest::Client::builder().default_headers(headers);
+    if let Some(timeout) = timeout {
+        builder = builder.timeout(timeout);
+    }
+    Ok(builder.build()?)
 }
 
 /// How the CLI reaches the running node.
 enum Ask {
     /// A read route (`/api/…`): sends the node's token, short timeout.
     Read,
-    /// An admin route: loopback needs no token; may run for long.
+    /// An admin route: sends the node's token too (with `http.token_file`
+    /// set the node asks it of every peer); may run for long.
     Admin,
 }
 
@@ -384,8 +396,8 @@ async fn ask_node(
 ) -> anyhow::Result<Option<serde_json::Value>> {
     let url = format!("http://{}{path}", local_addr(config));
     let client = match ask {
-        Ask::Read => node_client(config, Duration::from_secs(5))?,
-        Ask::Admin => reqwest::Client::new(),
+        Ask::Read => node_client(config, Some(Duration::from_secs(5)))?,
+        Ask::Admin => node_client(config, None)?,
     };
     let mut request = client.request(method, &url);
     if let Some(body) = body {

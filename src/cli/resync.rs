@@ -1,6 +1,7 @@
 //! `resync`: one resync (or, with `--dry-run`, a drift audit) of the served
-//! schools against `resync.central_url` — posted to the running node's admin
-//! route if there is one, else run by `crate::resync` on the store directly.
+//! schools against `resync.central_url` (a follower without one: its
+//! parent, `upstream.url`) — posted to the running node's admin route if
+//! there is one, else run by `crate::resync` on the store directly.
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ConfigError};
@@ -12,10 +13,10 @@ pub(super) fn resync(
     schools: Vec<uuid::Uuid>,
     dry_run: bool,
 ) -> anyhow::Result<bool> {
-    let Some(base) = config.resync.central_url.clone() else {
+    let Some((base, client)) = crate::resync::source(config)? else {
         config_error(&ConfigError {
             key: "resync.central_url".into(),
-            message: "must be set to resync".into(),
+            message: "must be set to resync (or upstream.url, on a follower)".into(),
         });
         std::process::exit(2);
     };
@@ -35,12 +36,12 @@ pub(super) fn resync(
                     !schools.is_empty(),
                     "no school to resync: set schools.ids or name --school"
                 );
-                let client = crate::resync::http_client(config)?;
                 let report = crate::resync::run(
                     &store,
                     &client,
                     &base,
                     schools,
+                    config.max_future_skew(),
                     || SystemClock.now(),
                     dry_run,
                 )

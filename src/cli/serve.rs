@@ -1,6 +1,7 @@
 //! `serve` runs the node until SIGTERM/SIGINT; `check-config` validates the
 //! configuration `serve` would run with and prints it, secrets redacted.
-//! Both refuse the same token files, with exit code 2.
+//! Both refuse the same configurations (including an empty `schools.ids`
+//! without `schools.all`) and token files, with exit code 2.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -16,6 +17,9 @@ pub(super) fn serve(config: Option<&Path>) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    if let Err(e) = config.validate_serving() {
+        return config_error(&e);
+    }
     if let Err(code) = check_token_files(&config) {
         return code;
     }
@@ -39,7 +43,10 @@ pub(super) fn serve(config: Option<&Path>) -> ExitCode {
 }
 
 pub(super) fn check_config(path: &Path) -> ExitCode {
-    match Config::load(Some(path), std::env::vars()) {
+    match Config::load(Some(path), std::env::vars()).and_then(|c| {
+        c.validate_serving()?;
+        Ok(c)
+    }) {
         Ok(c) => {
             if let Err(code) = check_token_files(&c) {
                 return code;
@@ -58,6 +65,7 @@ fn check_token_files(c: &Config) -> Result<(), ExitCode> {
     for (key, check) in [
         ("http.token_file", c.load_tokens().map(|_| ())),
         ("resync.token_file", c.resync_token().map(|_| ())),
+        ("upstream.token_file", c.upstream_token().map(|_| ())),
     ] {
         if let Err(e) = check {
             return Err(config_error(&ConfigError {

@@ -86,6 +86,29 @@ fn render_status(doc: &SyncStatus, source: &str) -> String {
             .map(|e| format!(" — {e}"))
             .unwrap_or_default()
     );
+    if let Some(u) = &doc.upstream {
+        let _ = writeln!(
+            out,
+            "upstream       {} {}, {}{}",
+            u.url,
+            if u.connected {
+                "connected"
+            } else {
+                "NOT CONNECTED"
+            },
+            if u.caught_up { "caught up" } else { "BEHIND" },
+            u.last_error
+                .as_ref()
+                .map(|e| format!(" — {e}"))
+                .unwrap_or_default()
+        );
+        let _ = writeln!(
+            out,
+            "               cursor {}, last page {}",
+            or_dash(u.cursor.as_deref()),
+            or_dash(u.last_page_at.as_deref())
+        );
+    }
     if let Some(e) = &doc.store_error {
         let _ = writeln!(
             out,

@@ -41,7 +41,7 @@ pub(super) fn export(
                 schools
             };
             rt.block_on(async {
-                let client = node_client(config, Duration::from_secs(3600))?;
+                let client = node_client(config, Some(Duration::from_secs(3600)))?;
                 let mut lines = 0u64;
                 for school in schools {
                     let url = format!(
@@ -79,6 +79,20 @@ pub(super) fn import(config: &Config, file: &Path) -> anyhow::Result<bool> {
         .len();
     let rt = runtime()?;
     let via_node = rt.block_on(async {
+        // A node refuses an upload it does not authorise without reading
+        // the body, which can reset the connection before the refusal is
+        // read: a cheap admin request first makes the refusal (401, 403)
+        // what the operator sees.
+        let probe = ask_node(
+            config,
+            Ask::Admin,
+            reqwest::Method::GET,
+            "/api/admin/schools",
+            None,
+        );
+        if probe.await?.is_none() {
+            return Ok(None);
+        }
         let f = tokio::fs::File::open(file).await?;
         // The bar shows what was sent; the node logs how far it got.
         let mut tick = progress(Some(size), "bytes sent to the node");
@@ -114,6 +128,7 @@ pub(super) fn import(config: &Config, file: &Path) -> anyhow::Result<bool> {
             let outcomes = crate::resync::import(
                 &store,
                 &config.school_filter(),
+                config.max_future_skew(),
                 std::io::BufReader::with_capacity(1 << 20, counted),
                 SystemClock.now(),
                 |p| {

@@ -73,27 +73,45 @@ pub fn render(detail: &TeacherDetail) -> Vec<u8> {
     serde_json::to_vec(&teacher_detail_dto(detail)).expect("teacher detail always serializes")
 }
 
-#[derive(Serialize)]
+/// The teacher-detail document (contract §4): the teacher, when this node
+/// last changed it, and its live assignments sorted by `className` then
+/// `classId`.
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct TeacherDetailDto<'a> {
+#[schema(as = TeacherDetail)]
+pub struct TeacherDetailDto<'a> {
     #[serde(flatten)]
     teacher: &'a Teacher,
+    /// When this node last changed the teacher (RFC 3339).
+    #[schema(example = "2025-10-26T10:00:01.25Z")]
     last_synced_at: String,
     class_assignments: Vec<AssignmentDto<'a>>,
 }
 
-#[derive(Serialize)]
+/// One assignment of the teacher with its class. The class fields are
+/// `null` while the class is not replicated here; an assignment whose
+/// class is deleted is left out.
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct AssignmentDto<'a> {
+#[schema(as = ClassAssignment)]
+pub struct AssignmentDto<'a> {
     assignment_id: Uuid,
     class_id: Uuid,
+    #[schema(example = "Lớp 10A1")]
     class_name: Option<&'a str>,
+    #[schema(example = "Khối 10")]
     grade: Option<&'a str>,
+    /// The assignment's own academic year, else its class's.
+    #[schema(example = "2024-2025")]
     academic_year: Option<&'a str>,
+    #[schema(example = 45)]
     total_students: Option<u32>,
     school_id: Uuid,
+    #[schema(example = "Toán")]
     subject: Option<&'a str>,
     role: Role,
+    /// When this node last changed the assignment (RFC 3339).
+    #[schema(example = "2025-10-26T10:00:01.25Z")]
     last_synced_at: String,
 }
 

@@ -139,19 +139,23 @@ impl PartialOrd for OrderKey {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Class {
     pub class_id: Uuid,
     pub school_id: Uuid,
+    #[schema(example = "Lớp 10A1")]
     pub class_name: String,
+    #[schema(example = "Khối 10")]
     pub grade: Option<String>,
+    #[schema(example = "2024-2025")]
     pub academic_year: Option<String>,
+    #[schema(example = 45)]
     pub total_students: Option<u32>,
     pub homeroom_teacher_id: Option<Uuid>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TeacherStatus {
     Active,
@@ -167,20 +171,24 @@ impl TeacherStatus {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Teacher {
     pub teacher_id: Uuid,
     pub school_id: Uuid,
+    #[schema(example = "Nguyễn Thị Hương")]
     pub full_name: String,
+    #[schema(example = "GV-001")]
     pub employee_code: Option<String>,
+    #[schema(example = "huong.nt@thpt-chuvanan.edu.vn")]
     pub email: Option<String>,
     pub phone: Option<String>,
+    #[schema(example = json!(["Toán", "Vật lý"]))]
     pub subjects: Vec<String>,
     pub status: TeacherStatus,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Homeroom,

@@ -12,6 +12,7 @@ pub mod event;
 pub mod feed;
 pub mod school;
 pub mod snapshot;
+pub mod time;
 
 pub use detail::{assemble_teacher_detail, AssignmentView, ClassLookup, TeacherDetail};
 pub use entity::{
@@ -22,3 +23,4 @@ pub use event::{Event, EventError, EventType};
 pub use feed::{Cursor, CursorError, FeedLine};
 pub use school::SchoolFilter;
 pub use snapshot::{SchoolSnapshot, SnapshotError, SnapshotLine, SnapshotReader};
+pub use time::{seconds_between, FutureSkew};

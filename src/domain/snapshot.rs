@@ -7,6 +7,12 @@ use uuid::Uuid;
 use super::entity::{format_timestamp, Entity, EntityKind, OrderKey, Record, Timestamp};
 use super::event::{parse_object, EventError, Fields};
 use super::feed::{Cursor, CursorError};
+use super::time::FutureSkew;
+
+/// The longest snapshot line read (a record or an end line), whether it
+/// comes from a download or a file: a Kafka event's payload limit, so that
+/// reading one line never holds more than that.
+pub const MAX_LINE_BYTES: usize = super::event::MAX_EVENT_BYTES;
 
 /// One parsed line of a snapshot.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -235,19 +241,34 @@ pub struct SnapshotError {
 
 /// Reads a stream of snapshot lines (one school or several concatenated),
 /// handing back each school's snapshot once its `end` line validates it.
-/// A school with a bad line, a record of another school, or a wrong count
-/// is rejected whole; reading goes on with the next school. Pure: the
-/// caller feeds lines from HTTP, a file or a test.
+/// A school with a bad line, a record of another school, a wrong count, or
+/// a record stamped more than the [`FutureSkew`] after the end line's
+/// `asOf` (contract §2, "Time") is rejected whole; reading goes on with the
+/// next school. Pure: the caller feeds lines from HTTP, a file or a test.
 #[derive(Debug, Default)]
 pub struct SnapshotReader {
     line: u64,
     records: Vec<(OrderKey, Entity)>,
+    /// The newest record timestamp of the school being read, and its line.
+    newest: Option<(Timestamp, u64)>,
     first_error: Option<SnapshotError>,
+    max_future_skew: FutureSkew,
 }
 
 impl SnapshotReader {
+    /// A reader that refuses records more than [`FutureSkew::DEFAULT`]
+    /// after their end line's `asOf`.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A reader that refuses records more than `max_future_skew` after
+    /// their end line's `asOf` (`ingest.max_future_skew`).
+    pub fn with_max_future_skew(max_future_skew: FutureSkew) -> Self {
+        SnapshotReader {
+            max_future_skew,
+            ..Self::default()
+        }
     }
 
     /// Lines fed so far.
@@ -267,6 +288,9 @@ impl SnapshotReader {
         match SnapshotLine::parse(raw) {
             Ok(SnapshotLine::Record { key, entity }) => {
                 if self.first_error.is_none() {
+                    if self.newest.is_none_or(|(t, _)| key.timestamp > t) {
+                        self.newest = Some((key.timestamp, line));
+                    }
                     self.records.push((key, entity));
                 }
                 None
@@ -278,6 +302,7 @@ impl SnapshotReader {
                 cursor,
             }) => {
                 let records = std::mem::take(&mut self.records);
+                let newest = self.newest.take();
                 if let Some(mut e) = self.first_error.take() {
                     e.school = Some(school_id);
                     return Some(Err(e));
@@ -302,6 +327,21 @@ impl SnapshotReader {
                         e.id(),
                         e.school_id()
                     ));
+                }
+                if let Some((newest, at)) = newest {
+                    let checked = self.max_future_skew.check(
+                        "timestamp",
+                        newest,
+                        as_of,
+                        "the end line's asOf",
+                    );
+                    if let Err(e) = checked {
+                        return Some(Err(SnapshotError {
+                            line: at,
+                            school: Some(school_id),
+                            reason: e.to_string(),
+                        }));
+                    }
                 }
                 Some(Ok(SchoolSnapshot {
                     school_id,
@@ -340,5 +380,79 @@ impl SnapshotReader {
                 self.records.len()
             ),
         })
+    }
+}
+
+#[cfg(test)]
+mod reader_tests {
+    use super::*;
+    use crate::domain::{Class, SyncSource};
+
+    const AS_OF: Timestamp = 1_761_472_800_000_000_000; // 2025-10-26T10:00:00Z
+    const HOUR: i64 = 3600 * 1_000_000_000;
+
+    fn class_line(n: u128, timestamp: Timestamp) -> Vec<u8> {
+        let line = record_line(&Record {
+            data: Entity::Class(Class {
+                class_id: Uuid::from_u128(n),
+                school_id: Uuid::from_u128(2),
+                class_name: "Lớp 10A1".into(),
+                grade: None,
+                academic_year: None,
+                total_students: None,
+                homeroom_teacher_id: None,
+            }),
+            key: OrderKey {
+                version: Some(1),
+                timestamp,
+                delete: false,
+                event_id: Uuid::from_u128(n),
+            },
+            last_synced_at: 0,
+            source: SyncSource::Kafka,
+        });
+        line[..line.len() - 1].to_vec()
+    }
+
+    fn read(
+        reader: &mut SnapshotReader,
+        times: &[Timestamp],
+    ) -> Result<SchoolSnapshot, SnapshotError> {
+        for (n, t) in times.iter().enumerate() {
+            assert!(reader.feed(&class_line(n as u128 + 1, *t)).is_none());
+        }
+        let end = end_line(Uuid::from_u128(2), times.len() as u64, AS_OF);
+        reader
+            .feed(end.trim_ascii_end())
+            .expect("an end line closes")
+    }
+
+    /// Contract §2 "Time": a record stamped more than the skew after its
+    /// end line's `asOf` fails the school whole, naming its line; the next
+    /// school is read as usual.
+    #[test]
+    fn a_record_beyond_the_skew_after_as_of_fails_its_school_whole() {
+        let mut reader = SnapshotReader::new();
+        let ok = read(&mut reader, &[AS_OF - HOUR, AS_OF + HOUR]).unwrap();
+        assert_eq!(ok.records.len(), 2);
+        let e = read(&mut reader, &[AS_OF, AS_OF + HOUR + 1, AS_OF - 1]).unwrap_err();
+        assert_eq!(e.line, 5, "{e}");
+        assert_eq!(e.school, Some(Uuid::from_u128(2)));
+        assert!(
+            e.reason.starts_with("field `timestamp`: 2025-10-26T11:00:00.000000001Z lies more than 1h (ingest.max_future_skew) after the end line's asOf 2025-10-26T10:00:00Z"),
+            "{e}"
+        );
+        // The year 2200.
+        let e = read(&mut reader, &[7_258_118_400_000_000_000]).unwrap_err();
+        assert!(e.reason.contains("2200-01-01T00:00:00Z"), "{e}");
+        assert!(read(&mut reader, &[AS_OF]).is_ok());
+        assert!(reader.finish().is_none());
+
+        let mut strict = SnapshotReader::with_max_future_skew(FutureSkew::from_duration(
+            std::time::Duration::from_secs(60),
+        ));
+        assert!(read(&mut strict, &[AS_OF + 60_000_000_000]).is_ok());
+        let e = read(&mut strict, &[AS_OF + 60_000_000_001]).unwrap_err();
+        assert!(e.reason.contains("more than 1m (ingest"), "{e}");
     }
 }

@@ -64,6 +64,8 @@ mod write;
 pub use bulk::{BulkLoad, Repeated};
 pub use feed::{ChangesPage, FeedError, FeedInfo, FeedItem, FeedState};
 pub use read::{Page, Reader, StateRow, StoreStats};
+#[cfg(feature = "fault-injection")]
+pub use reopen::HeldReopen;
 pub use schema::{counter, FORMAT_VERSION};
 pub use space::{allocated_bytes, CompactReport, StoreSpace, TableSpace, SPACE_EVERY};
 pub use write::{ApplyReport, Batch, Drift, ReconcileReport};
@@ -110,6 +112,12 @@ pub enum StoreError {
     Busy(String),
     #[error("store data is corrupt: {0}")]
     Corrupt(String),
+    /// Change `index` of a batch cannot be applied however often it is
+    /// tried (what is stored for its entity does not decode). Nothing of
+    /// the batch was written, and the store is not degraded by it: the
+    /// caller quarantines that change and applies the rest.
+    #[error("change {index} of the batch cannot be applied: {reason}")]
+    Refused { index: usize, reason: String },
     #[error("store I/O failed: {0}")]
     Db(#[from] redb::Error),
     /// The failure [`Store::fail_next_commit`] asks for.
@@ -147,6 +155,25 @@ impl StoreError {
                     | redb::Error::DatabaseClosed
             )
         )
+    }
+}
+
+impl StoreError {
+    /// The handle was poisoned by an I/O error (`PreviousIo`), or closed
+    /// for a reopen: a writer reopens the file, and a reader retries on
+    /// the new handle.
+    fn is_poisoned(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Db(redb::Error::PreviousIo | redb::Error::DatabaseClosed)
+        )
+    }
+
+    /// A moment of the store, not a fault of the request: it is being
+    /// reopened after an I/O error, or a reader met the handle that error
+    /// poisoned. HTTP answers `503` with `Retry-After`.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_)) || self.is_poisoned()
     }
 }
 
@@ -195,17 +222,33 @@ impl DeadLetter {
     }
 }
 
+/// Something the node remembers across restarts (kept in `meta`): when it
+/// happened (the node's clock), whether it went well, and what it was.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Note {
+    pub at: Timestamp,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// Dead letters kept at most, by default (`store.dead_letter_max_count`).
+pub const DEAD_LETTER_MAX_COUNT: u64 = 100_000;
+
 /// Options for opening a store.
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
     /// redb page cache in bytes.
     pub cache_bytes: usize,
+    /// Dead letters kept at most: a batch that adds some drops the oldest
+    /// beyond this, in the same transaction.
+    pub dead_letter_max_count: u64,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
             cache_bytes: 64 * 1024 * 1024,
+            dead_letter_max_count: DEAD_LETTER_MAX_COUNT,
         }
     }
 }
@@ -243,6 +286,8 @@ pub struct Store {
     space: space::SpaceCache,
     /// The last change-log position committed (see [`Store::subscribe`]).
     committed: tokio::sync::watch::Sender<u64>,
+    /// [`StoreOptions::dead_letter_max_count`].
+    dead_letter_max_count: u64,
     #[cfg(feature = "fault-injection")]
     fail_next_commit: AtomicBool,
 }
@@ -254,6 +299,9 @@ impl Store {
         Store {
             slot: Mutex::new(reopen::Slot::holding(db)),
             reopened: Condvar::new(),
+            dead_letter_max_count: file
+                .as_ref()
+                .map_or(DEAD_LETTER_MAX_COUNT, |(_, o)| o.dead_letter_max_count),
             file,
             health: Mutex::new(StoreHealth::default()),
             space: Default::default(),

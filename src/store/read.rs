@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::{Bound, ControlFlow};
 use std::sync::Arc;
+use std::time::Duration;
 
 use redb::{
     ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
@@ -17,12 +18,14 @@ use redb::{
 use serde::Serialize;
 use uuid::Uuid;
 
+use super::reopen::REOPEN_WAIT;
 use super::schema::{
     decode, decode_doc, decode_record, decode_watermark, entity_table, school_index, Id,
-    ASSIGNMENTS, ASSIGNMENT_BY_TEACHER, CLASSES, COUNTERS, DEAD_LETTERS, META, META_WATERMARK,
-    OFFSETS, PENDING_DOCS, TEACHERS, TEACHER_DOCS, TOMBSTONES,
+    ASSIGNMENTS, ASSIGNMENT_BY_TEACHER, CLASSES, COUNTERS, DEAD_LETTERS, META, META_LAST_RESYNC,
+    META_OFFSET_OUT_OF_RANGE, META_WATERMARK, OFFSETS, PENDING_DOCS, TEACHERS, TEACHER_DOCS,
+    TOMBSTONES,
 };
-use super::{DeadLetter, PartitionOffset, Result, Store, StoreError};
+use super::{DeadLetter, Note, PartitionOffset, Result, Store, StoreError};
 use crate::domain::{
     assemble_teacher_detail, Class, ClassLookup, Entity, EntityKind, OrderKey, Record,
     SchoolFilter, Teacher, TeacherDetail, Timestamp, Tombstone,
@@ -59,6 +62,8 @@ pub struct Reader {
     pub(super) txn: ReadTransaction,
     /// Tells a reopen that this transaction of the handle is still in use.
     _token: Arc<()>,
+    /// Which database of the store's slot it reads.
+    generation: u64,
 }
 
 impl Store {
@@ -69,13 +74,76 @@ impl Store {
         filter.schools_to_sync(given, || self.read()?.schools())
     }
 
-    /// One consistent view of the store.
+    /// One consistent view of the store, for a caller that may block
+    /// (a worker, the command line, a request on the blocking pool): while
+    /// the store is being reopened it waits (at most `REOPEN_WAIT`), and a
+    /// handle that a writer's I/O error just poisoned is given up for the
+    /// reopened one, once. It never reopens the file itself.
     pub fn read(&self) -> Result<Reader> {
-        let (db, token) = self.db()?;
-        Ok(Reader {
-            txn: db.begin_read()?,
-            _token: token,
-        })
+        self.read_within(REOPEN_WAIT)
+    }
+
+    /// [`Store::read`] for a caller that must not block (an async task):
+    /// [`StoreError::Unavailable`] at once while the store is being
+    /// reopened, and the poisoned handle's error as it is
+    /// ([`StoreError::is_transient`] tells both apart from real faults).
+    pub fn try_read(&self) -> Result<Reader> {
+        self.read_within(Duration::ZERO)
+    }
+
+    /// Runs `f` on one read transaction, waiting at most `wait` for a
+    /// reopen under way (as [`Store::read`] does). When the handle turns out
+    /// poisoned while `f` reads (`PreviousIo`: a writer's I/O error; that
+    /// writer reopens the file), it waits at most `wait` for the reopened
+    /// handle and runs `f` once more on a new transaction; if none comes,
+    /// [`StoreError::Unavailable`]. For a caller that may block.
+    pub fn read_with<T>(&self, wait: Duration, f: impl Fn(&Reader) -> Result<T>) -> Result<T> {
+        let reader = self.read_within(wait)?;
+        match f(&reader) {
+            Err(e) if e.is_poisoned() => {
+                let seen = reader.generation;
+                drop(reader); // the reopen waits for open transactions
+                if !self.wait_for_newer(seen, wait) {
+                    return Err(StoreError::Unavailable(format!(
+                        "a read met an I/O error of the store ({e}) and it was not reopened in time"
+                    )));
+                }
+                f(&self.read_within(wait)?)
+            }
+            other => other,
+        }
+    }
+
+    /// [`Store::read`], waiting at most `wait` (for a reopen under way, and
+    /// for a poisoned handle's reopen).
+    pub fn read_within(&self, wait: Duration) -> Result<Reader> {
+        let handle = self.reader_db(wait)?;
+        match handle.db.begin_read() {
+            Ok(txn) => Ok(Reader {
+                txn,
+                _token: handle.token,
+                generation: handle.generation,
+            }),
+            Err(e) => {
+                let e = StoreError::from(e);
+                if wait.is_zero() || !e.is_poisoned() {
+                    return Err(e);
+                }
+                let seen = handle.generation;
+                drop(handle);
+                if !self.wait_for_newer(seen, wait) {
+                    return Err(StoreError::Unavailable(format!(
+                        "the store met an I/O error ({e}) and was not reopened in time"
+                    )));
+                }
+                let handle = self.reader_db(wait)?;
+                Ok(Reader {
+                    txn: handle.db.begin_read()?,
+                    _token: handle.token,
+                    generation: handle.generation,
+                })
+            }
+        }
     }
 }
 
@@ -388,6 +456,22 @@ impl Reader {
         let meta = self.txn.open_table(META)?;
         let v = meta.get(META_WATERMARK)?;
         Ok(v.and_then(|v| decode_watermark(v.value())))
+    }
+
+    /// The last resync run's outcome, if one was recorded.
+    pub fn last_resync(&self) -> Result<Option<Note>> {
+        self.note(META_LAST_RESYNC)
+    }
+
+    /// The last time a stored offset fell outside its partition, if ever.
+    pub fn offset_out_of_range(&self) -> Result<Option<Note>> {
+        self.note(META_OFFSET_OUT_OF_RANGE)
+    }
+
+    fn note(&self, key: &str) -> Result<Option<Note>> {
+        let meta = self.txn.open_table(META)?;
+        let v = meta.get(key)?;
+        v.map(|v| decode(v.value())).transpose()
     }
 
     pub fn offsets(&self) -> Result<Vec<PartitionOffset>> {

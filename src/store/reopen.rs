@@ -5,8 +5,10 @@
 //!
 //! redb latches an I/O error: a handle that saw one answers every later
 //! write with `PreviousIo` until it is closed. So the open database sits in
-//! a [`Slot`] that a reopen empties and refills, readers and writers take it
-//! through [`Store::db`] (waiting while a reopen is under way), and each
+//! a [`Slot`] that a reopen empties and refills, writers take it through
+//! `Store::writer_db` and readers through [`Store::reader_db`] (each
+//! waiting while a reopen is under way, readers only as long as they may
+//! block; only a writer ever reopens), and each
 //! [`Reader`](super::Reader) carries a token that lets a reopen wait for its
 //! read transaction. This file deliberately knows nothing of tables or of
 //! what a write does; it opens the file the way `open.rs` does.
@@ -20,11 +22,10 @@ use super::open::{builder, check_format, classify, unusable};
 use super::{Result, Store, StoreError, StoreHealth};
 use crate::domain::Timestamp;
 
-/// How long a reader waits for a reopen in progress before it gives up
-/// with [`StoreError::Unavailable`].
-const REOPEN_WAIT: Duration = Duration::from_secs(5);
-/// After a failed reopen, the next reader or writer tries again, at most
-/// this often.
+/// How long a writer, or a reader that may block, waits for a reopen in
+/// progress before it gives up with [`StoreError::Unavailable`].
+pub(super) const REOPEN_WAIT: Duration = Duration::from_secs(5);
+/// After a failed reopen, the next writer tries again, at most this often.
 const REOPEN_RETRY: Duration = Duration::from_secs(1);
 /// How long a reopen lets the read transactions of the old handle finish
 /// (a lookup takes microseconds; a long snapshot stream is cut short).
@@ -47,9 +48,35 @@ pub(super) struct Slot {
     last_attempt: Option<Instant>,
     /// Why the last reopen failed.
     last_error: Option<String>,
+    /// Readers waiting in [`Store::reader_db`] for a handle.
+    readers_waiting: usize,
+}
+
+/// What a user of the slot gets: the database, the token its readers
+/// hold while their transaction is open, and which database of the slot
+/// it is.
+pub(super) struct Handle {
+    pub(super) db: Arc<Database>,
+    pub(super) token: Arc<()>,
+    pub(super) generation: u64,
 }
 
 impl Slot {
+    fn handle(&self) -> Option<Handle> {
+        self.db.as_ref().map(|db| Handle {
+            db: db.clone(),
+            token: self.readers.clone(),
+            generation: self.generation,
+        })
+    }
+
+    fn unavailable(&self) -> StoreError {
+        StoreError::Unavailable(match &self.last_error {
+            Some(e) => format!("it could not be reopened after an I/O error: {e}"),
+            None => "it is being reopened after an I/O error".into(),
+        })
+    }
+
     /// A slot holding a freshly opened database.
     pub(super) fn holding(db: Database) -> Slot {
         Slot {
@@ -70,15 +97,17 @@ impl Store {
         lock(&self.health).clone()
     }
 
-    /// The open database, and the token its readers hold. While a reopen
-    /// is under way this waits for it (at most [`REOPEN_WAIT`]); after a
-    /// failed one it tries again, at most every [`REOPEN_RETRY`].
-    pub(super) fn db(&self) -> Result<(Arc<Database>, Arc<()>)> {
+    /// The open database for a writer, the token its readers hold and its
+    /// generation. While a reopen is under way this waits for it (at most
+    /// [`REOPEN_WAIT`]); after a failed one the writer tries again, at most
+    /// every [`REOPEN_RETRY`]. Only writers reopen: readers use
+    /// [`Store::reader_db`].
+    fn writer_db(&self) -> Result<Handle> {
         let deadline = Instant::now() + REOPEN_WAIT;
         let mut slot = lock(&self.slot);
         loop {
-            if let Some(db) = &slot.db {
-                return Ok((db.clone(), slot.readers.clone()));
+            if let Some(handle) = slot.handle() {
+                return Ok(handle);
             }
             if !slot.reopening {
                 let due = slot
@@ -88,8 +117,8 @@ impl Store {
                     drop(slot);
                     self.reopen(None);
                     slot = lock(&self.slot);
-                    if let Some(db) = &slot.db {
-                        return Ok((db.clone(), slot.readers.clone()));
+                    if let Some(handle) = slot.handle() {
+                        return Ok(handle);
                     }
                 }
                 break;
@@ -104,15 +133,67 @@ impl Store {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
-        Err(StoreError::Unavailable(match &slot.last_error {
-            Some(e) => format!("it could not be reopened after an I/O error: {e}"),
-            None => "it is being reopened after an I/O error".into(),
-        }))
+        Err(slot.unavailable())
+    }
+
+    /// The open database for a reader. A reader never reopens the file
+    /// (the writer whose I/O error poisoned the handle does, or the next
+    /// writer after a failed reopen): while there is no handle it waits at
+    /// most `wait` for one (zero: not at all, for callers that must not
+    /// block), then gives up with [`StoreError::Unavailable`].
+    pub(super) fn reader_db(&self, wait: Duration) -> Result<Handle> {
+        let deadline = Instant::now() + wait;
+        let mut slot = lock(&self.slot);
+        let mut counted = false;
+        let got = loop {
+            if let Some(handle) = slot.handle() {
+                break Ok(handle);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break Err(slot.unavailable());
+            }
+            if !counted {
+                counted = true;
+                slot.readers_waiting += 1;
+            }
+            slot = self
+                .reopened
+                .wait_timeout(slot, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        };
+        if counted {
+            slot.readers_waiting -= 1;
+        }
+        got
+    }
+
+    /// After a reader met a handle of generation `seen` poisoned by an I/O
+    /// error (`PreviousIo`): waits at most `wait` for a writer to put a
+    /// newer handle in the slot. True when there is one to retry on.
+    pub(super) fn wait_for_newer(&self, seen: u64, wait: Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        let mut slot = lock(&self.slot);
+        loop {
+            if slot.generation != seen && slot.db.is_some() {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            slot = self
+                .reopened
+                .wait_timeout(slot, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 
     /// Closes the redb handle and opens the file again: after an I/O error
     /// redb refuses every further write of the handle (`PreviousIo`) until
-    /// it is closed. New readers wait meanwhile (see [`Store::db`]); read
+    /// it is closed. New readers wait meanwhile (see [`Store::reader_db`]); read
     /// transactions of the old handle get [`READERS_WAIT`] to finish and
     /// fail after it. A reopen on a still-full disk normally succeeds
     /// (redb repairs what the failed write left without growing the file),
@@ -221,7 +302,7 @@ impl Store {
     }
 
     pub(super) fn begin_write(&self) -> Result<WriteTransaction> {
-        Ok(self.db()?.0.begin_write()?)
+        Ok(self.writer_db()?.db.begin_write()?)
     }
 
     /// Runs one write transaction (`attempt`) and records its outcome in
@@ -270,5 +351,49 @@ impl Store {
 
     fn generation(&self) -> u64 {
         lock(&self.slot).generation
+    }
+}
+
+/// The store looking as it does while a writer reopens the file, until
+/// dropped: no handle, a reopen under way (see [`Store::hold_reopen`]).
+#[cfg(feature = "fault-injection")]
+pub struct HeldReopen<'a> {
+    store: &'a Store,
+    db: Option<Arc<Database>>,
+}
+
+#[cfg(feature = "fault-injection")]
+impl Store {
+    /// Fault injection for tests: the store behaves as while a writer
+    /// reopens it after an I/O error (readers find no handle and wait or
+    /// fail fast; writers wait) until the returned guard is dropped, which
+    /// puts the same handle back.
+    pub fn hold_reopen(&self) -> HeldReopen<'_> {
+        let mut slot = lock(&self.slot);
+        assert!(!slot.reopening, "a reopen is under way already");
+        slot.reopening = true;
+        HeldReopen {
+            store: self,
+            db: slot.db.take(),
+        }
+    }
+}
+
+#[cfg(feature = "fault-injection")]
+impl HeldReopen<'_> {
+    /// How many readers are waiting for the handle meanwhile.
+    pub fn readers_waiting(&self) -> usize {
+        lock(&self.store.slot).readers_waiting
+    }
+}
+
+#[cfg(feature = "fault-injection")]
+impl Drop for HeldReopen<'_> {
+    fn drop(&mut self) {
+        let mut slot = lock(&self.store.slot);
+        slot.db = self.db.take();
+        slot.reopening = false;
+        drop(slot);
+        self.store.reopened.notify_all();
     }
 }

@@ -92,6 +92,13 @@ pub(super) const META_FEED_SEQ: &str = "feed_seq";
 pub(super) const META_FEED_FLOOR: &str = "feed_floor";
 /// The parent's cursor up to which this node applied its feed (text).
 pub(super) const META_UPSTREAM_CURSOR: &str = "upstream_cursor";
+/// The last resync run's outcome (an encoded `Note`), so that a restart
+/// does not forget it. Added without a format change: an older release
+/// ignores the key, a store without it has had no resync recorded.
+pub(super) const META_LAST_RESYNC: &str = "last_resync";
+/// The last time a stored offset fell outside its partition (an encoded
+/// `Note`); how often is the counter `offset_out_of_range`.
+pub(super) const META_OFFSET_OUT_OF_RANGE: &str = "offset_out_of_range";
 
 /// Persistent counters, in the store so that they survive restarts and
 /// move exactly with the data.
@@ -112,6 +119,11 @@ pub mod counter {
     pub const FEED_STALE: &str = "feed_stale";
     pub const FEED_SKIPPED: &str = "feed_skipped";
     pub const FEED_TRANSFERRED_OUT: &str = "feed_transferred_out";
+    /// Partitions found reading outside what Kafka still holds (events
+    /// lost to retention, or a recreated topic).
+    pub const OFFSET_OUT_OF_RANGE: &str = "offset_out_of_range";
+    /// Dead letters dropped by their retention (count or age).
+    pub const DEAD_LETTERS_DROPPED: &str = "dead_letters_dropped";
 }
 
 pub(super) fn encode<T: Serialize>(value: &T) -> Vec<u8> {

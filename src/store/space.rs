@@ -29,7 +29,7 @@ use crate::domain::Timestamp;
 pub const SPACE_EVERY: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 /// One table's share of the file.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TableSpace {
     pub name: String,

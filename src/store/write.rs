@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use redb::{ReadableTable, Table, WriteTransaction};
+use redb::{ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -24,9 +24,10 @@ use super::read::assemble;
 use super::schema::{
     counter, decode, decode_record, decode_watermark, encode, encode_doc, encode_record, kind_slot,
     Id, ASSIGNMENTS, ASSIGNMENT_BY_CLASS, ASSIGNMENT_BY_TEACHER, CLASSES, COUNTERS, DEAD_LETTERS,
-    INDEXES, META, META_WATERMARK, OFFSETS, PENDING_DOCS, TEACHERS, TEACHER_DOCS, TOMBSTONES,
+    INDEXES, META, META_LAST_RESYNC, META_OFFSET_OUT_OF_RANGE, META_WATERMARK, OFFSETS,
+    PENDING_DOCS, TEACHERS, TEACHER_DOCS, TOMBSTONES,
 };
-use super::{DeadLetter, PartitionOffset, Result, Store, StoreError};
+use super::{DeadLetter, Note, PartitionOffset, Result, Store, StoreError};
 use crate::domain::{
     Change, Cursor, Entity, EntityKind, OrderKey, Record, SchoolFilter, SchoolSnapshot, SyncSource,
     Timestamp, Tombstone,
@@ -113,27 +114,56 @@ impl Store {
     /// Applies a batch — changes by the convergence rule, dead letters,
     /// counters and consumed offsets — in ONE write transaction: after a
     /// crash either all of it is there or none of it.
+    ///
+    /// A change that can never be applied — what is stored for its entity
+    /// does not decode, so every retry would fail the same way — fails the
+    /// batch with [`StoreError::Refused`] naming it, writes nothing, and
+    /// leaves the store's health alone (the store is not failing; that
+    /// record is): the caller takes the change out (a dead letter) and
+    /// applies the rest. Any other failure (I/O, a full disk) is the
+    /// store's, recorded in its health, and the same batch may succeed
+    /// when tried again.
     pub fn apply_batch(
         &self,
         batch: &Batch,
         now: Timestamp,
         source: SyncSource,
     ) -> Result<ApplyReport> {
-        self.write(now, |_| true, || self.apply_batch_txn(batch, now, source))
+        self.write(
+            now,
+            |r: &Result<ApplyReport>| r.is_ok(),
+            || self.apply_batch_txn(batch, now, source),
+        )?
     }
 
+    /// The outer result is the store's (recorded in its health), the
+    /// inner one a refused change (not recorded).
     fn apply_batch_txn(
         &self,
         batch: &Batch,
         now: Timestamp,
         source: SyncSource,
-    ) -> Result<ApplyReport> {
+    ) -> Result<Result<ApplyReport>> {
         let txn = self.begin_write()?;
         let mut report = ApplyReport::default();
         let mut watermark = None;
         let mut tables = WriteTables::open(&txn)?;
-        for (key, change) in &batch.changes {
-            let applied = tables.apply(key, change, now, source)?;
+        for (index, (key, change)) in batch.changes.iter().enumerate() {
+            let applied = match tables.apply(key, change, now, source) {
+                Ok(applied) => applied,
+                // Dropping `txn` aborts it: nothing of the batch stays.
+                Err(StoreError::Corrupt(reason)) => {
+                    return Ok(Err(StoreError::Refused {
+                        index,
+                        reason: format!(
+                            "what is stored for {} {} is corrupt ({reason})",
+                            change.kind().as_str(),
+                            change.id()
+                        ),
+                    }))
+                }
+                Err(e) => return Err(e),
+            };
             report.outcomes.push(applied);
             if applied {
                 report.applied += 1;
@@ -150,12 +180,16 @@ impl Store {
             }
         }
         let seq = tables.close(&txn)?;
+        let mut dropped = 0;
         {
             let mut dead = txn.open_table(DEAD_LETTERS)?;
             let first = dead.last()?.map_or(0, |(k, _)| k.value() + 1);
             for (seq, letter) in (first..).zip(&batch.dead_letters) {
                 dead.insert(seq, encode(letter).as_slice())?;
                 report.dead_lettered += 1;
+            }
+            if !batch.dead_letters.is_empty() {
+                dropped = drop_dead_letters_beyond(&mut dead, self.dead_letter_max_count)?;
             }
         }
         {
@@ -172,6 +206,7 @@ impl Store {
                 (counter::DEAD_LETTERED, report.dead_lettered),
                 (counter::SKIPPED, report.skipped),
                 (counter::TRANSFERRED_OUT, report.transferred_out),
+                (counter::DEAD_LETTERS_DROPPED, dropped),
             ],
         )?;
         if let Some(w) = watermark {
@@ -181,7 +216,7 @@ impl Store {
         self.injected_fault()?; // dropping `txn` aborts it
         txn.commit()?;
         self.committed(seq);
-        Ok(report)
+        Ok(Ok(report))
     }
 
     /// Applies one page of a parent's change feed (contract §6) with the
@@ -469,6 +504,103 @@ impl ApplyReport {
             self.skipped += 1;
         }
     }
+}
+
+/// What the node remembers across restarts (`meta`), beside the data.
+impl Store {
+    /// Remembers the last resync run's outcome (status `lastResync`).
+    pub fn record_resync(&self, note: &Note) -> Result<()> {
+        self.write(
+            note.at,
+            |_| true,
+            || self.note_txn(META_LAST_RESYNC, note, None),
+        )
+    }
+
+    /// Remembers that a stored offset fell outside its partition (status
+    /// `kafka.offsetOutOfRange`) and counts it (`offset_out_of_range`).
+    pub fn record_offset_out_of_range(&self, note: &Note) -> Result<()> {
+        self.write(
+            note.at,
+            |_| true,
+            || {
+                self.note_txn(
+                    META_OFFSET_OUT_OF_RANGE,
+                    note,
+                    Some(counter::OFFSET_OUT_OF_RANGE),
+                )
+            },
+        )
+    }
+
+    fn note_txn(&self, key: &str, note: &Note, count: Option<&str>) -> Result<()> {
+        let txn = self.begin_write()?;
+        txn.open_table(META)?.insert(key, encode(note).as_slice())?;
+        if let Some(name) = count {
+            add_counters(&txn, &[(name, 1)])?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+/// Dead-letter retention: the store keeps at most
+/// [`StoreOptions::dead_letter_max_count`](super::StoreOptions) of them
+/// (enforced by every batch that adds some) and none older than the
+/// retention the purge worker passes; the oldest go first, counted in
+/// `dead_letters_dropped`.
+impl Store {
+    /// Drops dead letters stored more than `retention_nanos` before `now`
+    /// (the node's clock when they were stored), and the oldest beyond the
+    /// count limit; returns how many went.
+    pub fn purge_dead_letters(&self, now: Timestamp, retention_nanos: i64) -> Result<u64> {
+        self.write(
+            now,
+            |n| *n > 0,
+            || self.purge_dead_letters_txn(now, retention_nanos),
+        )
+    }
+
+    fn purge_dead_letters_txn(&self, now: Timestamp, retention_nanos: i64) -> Result<u64> {
+        let txn = self.begin_write()?;
+        let dropped = {
+            let mut dead = txn.open_table(DEAD_LETTERS)?;
+            let mut dropped = drop_dead_letters_beyond(&mut dead, self.dead_letter_max_count)?;
+            loop {
+                // In sequence order, which is the order they were stored in.
+                let oldest = match dead.first()? {
+                    Some((seq, letter)) => (seq.value(), decode::<DeadLetter>(letter.value())),
+                    None => break,
+                };
+                match oldest {
+                    (seq, Ok(letter)) if now.saturating_sub(letter.at) > retention_nanos => {
+                        dead.remove(seq)?;
+                        dropped += 1;
+                    }
+                    // Young enough (and so is every later one), or not
+                    // readable: the count limit still bounds it.
+                    _ => break,
+                }
+            }
+            dropped
+        };
+        if dropped == 0 {
+            txn.abort()?;
+            return Ok(0);
+        }
+        add_counters(&txn, &[(counter::DEAD_LETTERS_DROPPED, dropped)])?;
+        txn.commit()?;
+        Ok(dropped)
+    }
+}
+
+/// Drops the oldest dead letters beyond `keep`; returns how many.
+fn drop_dead_letters_beyond(dead: &mut Table<u64, &'static [u8]>, keep: u64) -> Result<u64> {
+    let excess = dead.len()?.saturating_sub(keep);
+    for _ in 0..excess {
+        dead.pop_first()?;
+    }
+    Ok(excess)
 }
 
 pub(super) fn add_counters(txn: &WriteTransaction, deltas: &[(&str, u64)]) -> Result<()> {

@@ -8,6 +8,7 @@ use emis_edge::api::{entity_json, teacher_detail_body};
 use emis_edge::domain::{Change, EntityKind, EventType, OrderKey, SchoolFilter, SyncSource};
 use emis_edge::store::{Batch, Store};
 use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -253,6 +254,71 @@ fn apply_split(node: Node, events: &[(OrderKey, Change)], rng: &mut StdRng) -> S
     store
 }
 
+/// Each distinct event of `specs` one to three times (`repeats`).
+fn multiset(specs: &[Spec], repeats: &[usize]) -> Vec<(OrderKey, Change)> {
+    let mut events = Vec::new();
+    for (n, s) in specs.iter().enumerate() {
+        let e = payload(s, n);
+        for _ in 0..repeats[n] {
+            events.push(e.clone());
+        }
+    }
+    events
+}
+
+/// What users see (the API's answers, without when this node applied
+/// them) after `apply`, an applier under test, took in `events`.
+type Apply = fn(&[(OrderKey, Change)], &mut StdRng) -> Vec<Value>;
+
+/// The convergence property, for any applier: every event once in key
+/// order, and the multiset in three random orders (and whatever batching
+/// `apply` picks), give the same answers.
+fn same_answers_in_any_order(
+    mut events: Vec<(OrderKey, Change)>,
+    seed: u64,
+    apply: Apply,
+) -> Result<(), TestCaseError> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut reference = events.clone();
+    reference.sort_by_key(|(k, _)| *k);
+    reference.dedup();
+    let expected = apply(&reference, &mut rng);
+    for _ in 0..3 {
+        events.shuffle(&mut rng);
+        prop_assert_eq!(&apply(&events, &mut rng), &expected);
+    }
+    Ok(())
+}
+
+/// The store, by the convergence rule, in random batches.
+fn by_the_rule(events: &[(OrderKey, Change)], rng: &mut StdRng) -> Vec<Value> {
+    observe(&apply_split(Node::All, events, rng)).1
+}
+
+/// Last arrival wins — what the rule exists to prevent: every change
+/// replaces what is stored, whatever its key. Applied through the real
+/// store, each change given a key newer than every one before it, in
+/// arrival order.
+fn last_arrival_wins(events: &[(OrderKey, Change)], _: &mut StdRng) -> Vec<Value> {
+    let store = Store::open_in_memory().unwrap();
+    for (n, (key, change)) in events.iter().enumerate() {
+        let arrival = OrderKey {
+            version: Some(n as u64),
+            timestamp: T0,
+            delete: key.delete,
+            event_id: key.event_id,
+        };
+        store
+            .apply_batch(
+                &Node::All.batch(vec![(arrival, change.clone())]),
+                T0,
+                SyncSource::Kafka,
+            )
+            .unwrap();
+    }
+    observe(&store).1
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
@@ -264,15 +330,10 @@ proptest! {
         some_schools in any::<bool>(),
     ) {
         let node = if some_schools { Node::TwoOfThree } else { Node::All };
-        // The multiset: each distinct event one to three times.
-        let mut events = Vec::new();
-        for (n, s) in specs.iter().enumerate() {
-            let e = payload(s, n);
-            for _ in 0..repeats[n] {
-                events.push(e.clone());
-            }
-        }
-        // Reference: every event once, oldest key first, one batch.
+        let mut events = multiset(&specs, &repeats);
+        same_answers_in_any_order(events.clone(), seed, by_the_rule)?;
+        // The stored state too, keys included, and in one batch; on a node
+        // serving every school or two of the three (transfers).
         let mut reference = events.clone();
         reference.sort_by_key(|(k, _)| *k);
         reference.dedup();
@@ -291,58 +352,78 @@ proptest! {
     }
 }
 
-/// The property above must be able to fail: with the rule replaced by
-/// "last write wins", some order of two conflicting events differs.
+/// The property above must be able to fail, and it does for the rule's
+/// alternative: with last-arrival-wins in place of the convergence rule,
+/// the same generators and the same property (deterministically seeded)
+/// find an order of events whose answers differ, and shrink it to a small
+/// counterexample about one entity.
 #[test]
-fn the_property_detects_order_dependence() {
-    let older = payload(
-        &Spec {
-            event_type: EventType::ClassUpdated,
-            entity: 1,
-            teacher: 1,
-            class: 1,
-            school: 1,
-            version: Some(1),
-            ts: 0,
-            name: 0,
-        },
-        0,
+fn the_property_finds_a_counterexample_when_last_arrival_wins() {
+    use proptest::test_runner::{RngAlgorithm, TestError, TestRng, TestRunner};
+    let config = ProptestConfig {
+        cases: 256,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    };
+    let mut runner =
+        TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha));
+    let strategy = (
+        prop::collection::vec(spec(), 1..24),
+        prop::collection::vec(1..=3usize, 24),
+        any::<u64>(),
     );
-    let newer = payload(
-        &Spec {
-            event_type: EventType::ClassUpdated,
-            entity: 1,
-            teacher: 1,
-            class: 1,
-            school: 1,
-            version: Some(2),
-            ts: 0,
-            name: 1,
-        },
-        1,
+    let outcome = runner.run(&strategy, |(specs, repeats, seed)| {
+        same_answers_in_any_order(multiset(&specs, &repeats), seed, last_arrival_wins)
+    });
+    let (specs, repeats, seed) = match outcome {
+        Err(TestError::Fail(_, counterexample)) => counterexample,
+        other => panic!("last arrival wins passed the convergence property: {other:?}"),
+    };
+    eprintln!("counterexample: {specs:#?} repeats {repeats:?} seed {seed}");
+    // Shrunk to what makes arrival order matter: changes of one entity.
+    let events = multiset(&specs, &repeats);
+    assert!(events.len() >= 2, "{specs:?}");
+    // And it is a real counterexample, which the rule itself passes.
+    assert!(same_answers_in_any_order(events.clone(), seed, last_arrival_wins).is_err());
+    assert!(same_answers_in_any_order(events, seed, by_the_rule).is_ok());
+}
+
+/// The smallest case by hand: two updates of one class, the newer one
+/// (version 2) arriving first. By the rule both orders keep the newer
+/// name; by last arrival, the older one overwrites it.
+#[test]
+fn two_updates_in_either_order_keep_the_newer_one_where_last_arrival_would_not() {
+    let update = |version: u64, name: usize, n: usize| {
+        payload(
+            &Spec {
+                event_type: EventType::ClassUpdated,
+                entity: 1,
+                teacher: 1,
+                class: 1,
+                school: 1,
+                version: Some(version),
+                ts: 0,
+                name,
+            },
+            n,
+        )
+    };
+    let (older, newer) = (update(1, 0, 0), update(2, 1, 1));
+    let mut rng = StdRng::seed_from_u64(0);
+    let class_name = |answers: Vec<Value>| answers[1]["className"].clone();
+    for order in [
+        vec![older.clone(), newer.clone()],
+        vec![newer.clone(), older.clone()],
+    ] {
+        assert_eq!(class_name(by_the_rule(&order, &mut rng)), "Lớp 10A2");
+    }
+    assert_eq!(
+        class_name(last_arrival_wins(&[newer.clone(), older.clone()], &mut rng)),
+        "Lớp 10A1",
+        "last arrival: the older update overwrote the newer"
     );
-    // With the rule: both orders agree on the newer name.
-    let a = Store::open_in_memory().unwrap();
-    a.apply_batch(
-        &batch(vec![older.clone(), newer.clone()]),
-        T0,
-        SyncSource::Kafka,
-    )
-    .unwrap();
-    let b = Store::open_in_memory().unwrap();
-    b.apply_batch(
-        &batch(vec![newer.clone(), older.clone()]),
-        T0,
-        SyncSource::Kafka,
-    )
-    .unwrap();
-    assert_eq!(observe(&a), observe(&b));
-    let class = a.read().unwrap().class(id(101)).unwrap().unwrap();
-    assert_eq!(class.data.class_name, "Lớp 10A2");
-    // Without it (each event applied to a fresh store, last one kept): not equal.
-    let last_a = Store::open_in_memory().unwrap();
-    last_a
-        .apply_batch(&batch(vec![older]), T0, SyncSource::Kafka)
-        .unwrap();
-    assert_ne!(observe(&last_a), observe(&b));
+    assert_eq!(
+        class_name(last_arrival_wins(&[older, newer], &mut rng)),
+        "Lớp 10A2"
+    );
 }

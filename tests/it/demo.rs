@@ -248,3 +248,73 @@ fn the_demo_never_touches_an_existing_store() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("already holds a store"));
     assert_eq!(std::fs::read(&store).unwrap(), b"a real node's store");
 }
+
+/// `demo --followers N`: school nodes follow the demo's provincial node,
+/// and the banner's curl for the first one gets the provincial node's
+/// answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_starts_school_nodes_that_follow_the_provincial_node() {
+    let mut child = Demo(
+        Command::new(BIN)
+            .args(["demo", "--scale", "tiny", "--listen", "127.0.0.1:0"])
+            .args(["--rate", "0", "--followers", "2"])
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
+    let (mut province_url, mut school_url, mut in_followers) = (None, None, false);
+    let mut banner = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        banner.push_str(&line);
+        banner.push('\n');
+        let last = line.split_whitespace().last().map(str::to_owned);
+        in_followers |= line.contains("school node(s) follow");
+        if line.contains("/api/teachers/") && line.contains("curl") {
+            if in_followers {
+                school_url = school_url.or(last);
+            } else {
+                province_url = province_url.or(last);
+            }
+        }
+        if line.contains("Ctrl-C stops the demo") {
+            break;
+        }
+    }
+    assert!(banner.contains("2 school node(s)"), "{banner}");
+    let (province_url, school_url) = (province_url.unwrap(), school_url.unwrap());
+    assert_ne!(province_url, school_url);
+    let strip = |mut v: Value| {
+        fn strip(v: &mut Value) {
+            match v {
+                Value::Object(m) => {
+                    m.remove("lastSyncedAt");
+                    m.remove("syncSource");
+                    m.values_mut().for_each(strip);
+                }
+                Value::Array(a) => a.iter_mut().for_each(strip),
+                _ => {}
+            }
+        }
+        strip(&mut v);
+        v
+    };
+    let (status, at_school) = get_json(&school_url).await;
+    assert_eq!(status, 200, "{at_school}");
+    let (_, at_province) = get_json(&province_url).await;
+    assert_eq!(strip(at_school.clone()), strip(at_province));
+    let status_url = school_url.split("/api/").next().unwrap().to_owned() + "/api/sync/status";
+    let (_, status) = get_json(&status_url).await;
+    assert_eq!(status["upstream"]["caughtUp"], true, "{status:#}");
+
+    let kill = Command::new("kill")
+        .args(["-INT", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}

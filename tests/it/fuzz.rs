@@ -2,17 +2,22 @@
 //! `tests/fuzz` (the event decoder, the snapshot line parser, the
 //! configuration parser) each run for 60 s on a copy of their seed corpus,
 //! with bounded input sizes and memory; a crash, a panic, an out-of-memory
-//! or a hang fails the test. `EMIS_EDGE_FUZZ_SECS` changes the time per
-//! target. Without `cargo fuzz` the runs are skipped, except in CI (`CI`
-//! set), where they fail; `EMIS_EDGE_SKIP_FUZZ=1` skips them on purpose
-//! (never in CI).
+//! or a hang fails the test. Three minutes of fuzzing do not belong in
+//! every `cargo test`: the runs are `#[ignore]`d and have their own step,
+//! after the tests, in the README's test command and CI (`cargo test --test
+//! it fuzz:: -- --ignored`). `EMIS_EDGE_FUZZ_SECS` changes the time per
+//! target. Without `cargo fuzz` they fail, unless `EMIS_EDGE_SKIP_FUZZ=1`
+//! skips them on purpose (never in CI, `CI` set).
 //!
-//! The seed corpus, `tests/fuzz/seeds/<target>/`, is written by
-//! `write_seeds` (run it with `cargo test --test it fuzz::write_seeds --
-//! --ignored` after a format change): the contract's examples, the example
-//! configuration, and events and snapshot lines of the benchmarks'
-//! generator. A seed named `ok-…` must be accepted and one named `bad-…`
-//! rejected, which `seeds_are_accepted_or_rejected_as_named` checks.
+//! The seed corpus, `tests/fuzz/seeds/<target>/`, is what `write_seeds`
+//! writes: the contract's examples, the example configuration, and events
+//! and snapshot lines of the benchmarks' generator.
+//! `the_seed_corpus_is_what_write_seeds_writes` fails when the committed
+//! corpus differs (after a change of a wire format, the configuration or
+//! the generator); `EMIS_EDGE_WRITE_SEEDS=1` makes that test write it
+//! instead, to commit. A seed named `ok-…` must be accepted and one named
+//! `bad-…` rejected, which `seeds_are_accepted_or_rejected_as_named`
+//! checks.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -73,6 +78,25 @@ mod generator {
         let k = (n % u64::from(p.assignment_count(school, teacher))) as u32;
         Entity::Assignment(p.assignment(school, teacher, k))
     }
+
+    /// One school of the generator's province: its id and, for teacher
+    /// `n` (of 12), the teacher, its homeroom class and its first three
+    /// assignments, all of that school.
+    pub fn school_id(school: u32) -> Uuid {
+        province().school_id(school)
+    }
+
+    pub fn of_school(school: u32, n: u32) -> Vec<Entity> {
+        let p = province();
+        let mut entities = vec![
+            Entity::Teacher(p.teacher(school, n % 12)),
+            Entity::Class(p.class(school, n % 12)),
+        ];
+        for k in 0..3 {
+            entities.push(Entity::Assignment(p.assignment(school, n % 12, k)));
+        }
+        entities
+    }
 }
 
 /// One fuzz target and the limits of its runs.
@@ -115,16 +139,19 @@ fn seeds(target: &str) -> PathBuf {
 }
 
 #[test]
+#[ignore = "fuzzing, 60 s: run by `cargo test --test it fuzz:: -- --ignored`"]
 fn event_decoder_survives_fuzzing() {
     fuzz(&EVENT);
 }
 
 #[test]
+#[ignore = "fuzzing, 60 s: run by `cargo test --test it fuzz:: -- --ignored`"]
 fn snapshot_line_parser_survives_fuzzing() {
     fuzz(&SNAPSHOT_LINE);
 }
 
 #[test]
+#[ignore = "fuzzing, 60 s: run by `cargo test --test it fuzz:: -- --ignored`"]
 fn config_parser_survives_fuzzing() {
     fuzz(&CONFIG);
 }
@@ -135,9 +162,11 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn fuzz(target: &Target) {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner);
-    let in_ci = std::env::var_os("CI").is_some();
     if std::env::var("EMIS_EDGE_SKIP_FUZZ").is_ok_and(|v| v == "1") {
-        assert!(!in_ci, "EMIS_EDGE_SKIP_FUZZ=1 is for local runs, not CI");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "EMIS_EDGE_SKIP_FUZZ=1 is for local runs, not CI"
+        );
         eprintln!("SKIPPED: EMIS_EDGE_SKIP_FUZZ=1");
         return;
     }
@@ -147,9 +176,7 @@ fn fuzz(target: &Target) {
         .output()
         .is_ok_and(|o| o.status.success());
     if !has_cargo_fuzz {
-        assert!(!in_ci, "cargo-fuzz is needed in CI: {CARGO_FUZZ}");
-        eprintln!("SKIPPED: cargo-fuzz not installed ({CARGO_FUZZ})");
-        return;
+        return crate::support::missing_tool("cargo-fuzz", "EMIS_EDGE_SKIP_FUZZ", CARGO_FUZZ);
     }
     let secs: u64 = std::env::var("EMIS_EDGE_FUZZ_SECS")
         .ok()
@@ -315,16 +342,47 @@ fn config_accepted(data: &[u8]) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-/// Rewrites `tests/fuzz/seeds/`: run after a change of a wire format or of
-/// the configuration, then commit the result.
+/// The committed corpus is what [`write_seeds`] writes: a change of a wire
+/// format, the configuration or the generator shows here, and
+/// `EMIS_EDGE_WRITE_SEEDS=1` makes this test rewrite `tests/fuzz/seeds/`
+/// (then commit the result).
 #[test]
-#[ignore = "writes tests/fuzz/seeds; run on purpose"]
-fn write_seeds() {
-    for (target, files) in [
+fn the_seed_corpus_is_what_write_seeds_writes() {
+    if std::env::var("EMIS_EDGE_WRITE_SEEDS").is_ok_and(|v| v == "1") {
+        return write_seeds();
+    }
+    for (target, files) in all_seeds() {
+        let mut committed = Seeds::new();
+        for seed in std::fs::read_dir(seeds(target)).unwrap() {
+            let seed = seed.unwrap().path();
+            let name = seed.file_name().unwrap().to_string_lossy().into_owned();
+            committed.insert(name, std::fs::read(&seed).unwrap());
+        }
+        let differ: Vec<&String> = files
+            .keys()
+            .chain(committed.keys())
+            .filter(|name| files.get(*name) != committed.get(*name))
+            .collect();
+        assert!(
+            differ.is_empty(),
+            "tests/fuzz/seeds/{target} is not what write_seeds writes: {differ:?}. Rewrite it \
+             with `EMIS_EDGE_WRITE_SEEDS=1 cargo test --test it \
+             fuzz::the_seed_corpus_is_what_write_seeds_writes` and commit it"
+        );
+    }
+}
+
+fn all_seeds() -> [(&'static str, Seeds); 3] {
+    [
         ("event", event_seeds()),
         ("snapshot_line", snapshot_seeds()),
         ("config", config_seeds()),
-    ] {
+    ]
+}
+
+/// Rewrites `tests/fuzz/seeds/`.
+fn write_seeds() {
+    for (target, files) in all_seeds() {
         let dir = seeds(target);
         if dir.exists() {
             std::fs::remove_dir_all(&dir).unwrap();
@@ -490,6 +548,31 @@ fn event_seeds() -> Seeds {
             tc,
             with(tc, "timestamp", json!("1677-09-21T00:12:43.145224192Z")),
         ),
+        // The ends of the range: what ingest computes with the timestamp
+        // (the skew check, the sync latency) must not overflow.
+        (
+            "ok-teacher-deleted-earliest-time",
+            EventType::TeacherDeleted,
+            {
+                let mut v = payload(
+                    EventType::TeacherDeleted,
+                    &teacher(1007),
+                    &k,
+                    "1677-09-21T00:12:43.145224192Z",
+                );
+                v["version"] = json!(u64::MAX);
+                v.to_string()
+            },
+        ),
+        ("ok-class-updated-latest-time", EventType::ClassUpdated, {
+            payload(
+                EventType::ClassUpdated,
+                &class(1007),
+                &k,
+                "2262-04-11T23:47:16.854775807Z",
+            )
+            .to_string()
+        }),
         (
             "bad-teacher-after-2262",
             tc,
@@ -608,7 +691,7 @@ fn event_seeds() -> Seeds {
 }
 
 fn snapshot_seeds() -> Seeds {
-    use generator::{assignment, class, key, school_of, teacher, T0};
+    use generator::{key, of_school, school_id, T0};
     let record = |n: u64, data: Entity| {
         record_line(&Record {
             data,
@@ -617,24 +700,22 @@ fn snapshot_seeds() -> Seeds {
             source: SyncSource::Resync,
         })
     };
-    // A school of the generator: teachers, classes and their assignments.
-    let school_lines = |first: u64, teachers: u64| {
+    // A school of the generator: teachers, their classes and assignments.
+    let school_lines = |school: u32, teachers: u32| {
         let mut lines = Vec::new();
         let mut count = 0;
-        for n in first..first + teachers {
-            lines.extend(record(n, teacher(n)));
-            lines.extend(record(100_000 + n, class(n)));
-            count += 2;
-            for a in n * 10..n * 10 + 3 {
-                lines.extend(record(200_000 + a, assignment(a, 100_000)));
+        for n in 0..teachers {
+            for (k, entity) in of_school(school, n).into_iter().enumerate() {
+                let n = u64::from(school) * 1000 + u64::from(n) * 10 + k as u64;
+                lines.extend(record(n, entity));
                 count += 1;
             }
         }
         (lines, count)
     };
     let mut s = Seeds::new();
-    let school_a = school_of(1000);
-    let school_b = school_of(5000);
+    let school_a = school_id(1);
+    let school_b = school_id(2);
 
     // Contract §3: a record of each kind, then the end line, without the
     // eventId emis-edge adds.
@@ -660,8 +741,8 @@ fn snapshot_seeds() -> Seeds {
         contract.replace('\n', "\r\n\r\n").into_bytes(),
     );
 
-    let (a, a_count) = school_lines(1000, 2);
-    let (b, b_count) = school_lines(5000, 1);
+    let (a, a_count) = school_lines(1, 2);
+    let (b, b_count) = school_lines(2, 1);
     let end_a = end_line(school_a, a_count, T0);
     let end_b = end_line(school_b, b_count, T0 + 1);
     let cat = |parts: &[&[u8]]| parts.concat();
@@ -860,6 +941,18 @@ level = "emis_edge=debug,tower_http[request]=trace,warn"
             "[store]\ntombstone_retention = \"30 ngày\"\n",
         ),
         ("bad-cache.toml", "[store]\ncache_mb = 0\n"),
+        (
+            "bad-dead-letter-max-count.toml",
+            "[store]\ndead_letter_max_count = 0\n",
+        ),
+        (
+            "bad-dead-letter-retention.toml",
+            "[store]\ndead_letter_retention = \"59m\"\n",
+        ),
+        (
+            "bad-max-future-skew.toml",
+            "[ingest]\nmax_future_skew = \"một giờ\"\n",
+        ),
         (
             "bad-log-level.toml",
             "[log]\nlevel = \"emis_edge=rất nhiều\"\n",

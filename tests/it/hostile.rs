@@ -99,6 +99,11 @@ fn get(target: &str) -> Vec<u8> {
 
 /// One request on a kept-alive connection; reads exactly its response.
 async fn keep_alive_get(stream: &mut TcpStream, target: &str) -> u16 {
+    keep_alive_fetch(stream, target).await.status.unwrap()
+}
+
+/// [`keep_alive_get`], with the whole answer.
+async fn keep_alive_fetch(stream: &mut TcpStream, target: &str) -> Reply {
     let request = format!("GET {target} HTTP/1.1\r\nHost: edge\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut got = Vec::new();
@@ -112,7 +117,7 @@ async fn keep_alive_get(stream: &mut TcpStream, target: &str) -> u16 {
                     .parse()
                     .unwrap();
                 if got.len() >= end + 4 + length {
-                    return parse_reply(&got).status.unwrap();
+                    return parse_reply(&got);
                 }
             }
             let n = stream.read(&mut buf).await.unwrap();
@@ -370,15 +375,39 @@ async fn beyond_the_connection_limit_clients_wait_and_existing_ones_are_served()
     for _ in 0..3 {
         idle.push(TcpStream::connect(addr).await.unwrap());
     }
-    // A fifth client connects (the kernel queues it) but is not served yet.
-    let waiting = tokio::spawn(async move { raw(addr, &get(&teacher_path())).await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!waiting.is_finished(), "served beyond http.max_connections");
-    // The kept-alive client goes on being served, health checks included.
+    // A fifth client connects (the kernel queues it) and sends its request.
+    let (sent, request_sent) = tokio::sync::oneshot::channel();
+    let waiting = tokio::spawn(async move {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(&get(&teacher_path())).await.unwrap();
+        sent.send(()).unwrap();
+        let mut got = Vec::new();
+        let _ = stream.read_to_end(&mut got).await;
+        parse_reply(&got)
+    });
+    request_sent.await.unwrap();
+    // The kept-alive client goes on being served, health checks included:
+    // six round trips after the fifth client's request is in, which a node
+    // without the limit would have answered long before they end. The
+    // requests the node answered are counted per route: the kept-alive
+    // client's alone.
     for _ in 0..5 {
         assert_eq!(keep_alive_get(&mut kept, &path).await, 200);
     }
     assert_eq!(keep_alive_get(&mut kept, "/health/live").await, 200);
+    assert!(!waiting.is_finished(), "served beyond http.max_connections");
+    let metrics = keep_alive_fetch(&mut kept, "/metrics").await;
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    let served = text.lines().find(|l| {
+        l.starts_with(
+            "emis_edge_http_request_duration_seconds_count{route=\"/api/teachers/{teacher_id}\"",
+        )
+    });
+    assert_eq!(
+        served.and_then(|l| l.rsplit(' ').next()),
+        Some("6"),
+        "only the kept-alive client's requests were answered: {served:?}"
+    );
     // One connection closes: the waiting client gets its slot and answer.
     drop(idle.pop());
     let r = tokio::time::timeout(PATIENCE, waiting)
@@ -785,34 +814,31 @@ async fn a_flood_of_large_bad_values_keeps_batches_and_memory_bounded() {
     const PARTITIONS: i32 = 32;
     let broker = Broker::start(PARTITIONS);
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     let config = dir.path().join("edge.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[node]\ndata_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
-             [kafka]\nbrokers = {:?}\nbatch_max_messages = 100000\nbatch_max_wait_ms = 1000\n",
-            dir.path().join("data"),
-            broker.cluster.bootstrap_servers(),
-        ),
-    )
-    .unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_emis-edge"))
-        .args(["serve", "--config", config.to_str().unwrap()])
-        .env("RUST_LOG", "error")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    struct Kill<'a>(&'a mut std::process::Child);
-    impl Drop for Kill<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let pid = child.id().to_string();
-    let child = Kill(&mut child);
+    let child = serve_on_a_free_port(
+        |port| {
+            std::fs::write(
+                &config,
+                format!(
+                    "[node]\nid = \"flood\"\ndata_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
+                     [schools]\nall = true\n[kafka]\nbrokers = {:?}\nbatch_max_messages = 100000\n\
+                     batch_max_wait_ms = 1000\n",
+                    dir.path().join("data"),
+                    broker.cluster.bootstrap_servers(),
+                ),
+            )
+            .unwrap();
+            let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_emis-edge"));
+            serve
+                .args(["serve", "--config", config.to_str().unwrap()])
+                .env("RUST_LOG", "error")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+            serve
+        },
+        "flood",
+    );
+    let (pid, port) = (child.child.id().to_string(), child.port);
     let http = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
     let status = || async {
@@ -823,11 +849,6 @@ async fn a_flood_of_large_bad_values_keeps_batches_and_memory_bounded() {
             .ok()?;
         r.json::<Value>().await.ok()
     };
-    let deadline = Instant::now() + PATIENCE;
-    while status().await.is_none() {
-        assert!(Instant::now() < deadline, "the node did not start");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     let (before, _) = memory_kib(&pid);
 
     // 600 values just over what a dead letter keeps (not JSON), and eight

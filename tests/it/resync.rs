@@ -108,6 +108,7 @@ async fn edge(url: String) -> TestNode {
             ),
         ],
         |c| {
+            c.schools.all = false;
             c.schools.ids = vec![school(1)];
             c.resync.central_url = Some(url);
             c.resync.timeout_secs = 1;
@@ -250,6 +251,11 @@ async fn a_broken_slow_or_failing_central_changes_nothing_and_is_reported() {
     let wrong_count = good.replace("\"count\":4", "\"count\":5");
     assert_ne!(wrong_count, good);
     let bad_line = good.replacen("Lớp 10A2", &"x".repeat(300), 1);
+    // Contract §2 "Time": a record stamped beyond ingest.max_future_skew
+    // after the snapshot's asOf (T0 + 5 s) fails the school whole.
+    let stamp = |secs: i64| format!("\"timestamp\":\"{}\"", rfc3339(T0 + secs * SEC));
+    assert!(good.contains(&stamp(2)), "{good}");
+    let from_the_future = good.replacen(&stamp(2), &stamp(5 + 3600 + 1), 1);
     for (name, status, body, delay, expect) in [
         (
             "no end line",
@@ -271,6 +277,14 @@ async fn a_broken_slow_or_failing_central_changes_nothing_and_is_reported() {
             bad_line,
             Duration::ZERO,
             "line 2: field `className`",
+        ),
+        (
+            "a record from the future",
+            200,
+            from_the_future,
+            Duration::ZERO,
+            "line 2: field `timestamp`: 2025-10-26T11:00:06Z lies more than 1h \
+             (ingest.max_future_skew) after the end line's asOf 2025-10-26T10:00:05Z",
         ),
         (
             "server error",
@@ -311,6 +325,7 @@ async fn a_broken_slow_or_failing_central_changes_nothing_and_is_reported() {
 async fn an_empty_node_resyncs_at_start_and_becomes_ready() {
     let a = central().await;
     let b = TestNode::start(|c| {
+        c.schools.all = false;
         c.schools.ids = vec![school(1)];
         c.resync.central_url = Some(a.url(""));
     })
@@ -344,6 +359,7 @@ async fn export_then_import_into_an_empty_node_gives_identical_answers() {
     let outcomes = resync::import(
         &b.node.state.store,
         &emis_edge::config::SchoolFilter::All,
+        emis_edge::domain::FutureSkew::DEFAULT,
         input,
         T0,
         |_| {},
@@ -387,6 +403,7 @@ async fn a_damaged_import_file_changes_nothing_for_the_damaged_schools_and_names
     let outcomes = resync::import(
         &b.node.state.store,
         &emis_edge::config::SchoolFilter::All,
+        emis_edge::domain::FutureSkew::DEFAULT,
         damaged.as_bytes(),
         T0,
         |_| {},
@@ -413,6 +430,7 @@ async fn a_damaged_import_file_changes_nothing_for_the_damaged_schools_and_names
     let outcomes = resync::import(
         &c.node.state.store,
         &emis_edge::config::SchoolFilter::All,
+        emis_edge::domain::FutureSkew::DEFAULT,
         corrupt.as_bytes(),
         T0,
         |_| {},
@@ -510,6 +528,7 @@ async fn a_school_node_resyncs_from_a_provincial_node_that_requires_a_token() {
         "{report:?}"
     );
     let with = TestNode::start_seeded(vec![], |c| {
+        c.schools.all = false;
         c.schools.ids = vec![school(1)];
         c.resync.central_url = Some(province.url(""));
         c.resync.token_file = Some(token.clone());
@@ -683,6 +702,7 @@ fn an_import_into_an_empty_store_gives_the_same_store_as_reconciling() {
         let outcomes = resync::import(
             &bulk,
             &emis_edge::config::SchoolFilter::All,
+            emis_edge::domain::FutureSkew::DEFAULT,
             file.as_slice(),
             T0,
             |_| {},
@@ -710,4 +730,163 @@ fn an_import_into_an_empty_store_gives_the_same_store_as_reconciling() {
         assert!(a["feed"].as_array().unwrap().len() > 100);
         assert_eq!(a, b);
     }
+}
+
+/// Contract §2 "Time" for files: a school whose record is stamped more
+/// than `ingest.max_future_skew` after its end line's `asOf` is refused
+/// whole, naming the line and the bound; the file's other school imports.
+/// With a larger skew configured the same file imports whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_refuses_a_school_with_a_record_stamped_beyond_the_skew_after_its_as_of() {
+    let a = central().await;
+    let schools = a.node.state.store.read().unwrap().schools().unwrap();
+    let mut bytes = Vec::new();
+    resync::export(&a.node.state.store, &schools, &mut bytes, |_| {}).unwrap();
+    let text = String::from_utf8(bytes).unwrap();
+    // Teacher 11 of school 1, at T0 + 3 s; its school's asOf is T0 + 5 s.
+    let stamp = |secs: i64| format!("\"timestamp\":\"{}\"", rfc3339(T0 + secs * SEC));
+    assert_eq!(text.matches(&stamp(3)).count(), 1, "{text}");
+    let late = text.replace(&stamp(3), &stamp(5 + 2 * 3600));
+    let line = late
+        .lines()
+        .position(|l| l.contains(&stamp(5 + 2 * 3600)))
+        .unwrap()
+        + 1;
+    let b = TestNode::start(|_| {}).await;
+    let outcomes = resync::import(
+        &b.node.state.store,
+        &emis_edge::config::SchoolFilter::All,
+        emis_edge::domain::FutureSkew::DEFAULT,
+        late.as_bytes(),
+        T0,
+        |_| {},
+    )
+    .unwrap();
+    let failed: Vec<_> = outcomes.iter().filter(|o| o.error.is_some()).collect();
+    assert_eq!(failed.len(), 1, "{outcomes:?}");
+    assert_eq!(failed[0].school_id, school(1));
+    assert_eq!(
+        failed[0].error.as_deref().unwrap(),
+        format!(
+            "line {line}: field `timestamp`: 2025-10-26T12:00:05Z lies more than 1h \
+             (ingest.max_future_skew) after the end line's asOf 2025-10-26T10:00:05Z: \
+             refused as implausible"
+        )
+    );
+    let r = b.node.state.store.read().unwrap();
+    assert_eq!(
+        r.schools().unwrap(),
+        vec![school(2)],
+        "school 1 partly imported"
+    );
+    assert_eq!(r.watermark().unwrap(), Some(T0 + 5 * SEC));
+    drop(r);
+
+    let c = TestNode::start(|_| {}).await;
+    let lenient = emis_edge::domain::FutureSkew::from_duration(Duration::from_secs(3 * 3600));
+    let outcomes = resync::import(
+        &c.node.state.store,
+        &emis_edge::config::SchoolFilter::All,
+        lenient,
+        late.as_bytes(),
+        T0,
+        |_| {},
+    )
+    .unwrap();
+    assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
+}
+
+/// A 1 GiB line, made as it is read (never held whole), after a valid
+/// school: how many bytes the import read.
+struct HugeLine {
+    prefix: std::io::Cursor<Vec<u8>>,
+    left: u64,
+    read: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl std::io::Read for HugeLine {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = match std::io::Read::read(&mut self.prefix, buf)? {
+            0 => {
+                let n = buf.len().min(self.left as usize);
+                buf[..n].fill(b'x');
+                self.left -= n as u64;
+                n
+            }
+            n => n,
+        };
+        self.read
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// Import lines are read with a length cap (the snapshot download's, 1
+/// MiB): a file whose third line is 1 GiB fails as soon as the cap is
+/// passed, naming the line, having read about 1 MiB of it; nothing of the
+/// 1 GiB is held in memory.
+#[test]
+fn an_import_with_a_huge_line_fails_fast_naming_it_in_bounded_memory() {
+    let store = emis_edge::store::Store::open_in_memory().unwrap();
+    let record = ev(
+        EventType::ClassCreated,
+        1,
+        1,
+        1,
+        class_fields(id(1), "Lớp 10A1"),
+    );
+    let mut school_one = Vec::new();
+    {
+        store
+            .apply_batch(
+                &batch(vec![record]),
+                T0,
+                emis_edge::domain::SyncSource::Kafka,
+            )
+            .unwrap();
+        resync::export(&store, &[school(1)], &mut school_one, |_| {}).unwrap();
+    }
+    assert_eq!(school_one.iter().filter(|b| **b == b'\n').count(), 2);
+    let read = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let input = HugeLine {
+        prefix: std::io::Cursor::new(school_one.clone()),
+        left: 1 << 30,
+        read: read.clone(),
+    };
+    let empty = emis_edge::store::Store::open_in_memory().unwrap();
+    let error = resync::import(
+        &empty,
+        &emis_edge::config::SchoolFilter::All,
+        emis_edge::domain::FutureSkew::DEFAULT,
+        std::io::BufReader::with_capacity(64 * 1024, input),
+        T0,
+        |_| {},
+    )
+    .expect_err("a 1 GiB line is no snapshot line");
+    assert!(
+        error
+            .to_string()
+            .starts_with("line 3 is longer than 1048576 bytes"),
+        "{error:#}"
+    );
+    let read = read.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        read <= school_one.len() as u64 + (1 << 20) + 64 * 1024,
+        "{read} bytes read of a 1 GiB line"
+    );
+    // A line of exactly the cap is read (and refused as a line, not as a
+    // file); a last line without a newline is read too.
+    let mut exact = vec![b' '; emis_edge::domain::snapshot::MAX_LINE_BYTES];
+    exact.push(b'\n');
+    exact.extend_from_slice(&school_one[..school_one.len() - 1]);
+    let outcomes = resync::import(
+        &empty,
+        &emis_edge::config::SchoolFilter::All,
+        emis_edge::domain::FutureSkew::DEFAULT,
+        exact.as_slice(),
+        T0,
+        |_| {},
+    )
+    .unwrap();
+    assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
 }

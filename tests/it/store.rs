@@ -790,3 +790,111 @@ fn compaction_gives_freed_pages_back_and_keeps_every_answer() {
         "and after reopening"
     );
 }
+
+/// Dead letters have a retention: at most `dead_letter_max_count` are kept
+/// (a batch that adds some drops the oldest beyond it, in its own
+/// transaction), and the purge drops those older than the retention;
+/// oldest first, every drop counted in `dead_letters_dropped`.
+#[test]
+fn dead_letters_are_kept_up_to_a_count_and_an_age_oldest_dropped_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions {
+        dead_letter_max_count: 3,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(&dir.path().join("s.redb"), &options).unwrap();
+    let letters = |first: i64, n: i64, at: i64| Batch {
+        dead_letters: (first..first + n)
+            .map(|o| {
+                DeadLetter::new(
+                    "emis.class.created",
+                    0,
+                    o,
+                    b"{",
+                    "not valid JSON".into(),
+                    at,
+                )
+            })
+            .collect(),
+        offsets: offsets("emis.class.created", 0, first + n),
+        ..Batch::default()
+    };
+    let kept = |store: &Store| -> Vec<i64> {
+        let r = store.read().unwrap();
+        let mut offsets: Vec<i64> = r
+            .dead_letters(100)
+            .unwrap()
+            .iter()
+            .map(|d| d.offset)
+            .collect();
+        offsets.sort_unstable();
+        offsets
+    };
+    let dropped = |store: &Store| {
+        store
+            .read()
+            .unwrap()
+            .stats()
+            .unwrap()
+            .counters
+            .get("dead_letters_dropped")
+            .copied()
+    };
+    // Two at T0, then four an hour later: only the newest three stay.
+    store
+        .apply_batch(&letters(0, 2, T0), T0, SyncSource::Kafka)
+        .unwrap();
+    assert_eq!((kept(&store), dropped(&store)), (vec![0, 1], None));
+    let hour = 3600 * SEC;
+    store
+        .apply_batch(&letters(2, 4, T0 + hour), T0 + hour, SyncSource::Kafka)
+        .unwrap();
+    assert_eq!(kept(&store), vec![3, 4, 5]);
+    assert_eq!(store.read().unwrap().stats().unwrap().dead_letters, 3);
+    assert_eq!(dropped(&store), Some(3));
+    // Five more in one batch: the limit holds within a batch too.
+    store
+        .apply_batch(
+            &letters(6, 5, T0 + 2 * hour),
+            T0 + 2 * hour,
+            SyncSource::Kafka,
+        )
+        .unwrap();
+    assert_eq!(kept(&store), vec![8, 9, 10]);
+    assert_eq!(dropped(&store), Some(8));
+    // By age: those stored more than a day before the purge go.
+    store
+        .apply_batch(
+            &letters(11, 1, T0 + 30 * hour),
+            T0 + 30 * hour,
+            SyncSource::Kafka,
+        )
+        .unwrap();
+    assert_eq!(kept(&store), vec![9, 10, 11]);
+    let day = 24 * hour;
+    assert_eq!(store.purge_dead_letters(T0 + 26 * hour, day).unwrap(), 0);
+    assert_eq!(
+        store.purge_dead_letters(T0 + 26 * hour + 1, day).unwrap(),
+        2
+    );
+    assert_eq!(kept(&store), vec![11]);
+    assert_eq!(dropped(&store), Some(11));
+    // Nothing to drop: nothing written.
+    assert_eq!(store.purge_dead_letters(T0 + 27 * hour, day).unwrap(), 0);
+    drop(store);
+    // A lowered limit takes effect at the next purge, whatever their age.
+    let options = StoreOptions {
+        dead_letter_max_count: 1,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(&dir.path().join("s.redb"), &options).unwrap();
+    store
+        .apply_batch(
+            &letters(12, 2, T0 + 31 * hour),
+            T0 + 31 * hour,
+            SyncSource::Kafka,
+        )
+        .unwrap();
+    assert_eq!(kept(&store), vec![13]);
+    assert_eq!(dropped(&store), Some(13));
+}

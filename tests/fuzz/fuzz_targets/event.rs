@@ -5,11 +5,16 @@
 //! `emis.assignment.deleted`); the rest is the record value. Properties:
 //! no panic; an error renders as text (the dead-letter reason); a parsed
 //! event matches its topic and, written back as a payload, parses to the
-//! same event.
+//! same event; the arithmetic ingest does with its timestamp (the
+//! `ingest.max_future_skew` check against the record's timestamp, the sync
+//! latency) cannot overflow for any timestamp of the range, 1677 to 2262,
+//! against any reference.
 
 #![no_main]
 
-use emis_edge::domain::{format_timestamp, Change, Entity, Event, EventType};
+use emis_edge::domain::{
+    format_timestamp, seconds_between, Change, Entity, Event, EventType, FutureSkew,
+};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Value};
 
@@ -39,6 +44,16 @@ fuzz_target!(|data: &[u8]| {
         matches!(event.change, Change::Delete { .. }),
         expected.is_delete()
     );
+
+    let t = event.key.timestamp;
+    for reference in [i64::MIN, -1, 0, t, i64::MAX] {
+        let skew = FutureSkew::DEFAULT;
+        let checked = skew.check("timestamp", t, reference, "the record's timestamp");
+        assert_eq!(checked.is_ok(), t <= skew.latest(reference));
+        for s in [seconds_between(t, reference), seconds_between(reference, t)] {
+            assert!(s.is_finite() && s >= 0.0);
+        }
+    }
 
     let again = payload(&event).to_string();
     match Event::parse(expected, again.as_bytes()) {
