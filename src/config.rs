@@ -3,6 +3,10 @@
 //!
 //! Loading fails fast with a [`ConfigError`] that names the offending key,
 //! so that `check-config` and `serve` can say exactly what to fix.
+//!
+//! One piece on purpose (longer than the other modules): every key, its
+//! default and its check sit side by side, so a key cannot be added
+//! without its validation or its documented default.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;

@@ -21,6 +21,11 @@
 //!
 //! librdkafka's consumer blocks, so each step runs on tokio's blocking
 //! pool, taking the consumer along and handing it back.
+//!
+//! One piece on purpose (a little over the usual size): positioning,
+//! out-of-range handling, batching and dead-lettering share the one
+//! consumer and the offsets map, and split apart they would pass both
+//! around.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};

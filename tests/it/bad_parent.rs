@@ -284,7 +284,7 @@ async fn a_parent_that_hangs_mid_body_is_given_up_on() {
 async fn a_line_stamped_beyond_the_skew_of_the_pages_as_of_fails_the_page() {
     refused(
         Mode::FutureTimestamp,
-        "more than ingest.max_future_skew after the page's asOf",
+        "(ingest.max_future_skew) after the page's asOf",
         "future_timestamp",
     )
     .await;

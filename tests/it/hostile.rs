@@ -400,7 +400,7 @@ async fn beyond_the_connection_limit_clients_wait_and_existing_ones_are_served()
     let text = String::from_utf8_lossy(&metrics.body).into_owned();
     let served = text.lines().find(|l| {
         l.starts_with(
-            "emis_edge_http_request_duration_seconds_count{route=\"/api/teachers/{teacher_id}\"",
+            "emis_edge_http_request_duration_seconds_count{route=\"/api/teachers/{teacherId}\"",
         )
     });
     assert_eq!(

@@ -141,14 +141,16 @@ impl TestNode {
     }
 
     /// The node serves every school (`schools.all = true`) unless
-    /// `configure` says otherwise: a test that sets `schools.ids` also
-    /// sets `schools.all = false`.
+    /// `configure` lists `schools.ids`: then it serves exactly those.
     pub async fn start_in(dir: tempfile::TempDir, configure: impl FnOnce(&mut Config)) -> TestNode {
         let mut config = Config::default();
         config.node.data_dir = dir.path().to_owned();
         config.http.listen = "127.0.0.1:0".parse().unwrap();
         config.schools.all = true;
         configure(&mut config);
+        if !config.schools.ids.is_empty() {
+            config.schools.all = false;
+        }
         config.validate().unwrap();
         let clock = ManualClock::new(T0 + 3600 * SEC);
         let node = node::start(config, clock.clone()).await.unwrap();
