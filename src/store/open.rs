@@ -269,6 +269,10 @@ impl Store {
 /// index and documents shrink to about a fifth, but the pages they held
 /// are free only inside the file: a node compacts at start when the free
 /// share is above `store.compact_at_free_share`.
+///
+/// A value that no longer decodes does not stop the upgrade (a running
+/// node serves such a store too): a damaged assignment stays out of the
+/// index, a damaged document is queued to be rendered again.
 fn migrate_from_3(db: &Database, path: &Path) -> Result<()> {
     tracing::info!(path = %path.display(), "upgrading the store from format 3 to 4");
     let txn = db.begin_write()?;
@@ -278,15 +282,31 @@ fn migrate_from_3(db: &Database, path: &Path) -> Result<()> {
         let mut by_teacher = txn.open_table(ASSIGNMENT_BY_TEACHER)?;
         for entry in assignments.iter()? {
             let (id, value) = entry?;
-            if let Entity::Assignment(a) = decode_record(id.value(), value.value())?.data {
-                by_teacher.insert((a.teacher_id.as_u128(), id.value()), ())?;
+            match decode_record(id.value(), value.value()) {
+                Ok(record) => {
+                    if let Entity::Assignment(a) = record.data {
+                        by_teacher.insert((a.teacher_id.as_u128(), id.value()), ())?;
+                    }
+                }
+                // As a running node treats it: the store stays usable, a
+                // change to that record is refused (a dead letter), and
+                // resync replaces it. Here it stays out of the index.
+                Err(StoreError::Corrupt(reason)) => tracing::warn!(
+                    path = %path.display(),
+                    assignment = %uuid::Uuid::from_u128(id.value()),
+                    %reason,
+                    "a stored assignment does not decode: left out of the by-teacher index"
+                ),
+                Err(e) => return Err(e),
             }
         }
         // Rewritten in chunks: a table cannot be written while it is read.
         let mut docs = txn.open_table(TEACHER_DOCS)?;
+        let mut pending = txn.open_table(PENDING_DOCS)?;
         let mut after: Option<u128> = None;
         loop {
-            let chunk: Vec<(u128, Vec<u8>)> = {
+            // `None`: a document that does not decode, rendered again.
+            let chunk: Vec<(u128, Option<Vec<u8>>)> = {
                 let range = match after {
                     None => docs.range::<u128>(..)?,
                     Some(a) => {
@@ -297,7 +317,14 @@ fn migrate_from_3(db: &Database, path: &Path) -> Result<()> {
                     .take(10_000)
                     .map(|e| {
                         let (k, v) = e?;
-                        Ok((k.value(), encode_doc(&decode_doc(v.value())?)))
+                        Ok((
+                            k.value(),
+                            match decode_doc(v.value()) {
+                                Ok(json) => Some(encode_doc(&json)),
+                                Err(StoreError::Corrupt(_)) => None,
+                                Err(e) => return Err(e),
+                            },
+                        ))
                     })
                     .collect::<Result<_>>()?
             };
@@ -305,7 +332,20 @@ fn migrate_from_3(db: &Database, path: &Path) -> Result<()> {
                 break;
             };
             for (teacher, doc) in chunk {
-                docs.insert(teacher, doc.as_slice())?;
+                match doc {
+                    Some(doc) => {
+                        docs.insert(teacher, doc.as_slice())?;
+                    }
+                    None => {
+                        tracing::warn!(
+                            path = %path.display(),
+                            teacher = %uuid::Uuid::from_u128(teacher),
+                            "a stored teacher document does not decode: rendered again"
+                        );
+                        docs.remove(teacher)?;
+                        pending.insert(teacher, ())?;
+                    }
+                }
             }
             after = Some(last);
         }

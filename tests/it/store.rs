@@ -898,3 +898,77 @@ fn dead_letters_are_kept_up_to_a_count_and_an_age_oldest_dropped_first() {
     assert_eq!(kept(&store), vec![13]);
     assert_eq!(dropped(&store), Some(13));
 }
+
+/// A format 3 store holding a record and a document that no longer decode
+/// still opens and upgrades, as a running node keeps serving such a store:
+/// the damaged document is rendered again (the same answer), and a change
+/// to the damaged assignment is refused naming it, not the whole upgrade.
+#[test]
+fn a_format_3_store_with_damaged_values_still_upgrades() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let (p, before) = {
+        let store = open(&dir);
+        let p = tiny_province(&store);
+        let before = answers(&store, &p);
+        (p, before)
+    };
+    let damaged = p.assignment(0, 0, 0);
+    let teacher = p.teacher_id(1, 0);
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.delete_table(TableDefinition::<(u128, u128), ()>::new(
+            "assignment_by_teacher",
+        ))
+        .unwrap();
+        txn.open_table(TableDefinition::<(u128, u128), &[u8]>::new(
+            "assignment_by_teacher",
+        ))
+        .unwrap();
+        txn.open_table(TableDefinition::<u128, &[u8]>::new("assignments"))
+            .unwrap()
+            .insert(damaged.assignment_id.as_u128(), b"\x7fdamaged".as_slice())
+            .unwrap();
+        txn.open_table(TableDefinition::<u128, &[u8]>::new("teacher_docs"))
+            .unwrap()
+            .insert(teacher.as_u128(), b"\x7fdamaged".as_slice())
+            .unwrap();
+        txn.open_table(TableDefinition::<&str, &[u8]>::new("meta"))
+            .unwrap()
+            .insert("format_version", 3u32.to_le_bytes().as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let store = open(&dir);
+    {
+        let r = store.read().unwrap();
+        assert_eq!(r.pending_docs().unwrap(), 1, "the damaged document queued");
+        let body = r.teacher_detail_body(teacher).unwrap().unwrap();
+        let n = p.spec.teachers_per_school as usize; // teacher (1, 0)
+        assert_eq!(
+            String::from_utf8(body).unwrap(),
+            before["docs"][n].as_str().unwrap()
+        );
+    }
+    while store.materialize(1000, T0).unwrap() > 0 {}
+    assert_eq!(store.read().unwrap().pending_docs().unwrap(), 0);
+    let mut changed = damaged.clone();
+    changed.subject = Some("Hoá học".into());
+    let key = p.initial_key(&emis_edge::domain::Entity::Assignment(damaged.clone()));
+    let refused = store.apply_batch(
+        &batch(vec![(
+            emis_edge::domain::OrderKey {
+                version: key.version.map(|v| v + 1),
+                ..key
+            },
+            emis_edge::domain::Change::Upsert(emis_edge::domain::Entity::Assignment(changed)),
+        )]),
+        T0,
+        SyncSource::Kafka,
+    );
+    assert!(
+        matches!(refused, Err(StoreError::Refused { index: 0, .. })),
+        "{refused:?}"
+    );
+}
