@@ -2,13 +2,15 @@
 //! province (`emis_edge::gen`, 1,000 schools: 100,000 teachers, 100,000
 //! classes, ~1,000,000 assignments).
 //!
-//! Run: `cargo bench --bench teacher_detail`. It builds the store through
-//! `Store::apply_batch`, renders every teacher's document
-//! (`Store::materialize`, as the node's worker does), then prints p50/p90/p99
+//! Run: `cargo bench --bench teacher_detail`. It builds the store as
+//! `emis-edge import` does (a bulk load, documents rendered, compacted),
+//! and in the same run a bare redb file holding every document as plain
+//! JSON (the baseline: one `get` of the bytes), then prints p50/p90/p99
 //! over 200,000 lookups of random real ids of what the API serves
-//! (`Reader::teacher_detail_body`: the stored document) and of the fallback
-//! (assembling from the records and rendering, as while a document is
-//! queued), followed by criterion's estimates of both. Scale down with
+//! (`Reader::teacher_detail_body`: the stored document, decompressed), of
+//! the baseline, and of the fallback (assembling from the records and
+//! rendering, as while a document is queued), followed by criterion's
+//! estimates. Scale down with
 //! `EMIS_BENCH_SCALE=demo`; set the redb cache with `EMIS_BENCH_CACHE_MB`
 //! (default: the node's default, 64).
 
@@ -16,11 +18,12 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use emis_edge::domain::{Change, SyncSource};
+use emis_edge::domain::{SchoolSnapshot, SyncSource};
 use emis_edge::gen::{Province, Spec, T_BASE};
-use emis_edge::store::{Batch, Store, StoreOptions};
+use emis_edge::store::{Store, StoreOptions};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use redb::{Database, ReadableDatabase, TableDefinition};
 use uuid::Uuid;
 
 fn build(dir: &std::path::Path, p: &Province, cache_mb: usize) -> Store {
@@ -33,34 +36,87 @@ fn build(dir: &std::path::Path, p: &Province, cache_mb: usize) -> Store {
     )
     .unwrap();
     let started = Instant::now();
-    let mut records = 0u64;
-    let mut changes = Vec::with_capacity(60_000);
+    // As `emis-edge import` fills an empty store: a bulk load in batches
+    // of validated schools, documents rendered, then compacted.
+    let mut bulk = store
+        .bulk_load(T_BASE, SyncSource::Import)
+        .unwrap()
+        .expect("an empty store");
+    let mut batch = Vec::new();
+    let mut in_batch = 0;
     for s in 0..p.spec.schools {
-        for e in p.school(s) {
-            changes.push((p.initial_key(&e), Change::Upsert(e)));
-        }
-        if changes.len() >= 50_000 || s + 1 == p.spec.schools {
-            records += changes.len() as u64;
-            let batch = Batch {
-                changes: std::mem::take(&mut changes),
-                ..Batch::default()
-            };
-            store
-                .apply_batch(&batch, T_BASE, SyncSource::Import)
-                .unwrap();
+        let records: Vec<_> = p
+            .school(s)
+            .into_iter()
+            .map(|e| (p.initial_key(&e), e))
+            .collect();
+        in_batch += records.len();
+        batch.push(SchoolSnapshot {
+            school_id: p.school_id(s),
+            records,
+            as_of: T_BASE,
+            cursor: None,
+        });
+        if in_batch >= emis_edge::resync::IMPORT_BATCH_RECORDS || s + 1 == p.spec.schools {
+            bulk.add(&batch).unwrap();
+            batch.clear();
+            in_batch = 0;
         }
     }
-    let built = started.elapsed();
-    while store.materialize(10_000, T_BASE).unwrap() > 0 {}
-    let size = std::fs::metadata(dir.join("bench.redb")).unwrap().len();
+    let records = bulk.len();
+    bulk.finish(|_| {}).unwrap();
+    store.compact(T_BASE).unwrap();
+    let space = store.measure_space(T_BASE).unwrap();
     eprintln!(
-        "built {records} records ({} teachers, {} classes) in {built:.1?}, documents rendered in {:.1?}; store file {:.0} MiB",
+        "built {records} records ({} teachers, {} classes) with their documents in {:.1?}; store file {:.0} MiB allocated",
         p.spec.teachers(),
         p.spec.classes(),
-        started.elapsed() - built,
-        size as f64 / (1 << 20) as f64
+        started.elapsed(),
+        space.file_allocated.unwrap_or(0) as f64 / (1 << 20) as f64
     );
     store
+}
+
+/// The baseline in the same run: every teacher's document as plain JSON in
+/// a bare redb table (what format 3 stored), written in key order.
+fn build_raw(dir: &std::path::Path, p: &Province, store: &Store, cache_mb: usize) -> Database {
+    let db = Database::builder()
+        .set_cache_size(cache_mb << 20)
+        .create(dir.join("raw.redb"))
+        .unwrap();
+    let mut docs = Vec::new();
+    let r = store.read().unwrap();
+    for s in 0..p.spec.schools {
+        for t in 0..p.spec.teachers_per_school {
+            let id = p.teacher_id(s, t);
+            docs.push((id.as_u128(), r.teacher_detail_body(id).unwrap().unwrap()));
+        }
+    }
+    docs.sort_unstable_by_key(|d| d.0);
+    let txn = db.begin_write().unwrap();
+    {
+        let mut table = txn.open_table(RAW).unwrap();
+        for (id, doc) in &docs {
+            table.insert(*id, doc.as_slice()).unwrap();
+        }
+    }
+    txn.commit().unwrap();
+    eprintln!(
+        "raw redb baseline: {} plain JSON documents, file {:.0} MiB allocated",
+        docs.len(),
+        emis_edge::store::allocated_bytes(&dir.join("raw.redb")).unwrap_or(0) as f64
+            / (1 << 20) as f64
+    );
+    db
+}
+
+const RAW: TableDefinition<u128, &[u8]> = TableDefinition::new("teacher_docs");
+
+fn raw_lookup(db: &Database, id: Uuid) -> usize {
+    let txn = db.begin_read().unwrap();
+    let table = txn.open_table(RAW).unwrap();
+    let doc = table.get(id.as_u128()).unwrap().unwrap().value().to_vec();
+    black_box(doc).len()
 }
 
 fn random_teacher(p: &Province, rng: &mut StdRng) -> Uuid {
@@ -70,7 +126,7 @@ fn random_teacher(p: &Province, rng: &mut StdRng) -> Uuid {
     )
 }
 
-fn percentiles(what: &str, store: &Store, p: &Province, f: impl Fn(&Store, Uuid) -> usize) {
+fn percentiles<S>(what: &str, store: &S, p: &Province, f: impl Fn(&S, Uuid) -> usize) {
     let mut rng = StdRng::seed_from_u64(7);
     let mut samples = Vec::with_capacity(200_000);
     for _ in 0..200_000 {
@@ -110,13 +166,21 @@ fn bench(c: &mut Criterion) {
     let p = Province::new(Spec::scale(&scale, 1).expect("EMIS_BENCH_SCALE: tiny, demo, province"));
     let dir = tempfile::tempdir().unwrap();
     let store = build(dir.path(), &p, cache_mb);
-    // Warm up the caches the way a running node's would be.
+    let raw = build_raw(dir.path(), &p, &store, cache_mb);
+    // Warm up the caches the way a running node's would be; alternate, so
+    // that both see the same machine.
     for _ in 0..2 {
         percentiles(
             "stored document (what GET /api/teachers/{id} serves)",
             &store,
             &p,
             served,
+        );
+        percentiles(
+            "raw redb baseline (plain JSON, one get)",
+            &raw,
+            &p,
+            raw_lookup,
         );
     }
     percentiles("assembled + rendered (while queued)", &store, &p, assembled);
@@ -126,6 +190,9 @@ fn bench(c: &mut Criterion) {
     group.measurement_time(Duration::from_secs(10));
     group.bench_function("teacher_detail_body", |b| {
         b.iter(|| served(&store, random_teacher(&p, &mut rng)))
+    });
+    group.bench_function("raw_redb_plain_json", |b| {
+        b.iter(|| raw_lookup(&raw, random_teacher(&p, &mut rng)))
     });
     group.bench_function("teacher_detail_assembled_rendered", |b| {
         b.iter(|| assembled(&store, random_teacher(&p, &mut rng)))

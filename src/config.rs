@@ -184,6 +184,10 @@ pub struct StoreConfig {
     pub tombstone_retention: Duration,
     /// redb page cache, MiB.
     pub cache_mb: usize,
+    /// At start, the node compacts the store file (gives free pages back to
+    /// the file system) when at least this share of it is free, 0.0–1.0;
+    /// 1.0 never. Measuring it reads every page of the file once.
+    pub compact_at_free_share: f64,
     /// Dead letters kept at most; the oldest beyond go first.
     pub dead_letter_max_count: u64,
     /// Dead letters older than this are dropped (e.g. "30d").
@@ -317,6 +321,7 @@ impl Default for StoreConfig {
         StoreConfig {
             tombstone_retention: Duration::from_secs(30 * 86_400),
             cache_mb: 64,
+            compact_at_free_share: 0.5,
             // The store's own default (`store::DEAD_LETTER_MAX_COUNT`).
             dead_letter_max_count: 100_000,
             dead_letter_retention: Duration::from_secs(30 * 86_400),
@@ -558,6 +563,12 @@ impl Config {
         }
         if !(1..=65_536).contains(&self.store.cache_mb) {
             return Err(bad("store.cache_mb", "must be between 1 and 65536"));
+        }
+        if !(0.0..=1.0).contains(&self.store.compact_at_free_share) {
+            return Err(bad(
+                "store.compact_at_free_share",
+                "must be between 0.0 and 1.0 (1.0: never)",
+            ));
         }
         if !(1..=10_000_000).contains(&self.store.dead_letter_max_count) {
             return Err(bad(

@@ -1,8 +1,9 @@
-//! Store upkeep that no change waits for, as three workers: rendering the
+//! Store upkeep that no change waits for, as four workers: rendering the
 //! teacher documents that changes queued (so that a lookup is one read),
 //! purging tombstones past `store.tombstone_retention` and dead letters
-//! past `store.dead_letter_retention`, and computing the per-school
-//! freshness that `/metrics` shows.
+//! past `store.dead_letter_retention`, computing the per-school freshness
+//! that `/metrics` shows, and measuring where the store file's bytes go
+//! (for status and metrics).
 //!
 //! None is on the path of a change or a read: a queued teacher's
 //! document is assembled on the fly by a lookup meanwhile, a tombstone
@@ -105,6 +106,51 @@ impl Worker for Purger {
             tracing::info!(dropped, "dead letters past their retention dropped");
         }
         Ok(Next::After(Self::EVERY))
+    }
+}
+
+/// Measures where the store file's bytes go (`Store::measure_space`: a
+/// walk of every table, about a read of the whole file) every
+/// [`crate::store::SPACE_EVERY`] (a minute after start if the start did
+/// not measure it), so that status and
+/// `/metrics` show file size, live bytes and free share without walking
+/// the file themselves.
+pub struct SpaceMeter {
+    state: NodeState,
+    first: bool,
+}
+
+impl SpaceMeter {
+    /// Not at once: a node starting catches up first.
+    const FIRST_AFTER: Duration = Duration::from_secs(60);
+
+    pub fn new(state: NodeState) -> SpaceMeter {
+        SpaceMeter { state, first: true }
+    }
+}
+
+impl Worker for SpaceMeter {
+    fn name(&self) -> &'static str {
+        "space"
+    }
+
+    async fn step(&mut self, _stop: &CancellationToken) -> anyhow::Result<Next> {
+        if std::mem::take(&mut self.first) {
+            // Measured at start already when the node considered compacting.
+            return Ok(Next::After(match self.state.store.space() {
+                Some(_) => crate::store::SPACE_EVERY,
+                None => Self::FIRST_AFTER,
+            }));
+        }
+        let (store, now) = (self.state.store.clone(), self.state.clock.now());
+        let space = blocking(move || store.measure_space(now)).await?;
+        tracing::debug!(
+            live_bytes = space.live_bytes,
+            file_allocated = ?space.file_allocated,
+            free_share = ?space.free_share,
+            "store space measured"
+        );
+        Ok(Next::After(crate::store::SPACE_EVERY))
     }
 }
 

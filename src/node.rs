@@ -64,6 +64,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     };
     let store = Arc::new(Store::open(&path, &options)?);
     tracing::info!(path = %path.display(), "store open");
+    compact_if_free(&store, &config, clock.now())?;
     let state = NodeState::new(store, config, clock);
     let config = state.config.clone();
 
@@ -94,6 +95,12 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         &state,
         &stop,
         crate::maintenance::Purger::new(state.clone()),
+    );
+    spawn(
+        &mut tasks,
+        &state,
+        &stop,
+        crate::maintenance::SpaceMeter::new(state.clone()),
     );
     spawn(
         &mut tasks,
@@ -164,6 +171,40 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
 }
 
 /// Runs `worker` as a task of the node until `stop`.
+/// Compacts the store before anything uses it when at least
+/// `store.compact_at_free_share` of the file is free (a compaction needs
+/// the store to itself). The measurement reads every page once; it is kept
+/// for status and metrics.
+fn compact_if_free(
+    store: &Store,
+    config: &Config,
+    now: crate::domain::Timestamp,
+) -> anyhow::Result<()> {
+    let threshold = config.store.compact_at_free_share;
+    if threshold >= 1.0 {
+        return Ok(());
+    }
+    let space = store.measure_space(now)?;
+    let Some(free) = space.free_share else {
+        return Ok(());
+    };
+    if free < threshold {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let report = store
+        .compact(now)
+        .context("compacting the store at start")?;
+    tracing::info!(
+        before_bytes = report.before.file_allocated,
+        after_bytes = report.after.file_allocated,
+        free_share_before = free,
+        ms = started.elapsed().as_millis() as u64,
+        "store compacted at start (store.compact_at_free_share)"
+    );
+    Ok(())
+}
+
 fn spawn<W: Worker>(
     tasks: &mut JoinSet<()>,
     state: &NodeState,

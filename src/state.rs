@@ -235,6 +235,7 @@ impl NodeState {
         let stats = reader.stats()?;
         let state = self.sync.get();
         let health = self.store.health();
+        let space = self.store.space();
         // Every partition known from the store (consumed) or the broker
         // (high watermark seen); one never read yet shows no offset and its
         // whole length as lag.
@@ -314,7 +315,12 @@ impl NodeState {
                 write_failures: health.write_failures,
                 reopens: health.reopens,
                 pending_documents: stats.pending_documents,
-                file_bytes: std::fs::metadata(config.store_path()).ok().map(|m| m.len()),
+                file_bytes: crate::store::allocated_bytes(&config.store_path()),
+                file_len: std::fs::metadata(config.store_path()).ok().map(|m| m.len()),
+                live_bytes: space.as_ref().map(|s| s.live_bytes),
+                free_share: space.as_ref().and_then(|s| s.free_share),
+                space_measured_at: space.as_ref().map(|s| format_timestamp(s.measured_at)),
+                tables: space.as_ref().map(|s| s.tables.clone()),
             },
             caught_up: state.first_sync_done,
             partitions,

@@ -218,7 +218,7 @@ impl Activity {
 
 /// The sync status document (`GET /api/sync/status`, `emis-edge status`).
 /// Times are RFC 3339 strings; absent ones are `null`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SyncStatus {
     #[schema(example = "edge-hanoi-01")]
@@ -387,7 +387,7 @@ pub struct OffsetOutOfRange {
     pub detail: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StoreStatus {
     /// The last write failed: reads answer, nothing new comes in.
@@ -397,11 +397,32 @@ pub struct StoreStatus {
     pub write_failures: u64,
     pub reopens: u64,
     pub pending_documents: u64,
-    /// Size of the store file on disk (`null` when it cannot be read). It
-    /// grows with the data and does not shrink when data is deleted: redb
-    /// reuses the free pages inside it.
+    /// What the store file takes on disk, in allocated blocks (`null`
+    /// when it cannot be read). It grows with the data and does not shrink
+    /// when data is deleted: redb reuses the free pages inside it, and a
+    /// compaction gives them back.
     #[serde(default)]
     pub file_bytes: Option<u64>,
+    /// The file's length; larger than `fileBytes` while redb has grown it
+    /// by regions it has not written yet (the file is sparse).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_len: Option<u64>,
+    /// The keys and values the tables hold: the data itself, without the
+    /// B-tree overhead and free pages (absent until first measured; see
+    /// `emis-edge status --tables`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_bytes: Option<u64>,
+    /// The share of the file no table uses (0.0–1.0): free pages a
+    /// compaction would give back (absent until first measured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_share: Option<f64>,
+    /// When the space was last measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub space_measured_at: Option<String>,
+    /// Where the bytes go, per table, largest first, as last measured
+    /// (`emis-edge status --tables` prints them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tables: Option<Vec<crate::store::TableSpace>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

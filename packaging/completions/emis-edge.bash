@@ -19,6 +19,9 @@ _emis__edge() {
             emis__edge,check-config)
                 cmd="emis__edge__subcmd__check__subcmd__config"
                 ;;
+            emis__edge,compact)
+                cmd="emis__edge__subcmd__compact"
+                ;;
             emis__edge,demo)
                 cmd="emis__edge__subcmd__demo"
                 ;;
@@ -45,6 +48,9 @@ _emis__edge() {
                 ;;
             emis__edge__subcmd__help,check-config)
                 cmd="emis__edge__subcmd__help__subcmd__check__subcmd__config"
+                ;;
+            emis__edge__subcmd__help,compact)
+                cmd="emis__edge__subcmd__help__subcmd__compact"
                 ;;
             emis__edge__subcmd__help,demo)
                 cmd="emis__edge__subcmd__help__subcmd__demo"
@@ -77,7 +83,7 @@ _emis__edge() {
 
     case "${cmd}" in
         emis__edge)
-            opts="-h -V --help --version serve check-config status resync export demo gen import help"
+            opts="-h -V --help --version serve check-config status resync export demo gen compact import help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -91,6 +97,24 @@ _emis__edge() {
             return 0
             ;;
         emis__subcmd__edge__subcmd__check__subcmd__config)
+            opts="-h --config --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        emis__subcmd__edge__subcmd__compact)
             opts="-h --config --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -235,7 +259,7 @@ _emis__edge() {
             return 0
             ;;
         emis__subcmd__edge__subcmd__help)
-            opts="serve check-config status resync export demo gen import help"
+            opts="serve check-config status resync export demo gen compact import help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -249,6 +273,20 @@ _emis__edge() {
             return 0
             ;;
         emis__subcmd__edge__subcmd__help__subcmd__check__subcmd__config)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        emis__subcmd__edge__subcmd__help__subcmd__compact)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -433,7 +471,7 @@ _emis__edge() {
             return 0
             ;;
         emis__subcmd__edge__subcmd__status)
-            opts="-h --config --json --help"
+            opts="-h --config --json --tables --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

@@ -198,6 +198,9 @@ fn too_large(limit: u64) -> Problem {
     )
 }
 
+/// How often an import through the node logs how far it got.
+const IMPORT_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Imports an NDJSON snapshot file streamed in the request body.
 #[utoipa::path(
     post,
@@ -242,13 +245,27 @@ async fn admin_import(
     let skew = s.config.max_future_skew();
     let now = s.clock.now();
     let outcomes = tokio::task::spawn_blocking(move || {
+        // Periodic progress lines in the node's log.
+        let mut last = std::time::Instant::now();
         crate::resync::import(
             &store,
             &filter,
             skew,
             std::io::BufReader::with_capacity(1 << 20, reader),
             now,
-            |_| {},
+            |p| {
+                if last.elapsed() >= IMPORT_PROGRESS_EVERY {
+                    last = std::time::Instant::now();
+                    match p {
+                        crate::resync::ImportProgress::Read(lines) => {
+                            tracing::info!(lines, "import: lines read")
+                        }
+                        crate::resync::ImportProgress::Written { rows, of } => {
+                            tracing::info!(rows, of, "import: rows written")
+                        }
+                    }
+                }
+            },
         )
     })
     .await

@@ -492,13 +492,31 @@ impl Collector for NodeCollector {
             "Oldest lastSyncedAt among a served school's live records (computed every 5 minutes)",
             fresh,
         )?;
-        if let Ok(meta) = std::fs::metadata(s.config.store_path()) {
+        if let Some(allocated) = crate::store::allocated_bytes(&s.config.store_path()) {
             gauge(
                 &mut encoder,
                 "store_file_bytes",
-                "Size of the redb file",
-                bare(meta.len() as f64),
+                "Disk space the redb file takes (allocated blocks; the file is sparse)",
+                bare(allocated as f64),
             )?;
+        }
+        // As last measured by the `space` worker: a walk of every page is
+        // not for a scrape.
+        if let Some(space) = s.store.space() {
+            gauge(
+                &mut encoder,
+                "store_live_bytes",
+                "Keys and values the store's tables hold (as last measured)",
+                bare(space.live_bytes as f64),
+            )?;
+            if let Some(free) = space.free_share {
+                gauge(
+                    &mut encoder,
+                    "store_free_ratio",
+                    "Share of the store file no table uses: what a compaction gives back (as last measured)",
+                    bare(free),
+                )?;
+            }
         }
         Ok(())
     }

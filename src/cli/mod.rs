@@ -23,6 +23,7 @@ use clap::{Parser, Subcommand};
 use crate::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
 use crate::store::{Store, StoreOptions};
 
+mod compact;
 mod gen;
 mod resync;
 mod serve;
@@ -73,6 +74,12 @@ enum Command {
         /// Print the status document as JSON instead of a summary.
         #[arg(long)]
         json: bool,
+        /// Also print where the store file's bytes go, per table: entries,
+        /// stored bytes, B-tree overhead, unused page space, pages; and the
+        /// file's allocated size and free share. On a stopped node this
+        /// reads the whole file.
+        #[arg(long)]
+        tables: bool,
     },
     /// Run one resync now: fetch each served school's snapshot from
     /// resync.central_url and reconcile (all or nothing per school). Through
@@ -140,6 +147,16 @@ enum Command {
     /// changes (--trickle), and the teacher ids for load scripts
     /// (--teacher-ids). For tests, benchmarks and load tests.
     Gen(GenArgs),
+    /// Give the store file's free pages back to the file system (redb's
+    /// compaction), on a stopped node: exit 1 if a node answers at
+    /// http.listen. Prints the file's size before and after. A running node
+    /// compacts by itself at start when the free share is at least
+    /// store.compact_at_free_share; an offline import compacts when done.
+    Compact {
+        /// Configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Load a snapshot file (from `export` or central) into the store: all or
     /// nothing per school; a truncated or corrupt school changes nothing and
     /// its line is named. Through the running node if there is one.
@@ -203,12 +220,16 @@ pub fn run() -> ExitCode {
     match cli.command {
         Command::Serve { config } => serve::serve(config.as_deref()),
         Command::CheckConfig { config } => serve::check_config(&config),
-        Command::Status { config, json } => {
+        Command::Status {
+            config,
+            json,
+            tables,
+        } => {
             let config = match load(config.as_deref()) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            match status::status(&config, json) {
+            match status::status(&config, json, tables) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&e),
             }
@@ -224,6 +245,7 @@ pub fn run() -> ExitCode {
             out,
         } => with_config(&config, |c| transfer::export(c, schools, &out)),
         Command::Import { config, file } => with_config(&config, |c| transfer::import(c, &file)),
+        Command::Compact { config } => with_config(&config, compact::compact),
         Command::Demo {
             scale,
             seed,

@@ -7,14 +7,14 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::clock::SystemClock;
+use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::state::NodeState;
-use crate::status::SyncStatus;
+use crate::status::{StoreStatus, SyncStatus};
 
 use super::{ask_node, local_addr, open_store, runtime, Ask};
 
-pub(super) fn status(config: &Config, as_json: bool) -> anyhow::Result<()> {
+pub(super) fn status(config: &Config, as_json: bool, tables: bool) -> anyhow::Result<()> {
     let runtime = runtime()?;
     let from_node = runtime.block_on(ask_node(
         config,
@@ -38,6 +38,10 @@ pub(super) fn status(config: &Config, as_json: bool) -> anyhow::Result<()> {
                 path.display()
             );
             let state = NodeState::new(open_store(config)?, config.clone(), Arc::new(SystemClock));
+            if tables {
+                // Walks every page: only on request.
+                state.store.measure_space(SystemClock.now())?;
+            }
             (
                 state.status()?,
                 format!("store file {} (node not running)", path.display()),
@@ -48,6 +52,9 @@ pub(super) fn status(config: &Config, as_json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         print!("{}", render_status(&doc, &source));
+        if tables {
+            print!("{}", render_tables(&doc.store));
+        }
     }
     Ok(())
 }
@@ -176,5 +183,78 @@ fn render_status(doc: &SyncStatus, source: &str) -> String {
             );
         }
     }
+    out
+}
+
+fn mib(n: u64) -> String {
+    format!("{:.1}", n as f64 / f64::from(1 << 20))
+}
+
+/// Where the store file's bytes go, per table (`status --tables`).
+fn render_tables(store: &StoreStatus) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let Some(tables) = &store.tables else {
+        let _ = writeln!(
+            out,
+            "\nstore space   not measured yet (the node measures it a minute after start, \
+             then every {} minutes)",
+            crate::store::SPACE_EVERY.as_secs() / 60
+        );
+        return out;
+    };
+    let _ = writeln!(
+        out,
+        "\n{:<22} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>7}",
+        "TABLE (MiB)", "ENTRIES", "PAGES", "STORED", "OVERHEAD", "UNUSED", "LEAVES", "BRANCH"
+    );
+    let mut sum = [0u64; 4];
+    for t in tables {
+        let _ = writeln!(
+            out,
+            "{:<22} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>7}",
+            t.name,
+            t.entries,
+            mib(t.page_bytes()),
+            mib(t.stored_bytes),
+            mib(t.metadata_bytes),
+            mib(t.fragmented_bytes),
+            t.leaf_pages,
+            t.branch_pages
+        );
+        for (s, v) in sum.iter_mut().zip([
+            t.page_bytes(),
+            t.stored_bytes,
+            t.metadata_bytes,
+            t.fragmented_bytes,
+        ]) {
+            *s += v;
+        }
+    }
+    let _ = writeln!(
+        out,
+        "{:<22} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "all tables",
+        "",
+        mib(sum[0]),
+        mib(sum[1]),
+        mib(sum[2]),
+        mib(sum[3])
+    );
+    let or_dash = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), mib);
+    let _ = writeln!(
+        out,
+        "file           {} MiB allocated, {} MiB long; free share {}{}",
+        or_dash(store.file_bytes),
+        or_dash(store.file_len),
+        store
+            .free_share
+            .map_or_else(|| "-".to_owned(), |f| format!("{:.1} %", 100.0 * f)),
+        store
+            .space_measured_at
+            .as_ref()
+            .map(|t| format!(" (measured {t})"))
+            .unwrap_or_default()
+    );
     out
 }

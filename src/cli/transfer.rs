@@ -4,10 +4,13 @@
 //! file with `crate::resync`.
 
 use std::path::Path;
+
+use futures::StreamExt;
 use std::time::Duration;
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
+use crate::resync::ImportProgress;
 use crate::store::Store;
 
 use super::{
@@ -91,7 +94,16 @@ pub(super) fn import(config: &Config, file: &Path) -> anyhow::Result<bool> {
             return Ok(None);
         }
         let f = tokio::fs::File::open(file).await?;
-        let stream = tokio_util::io::ReaderStream::with_capacity(f, 1 << 20);
+        // The bar shows what was sent; the node logs how far it got.
+        let mut tick = progress(Some(size), "bytes sent to the node");
+        let mut sent = 0u64;
+        let stream = tokio_util::io::ReaderStream::with_capacity(f, 1 << 20).map(move |chunk| {
+            if let Ok(chunk) = &chunk {
+                sent += chunk.len() as u64;
+                tick(sent);
+            }
+            chunk
+        });
         ask_node(
             config,
             Ask::Admin,
@@ -112,15 +124,24 @@ pub(super) fn import(config: &Config, file: &Path) -> anyhow::Result<bool> {
                 read: 0,
                 tick: &mut tick,
             };
+            let mut writing: Option<Box<dyn FnMut(u64)>> = None;
             let outcomes = crate::resync::import(
                 &store,
                 &config.school_filter(),
                 config.max_future_skew(),
                 std::io::BufReader::with_capacity(1 << 20, counted),
                 SystemClock.now(),
-                |_| {},
+                |p| {
+                    if let ImportProgress::Written { rows, of } = p {
+                        writing.get_or_insert_with(|| {
+                            Box::new(progress(Some(of), "rows written (empty store: bulk load)"))
+                        })(rows)
+                    }
+                },
             )?;
+            drop(writing);
             render_documents(&store)?;
+            compact(&store)?;
             serde_json::json!({ "schools": outcomes })
         }
     };
@@ -145,6 +166,35 @@ fn render_documents(store: &Store) -> anyhow::Result<()> {
         tick(done);
     }
 }
+
+/// Gives the free pages an import left back to the file system: the node
+/// then starts on a file no larger than its data. After a bulk load into
+/// an empty store there are none (each table was written in key order):
+/// one measurement (a read of the file) tells, and the compaction, which
+/// reads it twice more, is skipped.
+fn compact(store: &Store) -> anyhow::Result<()> {
+    let mib = |n: Option<u64>| n.unwrap_or(0) as f64 / f64::from(1 << 20);
+    let space = store.measure_space(SystemClock.now())?;
+    if space.free_share.unwrap_or(0.0) < NOTHING_TO_COMPACT {
+        eprintln!(
+            "emis-edge: store {:.0} MiB on disk ({:.0} MiB of data), nothing to compact",
+            mib(space.file_allocated),
+            mib(Some(space.live_bytes))
+        );
+        return Ok(());
+    }
+    let report = store.compact(SystemClock.now())?;
+    eprintln!(
+        "emis-edge: store compacted: {:.0} MiB → {:.0} MiB on disk ({:.0} MiB of data)",
+        mib(report.before.file_allocated),
+        mib(report.after.file_allocated),
+        mib(Some(report.after.live_bytes))
+    );
+    Ok(())
+}
+
+/// A free share below this is not worth a compaction after an import.
+const NOTHING_TO_COMPACT: f64 = 0.02;
 
 /// Reports the bytes read so far to `tick`: the progress of an import.
 struct CountingReader<'a, R, F: FnMut(u64)> {

@@ -21,8 +21,9 @@ use uuid::Uuid;
 
 use super::read::Reader;
 use super::schema::{
-    decode, encode, entity_table, meta_u64, Id, FEED_ENTRIES, FEED_LOG, META, META_FEED_FLOOR,
-    META_FEED_SEQ, META_STORE_ID, META_UPSTREAM_CURSOR, TOMBSTONES,
+    decode, decode_entries, decode_record, encode_entries, entity_table, meta_u64, Id,
+    FEED_ENTRIES, FEED_LOG, META, META_FEED_FLOOR, META_FEED_SEQ, META_STORE_ID,
+    META_UPSTREAM_CURSOR, TOMBSTONES,
 };
 use super::{Result, StoreError};
 use crate::domain::feed::delete_line;
@@ -159,7 +160,7 @@ impl<'t> LogWriter<'t> {
     fn entries_of(&self, kind: EntityKind, id: Id) -> Result<Vec<(Id, u64)>> {
         self.entries
             .get((kind.code(), id))?
-            .map_or(Ok(Vec::new()), |v| decode(v.value()))
+            .map_or(Ok(Vec::new()), |v| decode_entries(v.value()))
     }
 
     /// Enters a change of the entity at the next position under each of
@@ -181,7 +182,7 @@ impl<'t> LogWriter<'t> {
             self.log.insert((school, seq), (kind.code(), id))?;
         }
         self.entries
-            .insert((kind.code(), id), encode(&entries).as_slice())?;
+            .insert((kind.code(), id), encode_entries(&entries).as_slice())?;
         Ok(())
     }
 
@@ -234,7 +235,7 @@ pub(super) fn build_log(txn: &WriteTransaction) -> Result<u64> {
     for kind in EntityKind::ALL {
         for entry in txn.open_table(entity_table(kind))?.iter()? {
             let (id, value) = entry?;
-            let record: Record<Entity> = decode(value.value())?;
+            let record = decode_record(id.value(), value.value())?;
             log.record(kind, id.value(), &[record.data.school_id().as_u128()])?;
         }
     }
@@ -391,7 +392,7 @@ impl Reader {
                 .ok_or_else(|| StoreError::Corrupt(format!("unknown entity kind code {code}")))?;
             let slot = super::schema::kind_slot(kind);
             let state = if let Some(v) = tables[slot].get(id)? {
-                FeedState::Live(decode(v.value())?)
+                FeedState::Live(decode_record(id, v.value())?)
             } else if let Some(v) = tombstones.get((code, id))? {
                 let t: Tombstone = decode(v.value())?;
                 FeedState::Deleted {

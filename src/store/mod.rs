@@ -51,18 +51,23 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::Timestamp;
 
+mod bulk;
+mod codec;
 mod feed;
 mod open;
 mod read;
 mod reopen;
 mod schema;
+mod space;
 mod write;
 
+pub use bulk::{BulkLoad, Repeated};
 pub use feed::{ChangesPage, FeedError, FeedInfo, FeedItem, FeedState};
 pub use read::{Page, Reader, StateRow, StoreStats};
 #[cfg(feature = "fault-injection")]
 pub use reopen::HeldReopen;
 pub use schema::{counter, FORMAT_VERSION};
+pub use space::{allocated_bytes, CompactReport, StoreSpace, TableSpace, SPACE_EVERY};
 pub use write::{ApplyReport, Batch, Drift, ReconcileReport};
 
 /// Dead letters keep at most this much of the raw payload.
@@ -101,6 +106,10 @@ pub enum StoreError {
     /// The store is being reopened after an I/O error, or could not be.
     #[error("the store is not available: {0}")]
     Unavailable(String),
+    /// An operation that needs the store to itself (a compaction) found it
+    /// in use; nothing was changed.
+    #[error("the store is busy: {0}")]
+    Busy(String),
     #[error("store data is corrupt: {0}")]
     Corrupt(String),
     /// Change `index` of a batch cannot be applied however often it is
@@ -273,6 +282,8 @@ pub struct Store {
     /// The file and its options, to reopen it (`None`: in memory).
     file: Option<(PathBuf, StoreOptions)>,
     health: Mutex<StoreHealth>,
+    /// The last measurement of where the file's bytes go.
+    space: space::SpaceCache,
     /// The last change-log position committed (see [`Store::subscribe`]).
     committed: tokio::sync::watch::Sender<u64>,
     /// [`StoreOptions::dead_letter_max_count`].
@@ -293,6 +304,7 @@ impl Store {
                 .map_or(DEAD_LETTER_MAX_COUNT, |(_, o)| o.dead_letter_max_count),
             file,
             health: Mutex::new(StoreHealth::default()),
+            space: Default::default(),
             committed: tokio::sync::watch::channel(head).0,
             #[cfg(feature = "fault-injection")]
             fail_next_commit: AtomicBool::new(false),

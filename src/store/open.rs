@@ -13,12 +13,13 @@ use std::path::Path;
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable};
 
 use super::schema::{
-    create_tables, decode, decode_format_version, meta_u64, write_format_version, write_store_id,
-    ASSIGNMENTS, ASSIGNMENT_BY_CLASS, FORMAT_VERSION, META, META_FEED_SEQ, META_FORMAT,
-    PENDING_DOCS, TEACHERS, TEACHER_DOCS,
+    create_tables, decode_doc, decode_format_version, decode_record, encode_doc, meta_u64,
+    write_format_version, write_store_id, ASSIGNMENTS, ASSIGNMENT_BY_CLASS, ASSIGNMENT_BY_TEACHER,
+    ASSIGNMENT_BY_TEACHER_V3, FORMAT_VERSION, META, META_FEED_SEQ, META_FORMAT, PENDING_DOCS,
+    TEACHERS, TEACHER_DOCS,
 };
 use super::{Result, Store, StoreError, StoreOptions};
-use crate::domain::{Entity, Record};
+use crate::domain::Entity;
 
 fn open_error(path: &Path, source: redb::DatabaseError) -> StoreError {
     let hint = match &source {
@@ -231,8 +232,13 @@ impl Store {
             Some(1) => {
                 migrate_from_1(&db, path)?;
                 migrate_from_2(&db, path)?;
+                migrate_from_3(&db, path)?;
             }
-            Some(2) => migrate_from_2(&db, path)?,
+            Some(2) => {
+                migrate_from_2(&db, path)?;
+                migrate_from_3(&db, path)?;
+            }
+            Some(3) => migrate_from_3(&db, path)?,
             Some(other) => {
                 return Err(StoreError::Corrupt(format!(
                     "unknown store format version {other}"
@@ -253,6 +259,100 @@ impl Store {
             head,
         ))
     }
+}
+
+/// Format 3 → 4: the by-teacher index holds keys only (it held a copy of
+/// every assignment record), stored documents are compressed, and new
+/// records take the compact encoding (`codec.rs`). Rebuilds the index from
+/// `assignments` and compresses every stored document, in one transaction;
+/// records stay as they are (both encodings read) until they change. The
+/// index and documents shrink to about a fifth, but the pages they held
+/// are free only inside the file: a node compacts at start when the free
+/// share is above `store.compact_at_free_share`.
+///
+/// A value that no longer decodes does not stop the upgrade (a running
+/// node serves such a store too): a damaged assignment stays out of the
+/// index, a damaged document is queued to be rendered again.
+fn migrate_from_3(db: &Database, path: &Path) -> Result<()> {
+    tracing::info!(path = %path.display(), "upgrading the store from format 3 to 4");
+    let txn = db.begin_write()?;
+    txn.delete_table(ASSIGNMENT_BY_TEACHER_V3)?;
+    {
+        let assignments = txn.open_table(ASSIGNMENTS)?;
+        let mut by_teacher = txn.open_table(ASSIGNMENT_BY_TEACHER)?;
+        for entry in assignments.iter()? {
+            let (id, value) = entry?;
+            match decode_record(id.value(), value.value()) {
+                Ok(record) => {
+                    if let Entity::Assignment(a) = record.data {
+                        by_teacher.insert((a.teacher_id.as_u128(), id.value()), ())?;
+                    }
+                }
+                // As a running node treats it: the store stays usable, a
+                // change to that record is refused (a dead letter), and
+                // resync replaces it. Here it stays out of the index.
+                Err(StoreError::Corrupt(reason)) => tracing::warn!(
+                    path = %path.display(),
+                    assignment = %uuid::Uuid::from_u128(id.value()),
+                    %reason,
+                    "a stored assignment does not decode: left out of the by-teacher index"
+                ),
+                Err(e) => return Err(e),
+            }
+        }
+        // Rewritten in chunks: a table cannot be written while it is read.
+        let mut docs = txn.open_table(TEACHER_DOCS)?;
+        let mut pending = txn.open_table(PENDING_DOCS)?;
+        let mut after: Option<u128> = None;
+        loop {
+            // `None`: a document that does not decode, rendered again.
+            let chunk: Vec<(u128, Option<Vec<u8>>)> = {
+                let range = match after {
+                    None => docs.range::<u128>(..)?,
+                    Some(a) => {
+                        docs.range((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))?
+                    }
+                };
+                range
+                    .take(10_000)
+                    .map(|e| {
+                        let (k, v) = e?;
+                        Ok((
+                            k.value(),
+                            match decode_doc(v.value()) {
+                                Ok(json) => Some(encode_doc(&json)),
+                                Err(StoreError::Corrupt(_)) => None,
+                                Err(e) => return Err(e),
+                            },
+                        ))
+                    })
+                    .collect::<Result<_>>()?
+            };
+            let Some(&(last, _)) = chunk.last() else {
+                break;
+            };
+            for (teacher, doc) in chunk {
+                match doc {
+                    Some(doc) => {
+                        docs.insert(teacher, doc.as_slice())?;
+                    }
+                    None => {
+                        tracing::warn!(
+                            path = %path.display(),
+                            teacher = %uuid::Uuid::from_u128(teacher),
+                            "a stored teacher document does not decode: rendered again"
+                        );
+                        docs.remove(teacher)?;
+                        pending.insert(teacher, ())?;
+                    }
+                }
+            }
+            after = Some(last);
+        }
+    }
+    write_format_version(&txn, 4)?;
+    txn.commit()?;
+    Ok(())
 }
 
 /// Format 2 → 3: the change log and the store's identity are new. Gives
@@ -282,7 +382,7 @@ fn migrate_from_1(db: &Database, path: &Path) -> Result<()> {
         let mut by_class = txn.open_table(ASSIGNMENT_BY_CLASS)?;
         for entry in assignments.iter()? {
             let (id, value) = entry?;
-            if let Entity::Assignment(a) = decode::<Record<Entity>>(value.value())?.data {
+            if let Entity::Assignment(a) = decode_record(id.value(), value.value())?.data {
                 by_class.insert((a.class_id.as_u128(), id.value()), a.teacher_id.as_u128())?;
             }
         }

@@ -20,9 +20,10 @@ use uuid::Uuid;
 
 use super::reopen::REOPEN_WAIT;
 use super::schema::{
-    decode, decode_watermark, entity_table, school_index, Id, ASSIGNMENT_BY_TEACHER, CLASSES,
-    COUNTERS, DEAD_LETTERS, META, META_LAST_RESYNC, META_OFFSET_OUT_OF_RANGE, META_WATERMARK,
-    OFFSETS, PENDING_DOCS, TEACHERS, TEACHER_DOCS, TOMBSTONES,
+    decode, decode_doc, decode_record, decode_watermark, entity_table, school_index, Id,
+    ASSIGNMENTS, ASSIGNMENT_BY_TEACHER, CLASSES, COUNTERS, DEAD_LETTERS, META, META_LAST_RESYNC,
+    META_OFFSET_OUT_OF_RANGE, META_WATERMARK, OFFSETS, PENDING_DOCS, TEACHERS, TEACHER_DOCS,
+    TOMBSTONES,
 };
 use super::{DeadLetter, Note, PartitionOffset, Result, Store, StoreError};
 use crate::domain::{
@@ -156,21 +157,32 @@ fn narrow<T>(record: Record<Entity>, f: impl FnOnce(Entity) -> Option<T>) -> Opt
 }
 
 fn get_entity(table: &ReadOnlyTable<Id, &[u8]>, id: Id) -> Result<Option<Record<Entity>>> {
-    table.get(id)?.map(|v| decode(v.value())).transpose()
+    table
+        .get(id)?
+        .map(|v| decode_record(id, v.value()))
+        .transpose()
 }
+
+/// The tables a teacher's detail is assembled from: teachers, the
+/// by-teacher index, assignments, classes, tombstones.
+pub(super) type DetailTables<'a, T, B, A, C, S> = (&'a T, &'a B, &'a A, &'a C, &'a S);
 
 /// Assembles one teacher's detail from the records (in a read or a write
 /// transaction).
-pub(super) fn assemble(
-    teachers: &impl ReadableTable<Id, &'static [u8]>,
-    by_teacher: &impl ReadableTable<(Id, Id), &'static [u8]>,
-    classes: &impl ReadableTable<Id, &'static [u8]>,
-    tombstones: &impl ReadableTable<(u8, Id), &'static [u8]>,
+pub(super) fn assemble<T, B, A, C, S>(
+    (teachers, by_teacher, assignments, classes, tombstones): DetailTables<'_, T, B, A, C, S>,
     id: Id,
-) -> Result<Option<TeacherDetail>> {
+) -> Result<Option<TeacherDetail>>
+where
+    T: ReadableTable<Id, &'static [u8]>,
+    B: ReadableTable<(Id, Id), ()>,
+    A: ReadableTable<Id, &'static [u8]>,
+    C: ReadableTable<Id, &'static [u8]>,
+    S: ReadableTable<(u8, Id), &'static [u8]>,
+{
     let teacher = teachers
         .get(id)?
-        .map(|v| decode::<Record<Entity>>(v.value()))
+        .map(|v| decode_record(id, v.value()))
         .transpose()?
         .and_then(|r| {
             narrow(r, |e| match e {
@@ -183,20 +195,26 @@ pub(super) fn assemble(
     };
     let mut found = Vec::new();
     for entry in by_teacher.range((id, 0)..=(id, Id::MAX))? {
-        let (key, value) = entry?;
-        let record: Record<Entity> = decode(value.value())?;
-        let Some(assignment) = narrow(record, |e| match e {
-            Entity::Assignment(a) => Some(a),
-            _ => None,
+        let assignment_id = entry?.0.value().1;
+        let record = assignments
+            .get(assignment_id)?
+            .map(|v| decode_record(assignment_id, v.value()))
+            .transpose()?;
+        let Some(assignment) = record.and_then(|r| {
+            narrow(r, |e| match e {
+                Entity::Assignment(a) => Some(a),
+                _ => None,
+            })
         }) else {
             return Err(StoreError::Corrupt(format!(
-                "assignment index entry {:?} holds another kind",
-                key.value()
+                "assignment index entry ({}, {}) without its assignment",
+                Uuid::from_u128(id),
+                Uuid::from_u128(assignment_id)
             )));
         };
         let class_id = assignment.data.class_id.as_u128();
         let class = match classes.get(class_id)? {
-            Some(v) => narrow(decode(v.value())?, |e| match e {
+            Some(v) => narrow(decode_record(class_id, v.value())?, |e| match e {
                 Entity::Class(c) => Some(c),
                 _ => None,
             })
@@ -256,10 +274,13 @@ impl Reader {
     /// from the records.
     pub fn teacher_detail(&self, id: Uuid) -> Result<Option<TeacherDetail>> {
         assemble(
-            &self.txn.open_table(TEACHERS)?,
-            &self.txn.open_table(ASSIGNMENT_BY_TEACHER)?,
-            &self.txn.open_table(CLASSES)?,
-            &self.txn.open_table(TOMBSTONES)?,
+            (
+                &self.txn.open_table(TEACHERS)?,
+                &self.txn.open_table(ASSIGNMENT_BY_TEACHER)?,
+                &self.txn.open_table(ASSIGNMENTS)?,
+                &self.txn.open_table(CLASSES)?,
+                &self.txn.open_table(TOMBSTONES)?,
+            ),
             id.as_u128(),
         )
     }
@@ -269,7 +290,7 @@ impl Reader {
     /// same bytes either way.
     pub fn teacher_detail_body(&self, id: Uuid) -> Result<Option<Vec<u8>>> {
         if let Some(doc) = self.txn.open_table(TEACHER_DOCS)?.get(id.as_u128())? {
-            return Ok(Some(doc.value().to_vec()));
+            return decode_doc(doc.value()).map(Some);
         }
         Ok(self
             .teacher_detail(id)?
@@ -513,7 +534,7 @@ impl Reader {
         for kind in EntityKind::ALL {
             for entry in self.table(kind)?.iter()? {
                 let (k, v) = entry?;
-                let r: Record<Entity> = decode(v.value())?;
+                let r = decode_record(k.value(), v.value())?;
                 out.push((kind, Uuid::from_u128(k.value()), Some(r.data), r.key));
             }
         }

@@ -264,6 +264,43 @@ impl Store {
         self.reopened.notify_all();
     }
 
+    /// Runs `f` with the database to itself (a compaction): fails with
+    /// [`StoreError::Busy`], changing nothing, while a reader or another
+    /// user holds the handle. Others wait meanwhile as during a reopen.
+    pub(super) fn with_exclusive_db<T>(
+        &self,
+        f: impl FnOnce(&mut Database) -> Result<T>,
+    ) -> Result<T> {
+        let db = {
+            let mut slot = lock(&self.slot);
+            if slot.reopening {
+                return Err(StoreError::Busy("the store is being reopened".into()));
+            }
+            let Some(db) = slot.db.take() else {
+                return Err(StoreError::Unavailable("the store is not open".into()));
+            };
+            if Arc::strong_count(&slot.readers) > 1 {
+                slot.db = Some(db);
+                return Err(StoreError::Busy("a read transaction is open".into()));
+            }
+            slot.reopening = true;
+            db
+        };
+        let (result, db) = match Arc::try_unwrap(db) {
+            Ok(mut db) => (f(&mut db), Arc::new(db)),
+            Err(shared) => (
+                Err(StoreError::Busy("another user holds the store".into())),
+                shared,
+            ),
+        };
+        let mut slot = lock(&self.slot);
+        slot.db = Some(db);
+        slot.reopening = false;
+        drop(slot);
+        self.reopened.notify_all();
+        result
+    }
+
     pub(super) fn begin_write(&self) -> Result<WriteTransaction> {
         Ok(self.writer_db()?.db.begin_write()?)
     }

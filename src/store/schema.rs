@@ -10,12 +10,15 @@
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use serde::{de::DeserializeOwned, Serialize};
 
+pub(super) use super::codec::{
+    decode_doc, decode_entries, decode_record, encode_doc, encode_entries, encode_record,
+};
 use super::{Result, StoreError};
 use crate::domain::{EntityKind, Timestamp};
 
 /// The layout of tables and keys. Bump it (and add a migration in
 /// `open.rs`) when a release changes them.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// First byte of every encoded value: how the rest is encoded.
 const VALUE_FORMAT: u8 = 1;
 
@@ -30,17 +33,21 @@ const CLASS_BY_SCHOOL: TableDefinition<(Id, Id), ()> = TableDefinition::new("cla
 const TEACHER_BY_SCHOOL: TableDefinition<(Id, Id), ()> = TableDefinition::new("teacher_by_school");
 const ASSIGNMENT_BY_SCHOOL: TableDefinition<(Id, Id), ()> =
     TableDefinition::new("assignment_by_school");
-/// (teacher, assignment) → the assignment's record, a copy of its value in
-/// `assignments`: the teacher-detail hot path reads a teacher's assignments
-/// with one range scan instead of one look-up each.
-pub(super) const ASSIGNMENT_BY_TEACHER: TableDefinition<(Id, Id), &[u8]> =
+/// (teacher, assignment) → (): a teacher's assignments, one range scan.
+/// Format 3 kept a copy of each assignment's record here (a sixth of the
+/// file); documents are stored rendered, so only their rendering and a
+/// lookup of a queued teacher read the assignments, one look-up each.
+pub(super) const ASSIGNMENT_BY_TEACHER: TableDefinition<(Id, Id), ()> =
+    TableDefinition::new("assignment_by_teacher");
+/// The same table as format 3 defined it, for the upgrade.
+pub(super) const ASSIGNMENT_BY_TEACHER_V3: TableDefinition<(Id, Id), &[u8]> =
     TableDefinition::new("assignment_by_teacher");
 /// (class, assignment) → the assignment's teacher: whose documents a change
 /// of the class invalidates.
 pub(super) const ASSIGNMENT_BY_CLASS: TableDefinition<(Id, Id), Id> =
     TableDefinition::new("assignment_by_class");
-/// teacher → the rendered teacher-detail document (JSON), so that a lookup
-/// is one read. A change to the teacher, one of its assignments or one of
+/// teacher → the rendered teacher-detail document (JSON compressed, see
+/// `codec.rs`), so that a lookup is one read. A change to the teacher, one of its assignments or one of
 /// their classes removes the document and queues the teacher in
 /// `pending_docs` in the same transaction; `Store::materialize` renders
 /// it again. Until then a read assembles the document from the records, so

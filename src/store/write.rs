@@ -22,10 +22,10 @@ use uuid::Uuid;
 use super::feed::{raise_floor, write_seq, write_upstream_cursor, LogWriter};
 use super::read::assemble;
 use super::schema::{
-    counter, decode, decode_watermark, encode, kind_slot, Id, ASSIGNMENTS, ASSIGNMENT_BY_CLASS,
-    ASSIGNMENT_BY_TEACHER, CLASSES, COUNTERS, DEAD_LETTERS, INDEXES, META, META_LAST_RESYNC,
-    META_OFFSET_OUT_OF_RANGE, META_WATERMARK, OFFSETS, PENDING_DOCS, TEACHERS, TEACHER_DOCS,
-    TOMBSTONES,
+    counter, decode, decode_record, decode_watermark, encode, encode_doc, encode_record, kind_slot,
+    Id, ASSIGNMENTS, ASSIGNMENT_BY_CLASS, ASSIGNMENT_BY_TEACHER, CLASSES, COUNTERS, DEAD_LETTERS,
+    INDEXES, META, META_LAST_RESYNC, META_OFFSET_OUT_OF_RANGE, META_WATERMARK, OFFSETS,
+    PENDING_DOCS, TEACHERS, TEACHER_DOCS, TOMBSTONES,
 };
 use super::{DeadLetter, Note, PartitionOffset, Result, Store, StoreError};
 use crate::domain::{
@@ -469,13 +469,18 @@ impl Store {
                 .collect::<Result<Vec<Id>, _>>()?;
             let teachers = txn.open_table(TEACHERS)?;
             let by_teacher = txn.open_table(ASSIGNMENT_BY_TEACHER)?;
+            let assignments = txn.open_table(ASSIGNMENTS)?;
             let classes = txn.open_table(CLASSES)?;
             let tombstones = txn.open_table(TOMBSTONES)?;
             let mut docs = txn.open_table(TEACHER_DOCS)?;
             for &id in &ids {
                 pending.remove(id)?;
-                if let Some(detail) = assemble(&teachers, &by_teacher, &classes, &tombstones, id)? {
-                    docs.insert(id, crate::domain::detail::render(&detail).as_slice())?;
+                let tables = (&teachers, &by_teacher, &assignments, &classes, &tombstones);
+                if let Some(detail) = assemble(tables, id)? {
+                    docs.insert(
+                        id,
+                        encode_doc(&crate::domain::detail::render(&detail)).as_slice(),
+                    )?;
                 }
             }
             ids.len()
@@ -598,7 +603,7 @@ fn drop_dead_letters_beyond(dead: &mut Table<u64, &'static [u8]>, keep: u64) -> 
     Ok(excess)
 }
 
-fn add_counters(txn: &WriteTransaction, deltas: &[(&str, u64)]) -> Result<()> {
+pub(super) fn add_counters(txn: &WriteTransaction, deltas: &[(&str, u64)]) -> Result<()> {
     let mut table = txn.open_table(COUNTERS)?;
     for &(name, delta) in deltas {
         if delta > 0 {
@@ -609,7 +614,7 @@ fn add_counters(txn: &WriteTransaction, deltas: &[(&str, u64)]) -> Result<()> {
     Ok(())
 }
 
-fn raise_watermark(txn: &WriteTransaction, t: Timestamp) -> Result<()> {
+pub(super) fn raise_watermark(txn: &WriteTransaction, t: Timestamp) -> Result<()> {
     let mut meta = txn.open_table(META)?;
     let old = meta
         .get(META_WATERMARK)?
@@ -633,7 +638,7 @@ struct WriteTables<'t> {
     entities: [Table<'t, Id, &'static [u8]>; 3],
     tombstones: Table<'t, (u8, Id), &'static [u8]>,
     by_school: Vec<Table<'t, (Id, Id), ()>>,
-    by_teacher: Table<'t, (Id, Id), &'static [u8]>,
+    by_teacher: Table<'t, (Id, Id), ()>,
     by_class: Table<'t, (Id, Id), Id>,
     docs: Table<'t, Id, &'static [u8]>,
     pending: Table<'t, Id, ()>,
@@ -827,8 +832,10 @@ impl<'t> WriteTables<'t> {
     /// tombstone's).
     fn prior(&self, kind: EntityKind, id: Id) -> Result<Prior> {
         let entities = &self.entities[kind_slot(kind)];
-        let live: Option<Record<Entity>> =
-            entities.get(id)?.map(|v| decode(v.value())).transpose()?;
+        let live: Option<Record<Entity>> = entities
+            .get(id)?
+            .map(|v| decode_record(id, v.value()))
+            .transpose()?;
         let (key, school) = match &live {
             Some(r) => (Some(r.key), Some(r.data.school_id().as_u128())),
             None => {
@@ -926,15 +933,13 @@ impl<'t> WriteTables<'t> {
                     last_synced_at: now,
                     source,
                 };
-                let value = encode(&record);
-                entities.insert(id, value.as_slice())?;
+                entities.insert(id, encode_record(&record).as_slice())?;
                 if live.is_none() {
                     self.tombstones.remove((kind.code(), id))?;
                 }
                 self.by_school[kind_slot(kind)].insert((entity.school_id().as_u128(), id), ())?;
                 if let Entity::Assignment(a) = entity {
-                    self.by_teacher
-                        .insert((a.teacher_id.as_u128(), id), value.as_slice())?;
+                    self.by_teacher.insert((a.teacher_id.as_u128(), id), ())?;
                     self.by_class
                         .insert((a.class_id.as_u128(), id), a.teacher_id.as_u128())?;
                     stale_docs.push(a.teacher_id.as_u128());

@@ -641,3 +641,93 @@ fn dir_with(deb: &Path, flag: &str) -> String {
         .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+#[test]
+fn compact_refuses_while_the_node_runs_and_shrinks_a_stopped_nodes_store() {
+    use crate::support::*;
+    use emis_edge::domain::{EventType, SyncSource};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(emis_edge::config::STORE_FILE);
+    {
+        // A store with freed pages: classes created, then renamed twice.
+        let store = emis_edge::store::Store::open(&path, &Default::default()).unwrap();
+        for round in 0..3u64 {
+            let mut changes = Vec::new();
+            for n in 0..3000u128 {
+                let t = EventType::ClassCreated;
+                let env = envelope(
+                    t,
+                    id(40_000 + n + 10_000 * u128::from(round)),
+                    T0,
+                    Some(round + 1),
+                    school(1),
+                );
+                changes.push(parse(
+                    t,
+                    &merge(env, class_fields(id(n), &format!("Lớp {round}A{n}"))),
+                ));
+            }
+            store
+                .apply_batch(&batch(changes), T0, SyncSource::Kafka)
+                .unwrap();
+        }
+    }
+    let data_dir = dir.path().to_str().unwrap().to_owned();
+    let env_for = |listen: String| {
+        [
+            ("EMIS_EDGE__NODE__DATA_DIR", data_dir.clone()),
+            ("EMIS_EDGE__HTTP__LISTEN", listen),
+            ("EMIS_EDGE__NODE__ID", "edge-test-compact".to_owned()),
+            ("EMIS_EDGE__SCHOOLS__ALL", "true".to_owned()),
+            // The node must not compact by itself at start here.
+            ("EMIS_EDGE__STORE__COMPACT_AT_FREE_SHARE", "1.0".to_owned()),
+        ]
+    };
+    let mut served = serve_on_a_free_port(
+        |port| {
+            let mut serve = Command::new(BIN);
+            serve
+                .args(["serve", "--config", "/dev/null"])
+                .stderr(Stdio::null())
+                .envs(env_for(format!("127.0.0.1:{port}")));
+            serve
+        },
+        "edge-test-compact",
+    );
+    let env = env_for(format!("127.0.0.1:{}", served.port));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let env = env.as_slice();
+    let before = std::fs::read(&path).unwrap();
+    let (code, _, stderr) = run(&["compact", "--config", "/dev/null"], env);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("stop it first"), "{stderr}");
+    assert!(Command::new("kill")
+        .arg(served.child.id().to_string())
+        .status()
+        .unwrap()
+        .success());
+    assert_eq!(served.child.wait().unwrap().code(), Some(0));
+    assert!(
+        std::fs::metadata(&path).unwrap().len() as usize >= before.len(),
+        "the refused compaction changed nothing"
+    );
+
+    let (code, stdout, stderr) = run(&["compact", "--config", "/dev/null"], env);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("before") && stdout.contains("after"),
+        "{stdout}"
+    );
+    let after = std::fs::metadata(&path).unwrap().len() as usize;
+    assert!(after < before.len(), "{} → {after}", before.len());
+    let (code, json_out, _) = run(&["status", "--config", "/dev/null", "--json"], env);
+    assert_eq!(code, 0);
+    let doc: serde_json::Value = serde_json::from_str(&json_out).unwrap();
+    assert_eq!(doc["entities"]["classes"], 3000, "every class kept");
+    let (code, tables, _) = run(&["status", "--config", "/dev/null", "--tables"], env);
+    assert_eq!(code, 0);
+    assert!(
+        tables.contains("classes") && tables.contains("free share"),
+        "{tables}"
+    );
+}

@@ -544,7 +544,7 @@ fn a_format_2_store_is_upgraded_and_its_feed_lists_every_entity() {
         .unwrap();
     assert_eq!(
         meta.get("format_version").unwrap().unwrap().value(),
-        3u32.to_le_bytes()
+        emis_edge::store::FORMAT_VERSION.to_le_bytes()
     );
 }
 

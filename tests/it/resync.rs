@@ -609,6 +609,129 @@ async fn an_import_beyond_the_body_size_limit_gets_a_clean_413_and_changes_nothi
     assert_eq!(status["appliedPerMinute"][59], 5, "{status:#}");
 }
 
+/// Imports `file` as the normal path does, school batches reconciled
+/// (what an import into a store that holds data does).
+fn import_reconciling(store: &emis_edge::store::Store, file: &[u8]) {
+    let mut reader = emis_edge::domain::SnapshotReader::new();
+    let mut pending = Vec::new();
+    let mut records = 0;
+    for line in file.split(|b| *b == b'\n') {
+        if let Some(snapshot) = reader.feed(line) {
+            let snapshot = snapshot.unwrap();
+            records += snapshot.records.len();
+            pending.push(snapshot);
+            if records >= resync::IMPORT_BATCH_RECORDS {
+                store
+                    .reconcile_many(&pending, T0, emis_edge::domain::SyncSource::Import, false)
+                    .unwrap();
+                pending.clear();
+                records = 0;
+            }
+        }
+    }
+    store
+        .reconcile_many(&pending, T0, emis_edge::domain::SyncSource::Import, false)
+        .unwrap();
+    while store.materialize(1000, T0).unwrap() > 0 {}
+}
+
+/// Everything a store answers: state, counters, watermark, the change log,
+/// every teacher document, every snapshot (its cursor names the store, so
+/// only its position is kept).
+fn everything(store: &emis_edge::store::Store, p: &emis_edge::gen::Province) -> Value {
+    let r = store.read().unwrap();
+    let mut docs = Vec::new();
+    for s in 0..p.spec.schools {
+        for t in 0..p.spec.teachers_per_school {
+            let body = r.teacher_detail_body(p.teacher_id(s, t)).unwrap().unwrap();
+            docs.push(String::from_utf8(body).unwrap());
+        }
+    }
+    let feed: Vec<String> = r
+        .changes(&p.school_ids(), None, usize::MAX)
+        .unwrap()
+        .items
+        .iter()
+        .map(|i| format!("{} {}", i.seq, String::from_utf8(i.line()).unwrap()))
+        .collect();
+    let mut snapshots = Vec::new();
+    for s in r.schools().unwrap() {
+        r.write_snapshot(s, |line| {
+            let mut v: Value = serde_json::from_slice(line).unwrap();
+            if let Some(c) = v.get("cursor").and_then(Value::as_str) {
+                v["cursor"] = json!(c.split('.').skip(1).collect::<Vec<_>>().join("."));
+            }
+            snapshots.push(v);
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+    }
+    let stats = r.stats().unwrap();
+    json!({
+        "dump": format!("{:?}", r.dump().unwrap()),
+        "stats": serde_json::to_value(&stats).unwrap(),
+        "watermark": r.watermark().unwrap(),
+        "head": r.feed_info().unwrap().head,
+        "docs": docs,
+        "feed": feed,
+        "snapshots": snapshots,
+    })
+}
+
+#[test]
+fn an_import_into_an_empty_store_gives_the_same_store_as_reconciling() {
+    let p = emis_edge::gen::Province::new(emis_edge::gen::Spec::scale("tiny", 1).unwrap());
+    let mut file = Vec::new();
+    p.write_snapshot(&mut file, |_| {}).unwrap();
+    // The same file with its first school again at the end: an entity that
+    // comes twice ends the bulk load.
+    let first_end = file
+        .split(|b| *b == b'\n')
+        .position(|l| l.windows(12).any(|w| w == b"\"kind\":\"end\""))
+        .unwrap();
+    let first: Vec<&[u8]> = file.split(|b| *b == b'\n').take(first_end + 1).collect();
+    let mut twice = file.clone();
+    twice.extend(first.join(&b'\n'));
+    twice.push(b'\n');
+    for (file, repeats) in [(file, false), (twice, true)] {
+        let bulk = emis_edge::store::Store::open_in_memory().unwrap();
+        assert!(bulk
+            .bulk_load(T0, emis_edge::domain::SyncSource::Import)
+            .unwrap()
+            .is_some());
+        let outcomes = resync::import(
+            &bulk,
+            &emis_edge::config::SchoolFilter::All,
+            emis_edge::domain::FutureSkew::DEFAULT,
+            file.as_slice(),
+            T0,
+            |_| {},
+        )
+        .unwrap();
+        assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
+        if !repeats {
+            assert_eq!(
+                bulk.read().unwrap().pending_docs().unwrap(),
+                0,
+                "every document rendered"
+            );
+        }
+        // As `emis-edge import` does after the rest was reconciled.
+        while bulk.materialize(1000, T0).unwrap() > 0 {}
+        assert!(
+            bulk.bulk_load(T0, emis_edge::domain::SyncSource::Import)
+                .unwrap()
+                .is_none(),
+            "no bulk load into a store that holds data"
+        );
+        let normal = emis_edge::store::Store::open_in_memory().unwrap();
+        import_reconciling(&normal, &file);
+        let (a, b) = (everything(&bulk, &p), everything(&normal, &p));
+        assert!(a["feed"].as_array().unwrap().len() > 100);
+        assert_eq!(a, b);
+    }
+}
+
 /// Contract §2 "Time" for files: a school whose record is stamped more
 /// than `ingest.max_future_skew` after its end line's `asOf` is refused
 /// whole, naming the line and the bound; the file's other school imports.

@@ -3,7 +3,7 @@
 
 use emis_edge::domain::{EntityKind, EventType, SyncSource};
 use emis_edge::store::{Batch, DeadLetter, Store, StoreError, StoreOptions};
-use redb::{ReadableDatabase, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde_json::json;
 
 use crate::support::*;
@@ -494,6 +494,303 @@ fn a_format_1_store_is_upgraded_in_place_and_keeps_its_data() {
     );
 }
 
+/// Every answer a store gives about the generator's tiny province: state,
+/// teacher documents, the change feed and the snapshots.
+fn answers(store: &Store, p: &emis_edge::gen::Province) -> serde_json::Value {
+    let r = store.read().unwrap();
+    let dump = format!("{:?}", r.dump().unwrap());
+    let mut docs = Vec::new();
+    for s in 0..p.spec.schools {
+        for t in 0..p.spec.teachers_per_school {
+            let body = r.teacher_detail_body(p.teacher_id(s, t)).unwrap().unwrap();
+            docs.push(String::from_utf8(body).unwrap());
+        }
+    }
+    let feed = r.changes(&p.school_ids(), None, 1_000_000).unwrap();
+    let feed: Vec<String> = feed
+        .items
+        .iter()
+        .map(|i| format!("{} {}", i.seq, String::from_utf8(i.line()).unwrap()))
+        .collect();
+    let mut snapshots = Vec::new();
+    for s in p.school_ids() {
+        r.write_snapshot(s, |line| {
+            snapshots.push(String::from_utf8(line.to_vec()).unwrap());
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+    }
+    json!({ "dump": dump, "docs": docs, "feed": feed, "snapshots": snapshots })
+}
+
+/// A store of the generator's tiny province with one class deleted and
+/// every document rendered.
+fn tiny_province(store: &Store) -> emis_edge::gen::Province {
+    let p = emis_edge::gen::Province::new(emis_edge::gen::Spec::scale("tiny", 1).unwrap());
+    let mut changes = Vec::new();
+    for s in 0..p.spec.schools {
+        for e in p.school(s) {
+            changes.push((p.initial_key(&e), emis_edge::domain::Change::Upsert(e)));
+        }
+    }
+    store
+        .apply_batch(&batch(changes), T0, SyncSource::Kafka)
+        .unwrap();
+    let class = p.class_id(0, 0);
+    store
+        .apply_batch(
+            &batch(vec![parse(
+                EventType::ClassDeleted,
+                &merge(
+                    envelope(EventType::ClassDeleted, id(77), T0, Some(9), p.school_id(0)),
+                    json!({ "classId": class }),
+                ),
+            )]),
+            T0,
+            SyncSource::Kafka,
+        )
+        .unwrap();
+    while store.materialize(1000, T0).unwrap() > 0 {}
+    p
+}
+
+#[test]
+fn a_format_3_store_is_upgraded_in_place_and_keeps_every_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let (p, before) = {
+        let store = open(&dir);
+        let p = tiny_province(&store);
+        let before = answers(&store, &p);
+        (p, before)
+    };
+    // Turn it into what format 3 wrote: records in bincode (value format
+    // 1), a copy of every assignment record in the by-teacher index, plain
+    // JSON documents.
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        let bincode = |r: &emis_edge::domain::Record<emis_edge::domain::Entity>| {
+            let mut v = vec![1u8];
+            v.extend(bincode::serde::encode_to_vec(r, bincode::config::standard()).unwrap());
+            v
+        };
+        let store_answers = before["docs"].as_array().unwrap().clone();
+        txn.delete_table(TableDefinition::<(u128, u128), ()>::new(
+            "assignment_by_teacher",
+        ))
+        .unwrap();
+        {
+            let mut by_teacher = txn
+                .open_table(TableDefinition::<(u128, u128), &[u8]>::new(
+                    "assignment_by_teacher",
+                ))
+                .unwrap();
+            let mut docs = txn
+                .open_table(TableDefinition::<u128, &[u8]>::new("teacher_docs"))
+                .unwrap();
+            let mut n = 0;
+            for s in 0..p.spec.schools {
+                for t in 0..p.spec.teachers_per_school {
+                    let doc = store_answers[n].as_str().unwrap();
+                    docs.insert(p.teacher_id(s, t).as_u128(), doc.as_bytes())
+                        .unwrap();
+                    n += 1;
+                }
+            }
+            for s in 0..p.spec.schools {
+                for e in p.school(s) {
+                    let mut record = p.record(e.clone());
+                    record.last_synced_at = T0;
+                    record.source = SyncSource::Kafka;
+                    let table = match e.kind() {
+                        EntityKind::Class => "classes",
+                        EntityKind::Teacher => "teachers",
+                        EntityKind::Assignment => "assignments",
+                    };
+                    let mut entities = txn
+                        .open_table(TableDefinition::<u128, &[u8]>::new(table))
+                        .unwrap();
+                    if entities.get(e.id().as_u128()).unwrap().is_none() {
+                        continue; // deleted
+                    }
+                    entities
+                        .insert(e.id().as_u128(), bincode(&record).as_slice())
+                        .unwrap();
+                    if let emis_edge::domain::Entity::Assignment(a) = &e {
+                        by_teacher
+                            .insert(
+                                (a.teacher_id.as_u128(), a.assignment_id.as_u128()),
+                                bincode(&record).as_slice(),
+                            )
+                            .unwrap();
+                    }
+                }
+            }
+            let mut meta = txn
+                .open_table(TableDefinition::<&str, &[u8]>::new("meta"))
+                .unwrap();
+            meta.insert("format_version", 3u32.to_le_bytes().as_slice())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let store = open(&dir);
+    assert_eq!(
+        answers(&store, &p),
+        before,
+        "the same answers after the upgrade"
+    );
+    // Changes go on as before: a class rename reaches its teachers.
+    let class = p.class_id(0, 1);
+    let mut renamed = p.class(0, 1);
+    renamed.class_name = "Lớp 12Z9".into();
+    let mut fields = serde_json::to_value(&renamed).unwrap();
+    fields["classId"] = json!(class);
+    store
+        .apply_batch(
+            &batch(vec![parse(
+                EventType::ClassUpdated,
+                &merge(
+                    envelope(EventType::ClassUpdated, id(78), T0, Some(9), p.school_id(0)),
+                    fields,
+                ),
+            )]),
+            T0,
+            SyncSource::Kafka,
+        )
+        .unwrap();
+    while store.materialize(1000, T0).unwrap() > 0 {}
+    let shown = (0..p.spec.teachers_per_school)
+        .map(|t| teacher_doc(&store, p.teacher_id(0, t)).to_string())
+        .filter(|d| d.contains("Lớp 12Z9"))
+        .count();
+    assert!(
+        shown > 0,
+        "the renamed class shows in its teachers' documents"
+    );
+    drop(store);
+    let db = redb::Database::open(&path).unwrap();
+    let txn = db.begin_read().unwrap();
+    assert_eq!(
+        txn.open_table(TableDefinition::<&str, &[u8]>::new("meta"))
+            .unwrap()
+            .get("format_version")
+            .unwrap()
+            .unwrap()
+            .value(),
+        emis_edge::store::FORMAT_VERSION.to_le_bytes()
+    );
+    // The index holds keys only, and documents are compressed.
+    txn.open_table(TableDefinition::<(u128, u128), ()>::new(
+        "assignment_by_teacher",
+    ))
+    .unwrap();
+    let docs = txn
+        .open_table(TableDefinition::<u128, &[u8]>::new("teacher_docs"))
+        .unwrap();
+    let doc = docs.get(p.teacher_id(1, 0).as_u128()).unwrap().unwrap();
+    assert_ne!(doc.value()[0], b'{', "stored compressed, not as JSON");
+}
+
+#[test]
+fn compaction_gives_freed_pages_back_and_keeps_every_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let store = open(&dir);
+    let p = tiny_province(&store);
+    // Churn: every class renamed a few times frees the pages of every
+    // version before and of the documents rendered for it.
+    for round in 0..4u64 {
+        let mut changes = Vec::new();
+        for s in 0..p.spec.schools {
+            for c in 0..p.spec.classes_per_school {
+                let mut class = p.class(s, c);
+                class.class_name = format!("{} ({round})", class.class_name);
+                let mut fields = serde_json::to_value(&class).unwrap();
+                fields["classId"] = json!(class.class_id);
+                let env = envelope(
+                    EventType::ClassUpdated,
+                    id(100_000 + u128::from(round) * 10_000 + u128::from(s * 1000 + c)),
+                    T0,
+                    Some(10 + round),
+                    p.school_id(s),
+                );
+                changes.push(parse(EventType::ClassUpdated, &merge(env, fields)));
+            }
+        }
+        store
+            .apply_batch(&batch(changes), T0, SyncSource::Kafka)
+            .unwrap();
+        while store.materialize(1000, T0).unwrap() > 0 {}
+    }
+    let before = answers(&store, &p);
+    let measured = store.measure_space(T0).unwrap();
+    assert!(measured.free_share.unwrap() > 0.0, "{measured:?}");
+    assert!(measured.live_bytes > 0);
+    let teachers = measured
+        .tables
+        .iter()
+        .find(|t| t.name == "teachers")
+        .unwrap();
+    assert_eq!(
+        teachers.entries,
+        u64::from(p.spec.schools * p.spec.teachers_per_school)
+    );
+
+    // Not while a read transaction is open: nothing changes.
+    let reader = store.read().unwrap();
+    assert!(matches!(store.compact(T0), Err(StoreError::Busy(_))));
+    drop(reader);
+
+    let report = store.compact(T0).unwrap();
+    let (b, a) = (
+        report.before.file_allocated.unwrap(),
+        report.after.file_allocated.unwrap(),
+    );
+    assert!(a < b, "{b} → {a}");
+    assert_eq!(a, emis_edge::store::allocated_bytes(&path).unwrap());
+    assert!(report.after.free_share.unwrap() < report.before.free_share.unwrap());
+    assert_eq!(
+        answers(&store, &p),
+        before,
+        "the same answers after compaction"
+    );
+    // And it goes on working.
+    store
+        .apply_batch(
+            &batch(vec![parse(
+                EventType::ClassDeleted,
+                &merge(
+                    envelope(
+                        EventType::ClassDeleted,
+                        id(78),
+                        T0,
+                        Some(99),
+                        p.school_id(1),
+                    ),
+                    json!({ "classId": p.class_id(1, 0) }),
+                ),
+            )]),
+            T0,
+            SyncSource::Kafka,
+        )
+        .unwrap();
+    assert!(store
+        .read()
+        .unwrap()
+        .class(p.class_id(1, 0))
+        .unwrap()
+        .is_none());
+    let after_delete = answers(&store, &p);
+    drop(store);
+    assert_eq!(
+        answers(&open(&dir), &p),
+        after_delete,
+        "and after reopening"
+    );
+}
+
 /// Dead letters have a retention: at most `dead_letter_max_count` are kept
 /// (a batch that adds some drops the oldest beyond it, in its own
 /// transaction), and the purge drops those older than the retention;
@@ -600,4 +897,78 @@ fn dead_letters_are_kept_up_to_a_count_and_an_age_oldest_dropped_first() {
         .unwrap();
     assert_eq!(kept(&store), vec![13]);
     assert_eq!(dropped(&store), Some(13));
+}
+
+/// A format 3 store holding a record and a document that no longer decode
+/// still opens and upgrades, as a running node keeps serving such a store:
+/// the damaged document is rendered again (the same answer), and a change
+/// to the damaged assignment is refused naming it, not the whole upgrade.
+#[test]
+fn a_format_3_store_with_damaged_values_still_upgrades() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let (p, before) = {
+        let store = open(&dir);
+        let p = tiny_province(&store);
+        let before = answers(&store, &p);
+        (p, before)
+    };
+    let damaged = p.assignment(0, 0, 0);
+    let teacher = p.teacher_id(1, 0);
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.delete_table(TableDefinition::<(u128, u128), ()>::new(
+            "assignment_by_teacher",
+        ))
+        .unwrap();
+        txn.open_table(TableDefinition::<(u128, u128), &[u8]>::new(
+            "assignment_by_teacher",
+        ))
+        .unwrap();
+        txn.open_table(TableDefinition::<u128, &[u8]>::new("assignments"))
+            .unwrap()
+            .insert(damaged.assignment_id.as_u128(), b"\x7fdamaged".as_slice())
+            .unwrap();
+        txn.open_table(TableDefinition::<u128, &[u8]>::new("teacher_docs"))
+            .unwrap()
+            .insert(teacher.as_u128(), b"\x7fdamaged".as_slice())
+            .unwrap();
+        txn.open_table(TableDefinition::<&str, &[u8]>::new("meta"))
+            .unwrap()
+            .insert("format_version", 3u32.to_le_bytes().as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let store = open(&dir);
+    {
+        let r = store.read().unwrap();
+        assert_eq!(r.pending_docs().unwrap(), 1, "the damaged document queued");
+        let body = r.teacher_detail_body(teacher).unwrap().unwrap();
+        let n = p.spec.teachers_per_school as usize; // teacher (1, 0)
+        assert_eq!(
+            String::from_utf8(body).unwrap(),
+            before["docs"][n].as_str().unwrap()
+        );
+    }
+    while store.materialize(1000, T0).unwrap() > 0 {}
+    assert_eq!(store.read().unwrap().pending_docs().unwrap(), 0);
+    let mut changed = damaged.clone();
+    changed.subject = Some("Hoá học".into());
+    let key = p.initial_key(&emis_edge::domain::Entity::Assignment(damaged.clone()));
+    let refused = store.apply_batch(
+        &batch(vec![(
+            emis_edge::domain::OrderKey {
+                version: key.version.map(|v| v + 1),
+                ..key
+            },
+            emis_edge::domain::Change::Upsert(emis_edge::domain::Entity::Assignment(changed)),
+        )]),
+        T0,
+        SyncSource::Kafka,
+    );
+    assert!(
+        matches!(refused, Err(StoreError::Refused { index: 0, .. })),
+        "{refused:?}"
+    );
 }
