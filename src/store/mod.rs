@@ -10,8 +10,9 @@
 //! only way data gets out, so every HTTP answer, feed pages included, is a
 //! consistent view.
 //!
-//! Values are a one-byte value format followed by bincode (see
-//! `docs/ARCHITECTURE.md` for why), and the `meta` table records the store
+//! Values begin with a one-byte value format: records, change-log entries
+//! and teacher documents have compact hand-written encodings (`codec.rs`),
+//! the rest is bincode (see `docs/ARCHITECTURE.md` for why), and the `meta` table records the store
 //! format version: a file written by a newer release is refused untouched,
 //! and so is a file that is empty, truncated, damaged or another program's.
 //!
@@ -59,6 +60,7 @@ mod read;
 mod reopen;
 mod schema;
 mod space;
+mod tables;
 mod write;
 
 pub use bulk::{BulkLoad, Repeated};
