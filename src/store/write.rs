@@ -149,7 +149,7 @@ impl Store {
                 watermark = watermark.max(Some(key.timestamp));
             }
         }
-        let seq = tables.close(&txn)?;
+        let (seq, schools) = tables.close(&txn)?;
         {
             let mut dead = txn.open_table(DEAD_LETTERS)?;
             let first = dead.last()?.map_or(0, |(k, _)| k.value() + 1);
@@ -180,7 +180,7 @@ impl Store {
         #[cfg(feature = "fault-injection")]
         self.injected_fault()?; // dropping `txn` aborts it
         txn.commit()?;
-        self.committed(seq);
+        self.committed(seq, schools);
         Ok(report)
     }
 
@@ -241,7 +241,7 @@ impl Store {
                 watermark = watermark.max(Some(key.timestamp));
             }
         }
-        let seq = tables.close(&txn)?;
+        let (seq, schools) = tables.close(&txn)?;
         write_upstream_cursor(&txn, cursor)?;
         add_counters(
             &txn,
@@ -258,7 +258,7 @@ impl Store {
         #[cfg(feature = "fault-injection")]
         self.injected_fault()?;
         txn.commit()?;
-        self.committed(seq);
+        self.committed(seq, schools);
         Ok(report)
     }
 
@@ -334,7 +334,7 @@ impl Store {
             txn.abort()?;
             return Ok(reports);
         }
-        let seq = tables.close(&txn)?;
+        let (seq, schools) = tables.close(&txn)?;
         let (applied, deleted) = reports
             .iter()
             .fold((0, 0), |(a, d), r| (a + r.applied, d + r.deleted));
@@ -352,7 +352,7 @@ impl Store {
             write_upstream_cursor(&txn, cursor)?;
         }
         txn.commit()?;
-        self.committed(seq);
+        self.committed(seq, schools);
         Ok(reports)
     }
 
@@ -534,14 +534,16 @@ impl<'t> WriteTables<'t> {
     }
 
     /// Closes the tables and stores how far the change log got; returns
-    /// the last position given out (to announce after the commit).
-    fn close(self, txn: &WriteTransaction) -> Result<u64> {
+    /// the last position given out and the schools whose feed changed (to
+    /// announce after the commit, [`Store::committed`]).
+    fn close(mut self, txn: &WriteTransaction) -> Result<(u64, Vec<Id>)> {
         let advanced = self.log.advanced();
+        let schools = self.log.take_touched();
         drop(self);
         if let Some(seq) = advanced {
             write_seq(txn, seq)?;
         }
-        Ok(advanced.unwrap_or(0))
+        Ok((advanced.unwrap_or(0), schools))
     }
 
     /// The teacher's rendered document is out of date: drop it and queue
