@@ -387,8 +387,9 @@ EOF
   sleep "$IDLE_SECS"
   read -ra idle1 < <(snap)
   idle_secs=$(awk "BEGIN{print ($(now_ms) - $t0)/1000}")
+  # Its cursor while it still answers, then it goes offline.
+  offline_cursor=$(curl -s "http://127.0.0.1:$((FPORT0 + OFFLINE))/api/sync/status" | jq -r .upstream.cursor)
   stop_follower "$OFFLINE"
-  offline_cursor=$(jq -r .upstream.cursor <<<"$(curl -s "http://127.0.0.1:$((FPORT0 + OFFLINE))/api/sync/status" 2>/dev/null || echo '{}')" 2>/dev/null || true)
   before_lines=()
   for ((i = 0; i < MEASURED; i++)); do before_lines+=("$(lines_of "$i")"); done
   read -ra day0 < <(snap)
@@ -489,7 +490,7 @@ if has idle; then
   say "### Parent idle (no changes)"
   say ""
   hold_rounds idle
-  say "### $RATE changes/s arriving (each commit wakes the held long-polls)"
+  say "### $RATE changes/s arriving (each commit is announced to the held long-polls; those of its schools answer)"
   say ""
   "$BIN" gen --scale province --brokers "127.0.0.1:$KPORT" --skip-initial --trickle "$RATE" \
     --duration-secs $((ROUNDS * (2 * ${DURATION%s} + 40) + 30)) >"$W/idle-trickle.log" 2>&1 &
