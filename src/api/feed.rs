@@ -2,10 +2,11 @@
 //! schools after a cursor, as NDJSON closed by a page line, held open up
 //! to `wait` seconds while nothing newer exists.
 //!
-//! A held request waits on the store's commit notification
-//! (`Store::subscribe`) and reads again after each commit, so a change of
-//! one of its schools reaches the follower as soon as it is committed;
-//! there is no polling loop. Held requests are not behind the read
+//! A held request waits on the store's commit notifications
+//! (`Store::subscribe_commits`) and reads again after a commit that changed
+//! one of its schools, so such a change reaches the follower as soon as it
+//! is committed; there is no polling loop, and a commit of other schools
+//! costs a held request a set look-up, not a read. Held requests are not behind the read
 //! routes' concurrency limit and request timeout (a follower would hold a
 //! slot for up to a minute, and its wait is not slowness): they have their
 //! own bound, `http.max_long_polls`, past which a request that would wait
@@ -21,6 +22,7 @@ use std::time::Duration;
 use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use tokio::sync::broadcast::error::RecvError;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
@@ -296,8 +298,7 @@ async fn changes(
     let gzip_it = accepts_gzip(&headers);
     // Subscribed before the first read: a commit after that read wakes
     // the wait below, none slips between the two.
-    let mut committed = s.store.subscribe();
-    committed.borrow_and_update();
+    let mut commits = s.store.subscribe_commits();
     let mut ready = read(&s, &params, params.after, gzip_it).await?;
     if ready.page.count > 0 || ready.page.more || params.wait.is_zero() {
         return Ok(respond(ready));
@@ -324,18 +325,19 @@ async fn changes(
     let deadline = tokio::time::Instant::now() + params.wait;
     loop {
         tokio::select! {
-            changed = committed.changed() => {
-                if changed.is_err() {
-                    break; // the store is gone: the node stops
-                }
-                committed.borrow_and_update();
-            }
+            commit = commits.recv() => match commit {
+                // A commit of other schools: nothing to read, wait on.
+                Ok(commit) if !commit.touches(&params.schools) => continue,
+                // One of ours, or commits missed: read.
+                Ok(_) | Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => break, // the store is gone: the node stops
+            },
             _ = tokio::time::sleep_until(deadline) => break,
             _ = s.stopping().cancelled() => break,
         }
         // Only positions after the empty page's cursor can be new for
-        // these schools; a commit of other schools reads an empty page
-        // again, and the wait goes on.
+        // these schools; a commit whose change the first read already had
+        // reads an empty page again, and the wait goes on.
         ready = read(&s, &params, Some(ready.page.cursor), gzip_it).await?;
         if ready.page.count > 0 || ready.page.more {
             break;

@@ -253,8 +253,11 @@ impl BulkLoad<'_> {
         if let Some(w) = self.watermark {
             raise_watermark(&txn, w)?;
         }
+        let mut schools: Vec<Id> = self.log.iter().map(|((school, _), _)| *school).collect();
+        schools.sort_unstable();
+        schools.dedup();
         txn.commit()?;
-        self.store.committed(self.seq);
+        self.store.committed(self.seq, schools);
         Ok(())
     }
 

@@ -144,6 +144,8 @@ pub(super) struct LogWriter<'t> {
     seq: u64,
     /// … when the transaction began.
     began: u64,
+    /// The schools whose feed this transaction changed (with repeats).
+    touched: Vec<Id>,
 }
 
 impl<'t> LogWriter<'t> {
@@ -154,6 +156,7 @@ impl<'t> LogWriter<'t> {
             entries: txn.open_table(FEED_ENTRIES)?,
             seq,
             began: seq,
+            touched: Vec::new(),
         })
     }
 
@@ -183,6 +186,7 @@ impl<'t> LogWriter<'t> {
         }
         self.entries
             .insert((kind.code(), id), encode_entries(&entries).as_slice())?;
+        self.touched.extend_from_slice(schools);
         Ok(())
     }
 
@@ -200,6 +204,14 @@ impl<'t> LogWriter<'t> {
     /// The last position given out, if this transaction gave any.
     pub(super) fn advanced(&self) -> Option<u64> {
         (self.seq > self.began).then_some(self.seq)
+    }
+
+    /// The schools whose feed this transaction changed, sorted, once each.
+    pub(super) fn take_touched(&mut self) -> Vec<Id> {
+        let mut schools = std::mem::take(&mut self.touched);
+        schools.sort_unstable();
+        schools.dedup();
+        schools
     }
 }
 

@@ -45,7 +45,7 @@
 use std::path::PathBuf;
 #[cfg(feature = "fault-injection")]
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use redb::Database;
 use serde::{Deserialize, Serialize};
@@ -277,6 +277,29 @@ impl StoreHealth {
     }
 }
 
+/// Commits a slow [`Store::subscribe_commits`] receiver may fall behind
+/// before it is told it lagged.
+pub const COMMITS_KEPT: usize = 1024;
+
+/// A committed write that gave out change-log positions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Commit {
+    /// The last position it gave out.
+    pub seq: u64,
+    /// The schools whose feed it changed (an entity's school, and its
+    /// previous one when it moved), sorted.
+    schools: Vec<u128>,
+}
+
+impl Commit {
+    /// Whether it changed the feed of one of `schools`.
+    pub fn touches(&self, schools: &[uuid::Uuid]) -> bool {
+        schools
+            .iter()
+            .any(|s| self.schools.binary_search(&s.as_u128()).is_ok())
+    }
+}
+
 pub struct Store {
     slot: Mutex<reopen::Slot>,
     /// Signalled when a reopen ends.
@@ -290,6 +313,9 @@ pub struct Store {
     committed: tokio::sync::watch::Sender<u64>,
     /// [`StoreOptions::dead_letter_max_count`].
     dead_letter_max_count: u64,
+    /// Every commit that gave out positions, with its schools (see
+    /// [`Store::subscribe_commits`]).
+    commits: tokio::sync::broadcast::Sender<Arc<Commit>>,
     #[cfg(feature = "fault-injection")]
     fail_next_commit: AtomicBool,
 }
@@ -308,6 +334,7 @@ impl Store {
             health: Mutex::new(StoreHealth::default()),
             space: Default::default(),
             committed: tokio::sync::watch::channel(head).0,
+            commits: tokio::sync::broadcast::channel(COMMITS_KEPT).0,
             #[cfg(feature = "fault-injection")]
             fail_next_commit: AtomicBool::new(false),
         }
@@ -320,8 +347,19 @@ impl Store {
         self.committed.subscribe()
     }
 
-    /// Tells subscribers that positions up to `seq` are committed.
-    fn committed(&self, seq: u64) {
+    /// Every later commit that gave out positions, with the schools whose
+    /// feed it changed: a long-poll of some schools reads the store again
+    /// only after a commit of one of them, instead of after every commit
+    /// (with a thousand held long-polls and tens of commits a second, a
+    /// read each was the parent's main cost). A receiver more than
+    /// [`COMMITS_KEPT`] commits behind gets `Lagged` and must read.
+    pub fn subscribe_commits(&self) -> tokio::sync::broadcast::Receiver<Arc<Commit>> {
+        self.commits.subscribe()
+    }
+
+    /// Tells subscribers that positions up to `seq` are committed, changing
+    /// the feed of `schools`.
+    fn committed(&self, seq: u64, schools: Vec<u128>) {
         self.committed.send_if_modified(|last| {
             let newer = seq > *last;
             if newer {
@@ -329,6 +367,11 @@ impl Store {
             }
             newer
         });
+        // Every commit, also one announced after a later one: its schools
+        // are its own.
+        if !schools.is_empty() {
+            let _ = self.commits.send(Arc::new(Commit { seq, schools }));
+        }
     }
 
     /// Fault injection for tests: the next [`Store::apply_batch`] or

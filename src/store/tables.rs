@@ -74,13 +74,14 @@ impl<'t> WriteTables<'t> {
 
     /// Closes the tables and stores how far the change log got; returns
     /// the last position given out (to announce after the commit).
-    pub(super) fn close(self, txn: &WriteTransaction) -> Result<u64> {
+    pub(super) fn close(mut self, txn: &WriteTransaction) -> Result<(u64, Vec<Id>)> {
         let advanced = self.log.advanced();
+        let schools = self.log.take_touched();
         drop(self);
         if let Some(seq) = advanced {
             write_seq(txn, seq)?;
         }
-        Ok(advanced.unwrap_or(0))
+        Ok((advanced.unwrap_or(0), schools))
     }
 
     /// The teacher's rendered document is out of date: drop it and queue

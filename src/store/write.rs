@@ -166,7 +166,7 @@ impl Store {
                 watermark = watermark.max(Some(key.timestamp));
             }
         }
-        let seq = tables.close(&txn)?;
+        let (seq, schools) = tables.close(&txn)?;
         let mut dropped = 0;
         {
             let mut dead = txn.open_table(DEAD_LETTERS)?;
@@ -202,7 +202,7 @@ impl Store {
         #[cfg(feature = "fault-injection")]
         self.injected_fault()?; // dropping `txn` aborts it
         txn.commit()?;
-        self.committed(seq);
+        self.committed(seq, schools);
         Ok(Ok(report))
     }
 
@@ -263,7 +263,7 @@ impl Store {
                 watermark = watermark.max(Some(key.timestamp));
             }
         }
-        let seq = tables.close(&txn)?;
+        let (seq, schools) = tables.close(&txn)?;
         write_upstream_cursor(&txn, cursor)?;
         add_counters(
             &txn,
@@ -280,7 +280,7 @@ impl Store {
         #[cfg(feature = "fault-injection")]
         self.injected_fault()?;
         txn.commit()?;
-        self.committed(seq);
+        self.committed(seq, schools);
         Ok(report)
     }
 
@@ -356,7 +356,7 @@ impl Store {
             txn.abort()?;
             return Ok(reports);
         }
-        let seq = tables.close(&txn)?;
+        let (seq, schools) = tables.close(&txn)?;
         let (applied, deleted) = reports
             .iter()
             .fold((0, 0), |(a, d), r| (a + r.applied, d + r.deleted));
@@ -374,7 +374,7 @@ impl Store {
             write_upstream_cursor(&txn, cursor)?;
         }
         txn.commit()?;
-        self.committed(seq);
+        self.committed(seq, schools);
         Ok(reports)
     }
 

@@ -402,6 +402,49 @@ async fn a_waiter_wakes_on_the_commit() {
     assert_eq!(seen, 1);
 }
 
+#[test]
+fn a_commit_is_announced_with_the_schools_whose_feed_it_changed() {
+    let store = Store::open_in_memory().unwrap();
+    let mut rx = store.subscribe_commits();
+    let schools = |ns: &[u128]| ns.iter().map(|&n| school(n)).collect::<Vec<_>>();
+    apply(
+        &store,
+        vec![
+            ev(EventType::TeacherCreated, 1, 1, 1),
+            ev(EventType::ClassCreated, 2, 1, 3),
+        ],
+    );
+    let commit = rx.try_recv().expect("a commit with changes is announced");
+    assert_eq!(commit.seq, 2);
+    assert!(commit.touches(&schools(&[1])) && commit.touches(&schools(&[3])));
+    assert!(commit.touches(&schools(&[2, 3])));
+    assert!(!commit.touches(&schools(&[2])), "school 2 did not change");
+    assert!(!commit.touches(&[]));
+    // A transfer changes the feed of the school it left too.
+    apply(&store, vec![ev(EventType::TeacherUpdated, 1, 2, 2)]);
+    let commit = rx.try_recv().unwrap();
+    assert!(commit.touches(&schools(&[1])) && commit.touches(&schools(&[2])));
+    assert!(!commit.touches(&schools(&[3])));
+    // A commit that gave no position (a duplicate, a rendering) is not.
+    apply(&store, vec![ev(EventType::TeacherUpdated, 1, 2, 2)]);
+    store.materialize(10, T0).unwrap();
+    assert!(rx.try_recv().is_err(), "nothing new was committed");
+    // A follower's page announces its schools as well.
+    let follower = Store::open_in_memory().unwrap();
+    let mut rx = follower.subscribe_commits();
+    let p = page(&store, &[2], None, 10);
+    follower
+        .apply_feed_page(
+            &wire(&p),
+            &p.next,
+            &SchoolFilter::Only([school(2)].into()),
+            T0,
+        )
+        .unwrap();
+    let commit = rx.try_recv().unwrap();
+    assert!(commit.touches(&schools(&[2])) && !commit.touches(&schools(&[1])));
+}
+
 /// The lines of a page as a follower parses them from the wire.
 fn wire(p: &ChangesPage) -> Vec<(OrderKey, Change)> {
     p.items
