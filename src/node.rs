@@ -61,6 +61,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     let options = StoreOptions {
         cache_bytes: config.store.cache_mb * 1024 * 1024,
         dead_letter_max_count: config.store.dead_letter_max_count,
+        ..StoreOptions::default()
     };
     let store = Arc::new(Store::open(&path, &options)?);
     tracing::info!(path = %path.display(), "store open");

@@ -531,7 +531,9 @@ pub enum ImportProgress {
 /// (`Store::bulk_load`): every validated school is collected in memory and
 /// written at the end in key order, documents rendered, in one transaction
 /// — the same store as the normal path, faster and smaller; an entity that
-/// comes twice ends the bulk load there and the rest goes the normal way.
+/// comes twice, or a bulk load of `StoreOptions::bulk_load_max_rows` rows
+/// (so memory stays bounded for a national file), ends the bulk load there
+/// and the rest goes the normal way.
 /// Otherwise validated schools are reconciled together, up to
 /// [`IMPORT_BATCH_RECORDS`] records a transaction, which writes far fewer
 /// pages than one transaction per school. `progress` is told how far it
@@ -614,7 +616,17 @@ fn import_parsed(
                      progress: &mut dyn FnMut(ImportProgress)|
      -> anyhow::Result<()> {
         let reports = match bulk.as_mut().map(|b| b.add(pending)) {
-            Some(Ok(reports)) => reports,
+            Some(Ok(reports)) => {
+                if let Some(full) = bulk.take_if(|b| b.is_full()) {
+                    tracing::info!(
+                        rows = full.rows(),
+                        "the bulk load is full: it is written now, and the rest of the file \
+                         is reconciled school by school (memory stays bounded)"
+                    );
+                    finish_bulk(full, progress)?;
+                }
+                reports
+            }
             Some(Err(repeated)) => {
                 tracing::info!(
                     kind = repeated.kind.as_str(), id = %repeated.id,

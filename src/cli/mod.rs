@@ -349,6 +349,7 @@ fn open_store(config: &Config) -> anyhow::Result<Arc<Store>> {
     let options = StoreOptions {
         cache_bytes: config.store.cache_mb << 20,
         dead_letter_max_count: config.store.dead_letter_max_count,
+        ..StoreOptions::default()
     };
     Ok(Arc::new(Store::open(&path, &options)?))
 }

@@ -206,6 +206,12 @@ impl BulkLoad<'_> {
         n as u64
     }
 
+    /// Whether it holds [`StoreOptions::bulk_load_max_rows`](super::StoreOptions)
+    /// rows or more: the caller should finish it and go on the normal way.
+    pub fn is_full(&self) -> bool {
+        self.rows() >= self.store.bulk_load_max_rows
+    }
+
     fn write_all(&self, progress: &mut dyn FnMut(u64)) -> Result<()> {
         if self.applied == 0 {
             return Ok(());

@@ -244,13 +244,23 @@ pub struct StoreOptions {
     /// Dead letters kept at most: a batch that adds some drops the oldest
     /// beyond this, in the same transaction.
     pub dead_letter_max_count: u64,
+    /// Rows an import collects in memory for a bulk load at most
+    /// ([`BULK_LOAD_MAX_ROWS`] by default): past that the bulk load is
+    /// written and the rest of the file is reconciled the normal way.
+    pub bulk_load_max_rows: u64,
 }
+
+/// About two and a half provinces of the generator's size (a province is
+/// ~6.5 million rows, ~1.1 GiB of peak memory while it is bulk loaded): a
+/// national file does not have to fit in memory.
+pub const BULK_LOAD_MAX_ROWS: u64 = 16_000_000;
 
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
             cache_bytes: 64 * 1024 * 1024,
             dead_letter_max_count: DEAD_LETTER_MAX_COUNT,
+            bulk_load_max_rows: BULK_LOAD_MAX_ROWS,
         }
     }
 }
@@ -313,6 +323,8 @@ pub struct Store {
     committed: tokio::sync::watch::Sender<u64>,
     /// [`StoreOptions::dead_letter_max_count`].
     dead_letter_max_count: u64,
+    /// [`StoreOptions::bulk_load_max_rows`].
+    bulk_load_max_rows: u64,
     /// Every commit that gave out positions, with its schools (see
     /// [`Store::subscribe_commits`]).
     commits: tokio::sync::broadcast::Sender<Arc<Commit>>,
@@ -330,6 +342,9 @@ impl Store {
             dead_letter_max_count: file
                 .as_ref()
                 .map_or(DEAD_LETTER_MAX_COUNT, |(_, o)| o.dead_letter_max_count),
+            bulk_load_max_rows: file
+                .as_ref()
+                .map_or(BULK_LOAD_MAX_ROWS, |(_, o)| o.bulk_load_max_rows),
             file,
             health: Mutex::new(StoreHealth::default()),
             space: Default::default(),

@@ -693,8 +693,22 @@ fn an_import_into_an_empty_store_gives_the_same_store_as_reconciling() {
     let mut twice = file.clone();
     twice.extend(first.join(&b'\n'));
     twice.push(b'\n');
-    for (file, repeats) in [(file, false), (twice, true)] {
-        let bulk = emis_edge::store::Store::open_in_memory().unwrap();
+    // A bulk load that reaches `bulk_load_max_rows` is written there (the
+    // rest of a larger file would be reconciled): the same store again.
+    let dir = tempfile::tempdir().unwrap();
+    let full = emis_edge::store::StoreOptions {
+        bulk_load_max_rows: 1,
+        ..Default::default()
+    };
+    for (file, repeats, options) in [
+        (file.clone(), false, None),
+        (twice, true, None),
+        (file, false, Some(full)),
+    ] {
+        let bulk = match options {
+            None => emis_edge::store::Store::open_in_memory().unwrap(),
+            Some(o) => emis_edge::store::Store::open(&dir.path().join("s.redb"), &o).unwrap(),
+        };
         assert!(bulk
             .bulk_load(T0, emis_edge::domain::SyncSource::Import)
             .unwrap()
