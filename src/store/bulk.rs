@@ -35,7 +35,7 @@ use super::schema::{
     META_FEED_SEQ, TEACHER_DOCS,
 };
 use super::write::{add_counters, raise_watermark, Drift, ReconcileReport};
-use super::{Result, Store};
+use super::{Result, Store, StoreError};
 use crate::domain::{
     assemble_teacher_detail, ClassLookup, Entity, EntityKind, Record, SchoolSnapshot, SyncSource,
     Timestamp,
@@ -51,6 +51,9 @@ pub struct BulkLoad<'s> {
     source: SyncSource,
     /// The last change-log position given out.
     seq: u64,
+    /// … when the bulk load began: the store's must still be this when it
+    /// is written, or something else wrote meanwhile.
+    began: u64,
     entities: [Rows<Id, Vec<u8>>; 3],
     by_school: [Rows<(Id, Id), ()>; 3],
     by_teacher: Rows<(Id, Id), ()>,
@@ -84,6 +87,7 @@ impl Store {
             now,
             source,
             seq,
+            began: seq,
             entities: Default::default(),
             by_school: Default::default(),
             by_teacher: Vec::new(),
@@ -189,10 +193,29 @@ impl BulkLoad<'_> {
     /// Writes everything added, every teacher's document rendered, in one
     /// write transaction; `progress` is told the rows written so far of
     /// `total` (what [`BulkLoad::rows`] said).
+    ///
+    /// Fails with [`StoreError::Busy`], writing nothing, if the store took
+    /// changes since the bulk load began (a running node's ingest, say):
+    /// written over them, the rows would undo newer data and reuse
+    /// change-log positions. An import again then reconciles.
     pub fn finish(self, mut progress: impl FnMut(u64)) -> Result<()> {
         let store = self.store;
         let now = self.now;
-        store.write(now, |_| true, move || self.write_all(&mut progress))
+        let applied = self.applied;
+        let written = store.write(
+            now,
+            move |&w| w && applied > 0,
+            move || self.write_all(&mut progress),
+        )?;
+        if !written && applied > 0 {
+            return Err(StoreError::Busy(
+                "the store took changes while the import read the file, so its bulk load was not \
+                 written (it would have undone them); run the import again: it then reconciles \
+                 school by school"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     /// How many rows [`BulkLoad::finish`] writes (documents not counted).
@@ -212,11 +235,16 @@ impl BulkLoad<'_> {
         self.rows() >= self.store.bulk_load_max_rows
     }
 
-    fn write_all(&self, progress: &mut dyn FnMut(u64)) -> Result<()> {
+    /// False when the store changed since the bulk load began (nothing
+    /// written).
+    fn write_all(&self, progress: &mut dyn FnMut(u64)) -> Result<bool> {
         if self.applied == 0 {
-            return Ok(());
+            return Ok(false);
         }
         let txn = self.store.begin_write()?;
+        if meta_u64(&txn.open_table(META)?, META_FEED_SEQ)? != self.began {
+            return Ok(false); // dropping `txn` aborts it
+        }
         let mut written = 0u64;
         let docs = self.render_documents()?;
         for (slot, kind) in EntityKind::ALL.into_iter().enumerate() {
@@ -264,7 +292,7 @@ impl BulkLoad<'_> {
         schools.dedup();
         txn.commit()?;
         self.store.committed(self.seq, schools);
-        Ok(())
+        Ok(true)
     }
 
     /// Every teacher's document, in teacher order, rendered from the rows

@@ -10,7 +10,7 @@
 //! raises the floor. Reading: [`Reader::changes`] merges the per-school
 //! range scans in position order and looks up each entity's current state.
 //! This file decides nothing about when a change applies (that is the
-//! convergence rule in `write.rs`) and nothing about HTTP.
+//! convergence rule in `tables.rs`) and nothing about HTTP.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashSet};

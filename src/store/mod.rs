@@ -31,11 +31,16 @@
 //! - `open.rs`: opening, refusing, creating and upgrading a file;
 //! - `reopen.rs`: write outcomes, [`StoreHealth`], and reopening after an
 //!   I/O error;
-//! - `write.rs`: the writers (batches, reconciles, purges, document
-//!   rendering) and the convergence rule on tables;
+//! - `write.rs`: the writers (batches, feed pages, reconciles, purges,
+//!   document rendering), each one write transaction;
+//! - `tables.rs`: the convergence rule on the tables (`WriteTables`);
 //! - `read.rs`: the [`Reader`] and the teacher-detail assembly;
 //! - `feed.rs`: the change log (positions of applied changes by school)
-//!   and the pages of the change feed read from it.
+//!   and the pages of the change feed read from it;
+//! - `codec.rs`: the compact encodings of records, change-log entries and
+//!   compressed teacher documents;
+//! - `bulk.rs`: the bulk load of an empty store (an import);
+//! - `space.rs`: where the file's bytes go, and compaction.
 //!
 //! The test-only fault injection (`Store::fail_next_commit`,
 //! `StoreError::InjectedFault`) exists only with the `fault-injection`

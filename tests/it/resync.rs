@@ -746,6 +746,43 @@ fn an_import_into_an_empty_store_gives_the_same_store_as_reconciling() {
     }
 }
 
+/// A bulk load is not written over changes the store took while it was
+/// collected (a running node's ingest during an import into its empty
+/// store): it fails saying to import again, writing nothing, and the
+/// change stays.
+#[test]
+fn a_bulk_load_is_not_written_over_changes_made_meanwhile() {
+    let p = emis_edge::gen::Province::new(emis_edge::gen::Spec::scale("tiny", 1).unwrap());
+    let mut file = Vec::new();
+    p.write_snapshot(&mut file, |_| {}).unwrap();
+    let mut reader = emis_edge::domain::SnapshotReader::new();
+    let schools: Vec<_> = file
+        .split(|b| *b == b'\n')
+        .filter_map(|line| reader.feed(line))
+        .map(Result::unwrap)
+        .collect();
+    let store = emis_edge::store::Store::open_in_memory().unwrap();
+    let mut bulk = store
+        .bulk_load(T0, emis_edge::domain::SyncSource::Import)
+        .unwrap()
+        .unwrap();
+    bulk.add(&schools).unwrap();
+    // Meanwhile a change of another school is applied.
+    store
+        .apply_batch(
+            &batch(vec![change(EventType::TeacherCreated, 7, 1, 900)]),
+            T0,
+            emis_edge::domain::SyncSource::Kafka,
+        )
+        .unwrap();
+    let err = bulk.finish(|_| {}).unwrap_err().to_string();
+    assert!(err.contains("run the import again"), "{err}");
+    let r = store.read().unwrap();
+    assert_eq!(r.schools().unwrap(), vec![school(900)], "only the change");
+    assert!(r.teacher_detail_body(id(7)).unwrap().is_some());
+    assert_eq!(store.health().error, None, "the store is not degraded");
+}
+
 /// Contract §2 "Time" for files: a school whose record is stamped more
 /// than `ingest.max_future_skew` after its end line's `asOf` is refused
 /// whole, naming the line and the bound; the file's other school imports.
