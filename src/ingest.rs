@@ -175,6 +175,8 @@ struct Reader {
     /// `Batch::changes` order), for the dead letter of a change the store
     /// refuses.
     origins: Vec<(i32, i64)>,
+    /// … and of each foreign change (in `Batch::foreign` order).
+    foreign_origins: Vec<(i32, i64)>,
     /// librdkafka reported a partition's position outside its log and
     /// stopped fetching it: every partition is checked and assigned again
     /// once the batch in hand is committed.
@@ -244,6 +246,7 @@ impl Reader {
             refreshed: None,
             pending: None,
             origins: Vec::new(),
+            foreign_origins: Vec::new(),
             reposition: false,
             #[cfg(feature = "fault-injection")]
             paused: false,
@@ -483,6 +486,7 @@ impl Reader {
     fn collect(&mut self, stop: &CancellationToken) -> Batch {
         let mut batch = Batch::default();
         self.origins.clear();
+        self.foreign_origins.clear();
         let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
         let mut count = 0;
         let mut deadline: Option<Instant> = None;
@@ -498,7 +502,11 @@ impl Reader {
                     let topic = m.topic();
                     let (partition, offset) = (m.partition(), m.offset());
                     next.insert((topic.to_owned(), partition), offset + 1);
-                    let (letters, changes) = (batch.dead_letters.len(), batch.changes.len());
+                    let (letters, changes, foreign) = (
+                        batch.dead_letters.len(),
+                        batch.changes.len(),
+                        batch.foreign.len(),
+                    );
                     let record = Record {
                         topic,
                         partition,
@@ -509,6 +517,9 @@ impl Reader {
                     self.handle(record, now, &mut batch);
                     if batch.changes.len() > changes {
                         self.origins.push((partition, offset));
+                    }
+                    if batch.foreign.len() > foreign {
+                        self.foreign_origins.push((partition, offset));
                     }
                     dead_bytes += batch.dead_letters[letters..]
                         .iter()
@@ -690,9 +701,19 @@ impl Reader {
     /// partitions for good. Its payload is the event as parsed, written
     /// again (the original bytes are not kept past parsing).
     fn quarantine(&mut self, batch: &mut Batch, index: usize, reason: String, now: Timestamp) {
-        let (key, change) = batch.changes.remove(index);
-        let topic = batch.change_topics.remove(index);
-        let (partition, offset) = self.origins.remove(index);
+        let ((key, change), topic, (partition, offset)) =
+            match index.checked_sub(batch.changes.len()) {
+                None => (
+                    batch.changes.remove(index),
+                    batch.change_topics.remove(index),
+                    self.origins.remove(index),
+                ),
+                Some(i) => (
+                    batch.foreign.remove(i),
+                    batch.foreign_topics.remove(i),
+                    self.foreign_origins.remove(i),
+                ),
+            };
         let raw = self
             .topics
             .get(&topic)

@@ -122,7 +122,9 @@ pub enum StoreError {
     /// Change `index` of a batch cannot be applied however often it is
     /// tried (what is stored for its entity does not decode). Nothing of
     /// the batch was written, and the store is not degraded by it: the
-    /// caller quarantines that change and applies the rest.
+    /// caller quarantines that change and applies the rest. Foreign
+    /// changes are numbered after the batch's `changes`: index
+    /// `changes.len() + i` is `foreign[i]`.
     #[error("change {index} of the batch cannot be applied: {reason}")]
     Refused { index: usize, reason: String },
     #[error("store I/O failed: {0}")]

@@ -159,8 +159,21 @@ impl Store {
             }
             watermark = watermark.max(Some(key.timestamp));
         }
-        for (key, change) in &batch.foreign {
-            let outcome = tables.apply_foreign(key, change, now, source)?;
+        for (i, (key, change)) in batch.foreign.iter().enumerate() {
+            let outcome = match tables.apply_foreign(key, change, now, source) {
+                Ok(outcome) => outcome,
+                Err(StoreError::Corrupt(reason)) => {
+                    return Ok(Err(StoreError::Refused {
+                        index: batch.changes.len() + i,
+                        reason: format!(
+                            "what is stored for {} {} is corrupt ({reason})",
+                            change.kind().as_str(),
+                            change.id()
+                        ),
+                    }))
+                }
+                Err(e) => return Err(e),
+            };
             report.count_foreign(outcome);
             if outcome != Foreign::Skipped {
                 watermark = watermark.max(Some(key.timestamp));

@@ -629,6 +629,59 @@ async fn a_record_the_store_cannot_apply_is_dead_lettered_and_the_partition_move
     node.node.stop().await.unwrap();
 }
 
+/// The same for a change of a school the node does not serve (a transfer
+/// out): what is stored for the entity does not decode, so it is
+/// quarantined too, and the partition moves on instead of stalling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_the_store_cannot_apply_is_dead_lettered_and_the_partition_moves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(emis_edge::config::STORE_FILE);
+    drop(Store::open(&path, &StoreOptions::default()).unwrap());
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let classes: redb::TableDefinition<u128, &[u8]> = redb::TableDefinition::new("classes");
+            let mut table = txn.open_table(classes).unwrap();
+            table
+                .insert(id(2).as_u128(), b"\x7fdamaged".as_slice())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let kafka = Kafka::start(1);
+    let node = TestNode::start_in(dir, |c| {
+        kafka.configure(c);
+        c.schools.ids = vec![school(1)];
+    })
+    .await;
+    let t = EventType::ClassCreated;
+    let class = |n: u128, school_n: u128| {
+        event(t, n, 1, Some(1), school_n, class_fields(id(n), "Lớp 10A1"))
+    };
+    // Class 2 moves to school 9, which this node does not serve.
+    kafka.send(t, &[class(1, 1), class(2, 9), class(3, 1)]);
+    let v = wait_status_within(&node, "3 events handled", Duration::from_secs(30), |v| {
+        counter(v, "events_applied") == 2 && counter(v, "events_dead_lettered") == 1
+    })
+    .await;
+    assert_eq!(offset_of(&v, t.name()), 3, "{v:#}");
+    assert_eq!(v["store"]["degraded"], false, "{v:#}");
+    assert_eq!(v["store"]["writeFailures"], 0, "{v:#}");
+    let (_, letters) = node.get_json("/api/sync/dead-letters").await;
+    let letter = &letters["items"][0];
+    assert_eq!(letter["offset"], 1, "{letters:#}");
+    let reason = letter["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with(&format!(
+            "the store cannot apply this change: what is stored for class {} is corrupt",
+            id(2)
+        )),
+        "{reason}"
+    );
+    node.node.stop().await.unwrap();
+}
+
 /// A dead worker does not look healthy: an ingest step that panics (a
 /// test hook) makes the worker `dead` in status and metrics, readiness
 /// says why, and the node, run as `serve` runs it, stops and fails; the
