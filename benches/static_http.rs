@@ -5,9 +5,14 @@
 //! answering `GET /api/static` with a constant JSON body of a given size
 //! instead of a store lookup. The store behind it is an empty in-memory one.
 //!
-//! Run: `cargo bench --bench static_http -- --bytes 3200 --listen 127.0.0.1:8090`
-//! (`benches/load/run.sh` starts it next to the node and measures both in
-//! one run).
+//! With `--plain` it is the ceiling itself instead: plain axum
+//! (`axum::serve`, one route, no layers, the default tokio runtime) answering
+//! the same body — what the issue's "teacher route vs plain axum" compares
+//! with.
+//!
+//! Run: `cargo bench --bench static_http -- --bytes 3200 --listen 127.0.0.1:8090 [--plain]`
+//! (`benches/load/run.sh` starts both next to the node and measures all
+//! three, interleaved, in one run).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,6 +42,12 @@ fn main() {
         .unwrap_or_else(|| "127.0.0.1:8090".into())
         .parse()
         .expect("--listen ADDR");
+    // A JSON object of exactly `bytes` bytes.
+    let pad = bytes.saturating_sub(r#"{"pad":""}"#.len());
+    let body = bytes::Bytes::from(format!(r#"{{"pad":"{}"}}"#, "x".repeat(pad)));
+    if std::env::args().any(|a| a == "--plain") {
+        return plain(listen, body);
+    }
     let config = Config::default();
     let node = emis_edge::state::NodeState::new(
         Arc::new(emis_edge::store::Store::open_in_memory().unwrap()),
@@ -44,9 +55,6 @@ fn main() {
         Arc::new(emis_edge::clock::SystemClock),
     );
     let state = ApiState::new(node, Vec::new(), Default::default());
-    // A JSON object of exactly `bytes` bytes.
-    let pad = bytes.saturating_sub(r#"{"pad":""}"#.len());
-    let body = bytes::Bytes::from(format!(r#"{{"pad":"{}"}}"#, "x".repeat(pad)));
     let extra = Router::new().route(
         "/api/static",
         get(move || {
@@ -73,5 +81,28 @@ fn main() {
         )
         .await
         .unwrap();
+    });
+}
+
+/// Plain axum: `axum::serve`, one route, no layers.
+fn plain(listen: SocketAddr, body: bytes::Bytes) {
+    let bytes = body.len();
+    let app = Router::new().route(
+        "/api/static",
+        get(move || {
+            let body = body.clone();
+            async move {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    body,
+                )
+            }
+        }),
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen).await.unwrap();
+        eprintln!("static_http --plain: {bytes} bytes on http://{listen}/api/static");
+        axum::serve(listener, app).await.unwrap();
     });
 }

@@ -8,9 +8,10 @@
 # Steps (STEPS, default all but `national` ones):
 #   import   generate the data set (emis-edge gen) and import it offline:
 #            time and store size
-#   read     wrk -t1 -c64 on GET /api/teachers/{random real id}, and on a
-#            static body of the same size from the same HTTP stack
-#            (benches/static_http.rs), in one run; then the design
+#   read     wrk -t1 -c64 on GET /api/teachers/{random real id}, on a
+#            static body of the same size from plain axum (the ceiling) and
+#            from the node's own HTTP stack (benches/static_http.rs),
+#            interleaved for ROUNDS (default 3) rounds; then the design
 #            document's `ab -n 10000 -c 100`; resident memory of `serve`
 #   restart  SIGTERM, start, time until /health/ready answers 200 (3 times)
 #   mixed    the read load while `emis-edge gen --trickle 1000` publishes
@@ -34,6 +35,8 @@ CACHE_MB=${CACHE_MB:-64}
 OUT=${OUT:-target/load/$SCALE}
 PORT=${PORT:-18080}
 STATIC_PORT=${STATIC_PORT:-18090}
+PLAIN_PORT=${PLAIN_PORT:-18091}
+ROUNDS=${ROUNDS:-3}
 BIN=target/release/emis-edge
 mkdir -p "$OUT"
 RESULTS=$OUT/results.md
@@ -94,6 +97,16 @@ stop_node() {
 wait_docs() {
   until curl -s "$BASE/api/sync/status" | grep -q '"pendingDocuments":0[,}]'; do sleep 0.2; done
 }
+load1() { cut -d' ' -f1 /proc/loadavg; }
+# wrk's latency ("812.00us", "1.20ms", "2.00s") in ms
+ms() { awk '{v=$1; if (v ~ /us$/) printf "%.4f", v/1000; else if (v ~ /ms$/) printf "%.4f", v+0; else printf "%.4f", v*1000}' <<<"$1"; }
+# min / median / max of numbers
+mmm() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END{printf "%s× / %s× / %s×", a[1], a[int((NR+1)/2)], a[NR]}'; }
+# Until the freshness worker's first walk over the store (at start) is
+# done: it would share the CPU with the first measurement.
+wait_fresh() {
+  until curl -s "$BASE/api/sync/status" | grep -Eq '"name":"freshness","state":"[a-z]+","steps":[1-9]'; do sleep 0.2; done
+}
 rss_mb() { awk '/VmRSS/{printf "%.0f", $2/1024}' "/proc/$1/status"; }
 
 # wrk's summary → "req/s p50 p99 errors"
@@ -133,23 +146,42 @@ fi
 if has read; then
   start_node
   wait_docs
+  wait_fresh
   say "## Reads (wrk -t1 -c64 -d$DURATION, random real teacher ids)"
   say ""
   # The average size of a teacher detail, for the static comparison.
   bytes=$(head -200 "$W/ids.txt" | while read -r id; do curl -s -o /dev/null -w '%{size_download}\n' "$BASE/api/teachers/$id"; done | awk '{s+=$1} END{printf "%d", s/NR}')
+  # The baselines, same body size: plain axum (`axum::serve`, one route, no
+  # layers: the issue's ceiling) and the node's own HTTP stack (its layers
+  # and connection loop, no store).
+  "$STATIC_BIN" --plain --bytes "$bytes" --listen "127.0.0.1:$PLAIN_PORT" 2>>"$W/static.log" &
+  PIDS+=($!)
   "$STATIC_BIN" --bytes "$bytes" --listen "127.0.0.1:$STATIC_PORT" 2>>"$W/static.log" &
   PIDS+=($!)
-  until curl -sf -o /dev/null "http://127.0.0.1:$STATIC_PORT/api/static"; do sleep 0.01; done
-  wrk_run "http://127.0.0.1:$STATIC_PORT/api/static" >/dev/null # warm-up
-  read -r s_rps s_p50 s_p99 s_err < <(wrk_run "http://127.0.0.1:$STATIC_PORT/api/static")
-  wrk_run -s benches/load/teacher.lua "$BASE" -- "$W/ids.txt" >/dev/null # warm-up
-  read -r t_rps t_p50 t_p99 t_err < <(wrk_run -s benches/load/teacher.lua "$BASE" -- "$W/ids.txt")
-  say "| route | body | requests/s | p50 | p99 | non-2xx |"
-  say "|---|---|---|---|---|---|"
-  say "| static body, same HTTP stack | $bytes B | $s_rps | $s_p50 | $s_p99 | $s_err |"
-  say "| GET /api/teachers/{id} | ~$bytes B | $t_rps | $t_p50 | $t_p99 | $t_err |"
+  until curl -sf -o /dev/null "http://127.0.0.1:$STATIC_PORT/api/static" &&
+    curl -sf -o /dev/null "http://127.0.0.1:$PLAIN_PORT/api/static"; do sleep 0.01; done
+  PLAIN_URL=http://127.0.0.1:$PLAIN_PORT/api/static
+  STACK_URL=http://127.0.0.1:$STATIC_PORT/api/static
+  wrk_run "$PLAIN_URL" >/dev/null # warm-ups
+  wrk_run "$STACK_URL" >/dev/null
+  wrk_run -s benches/load/teacher.lua "$BASE" -- "$W/ids.txt" >/dev/null
+  # Interleaved rounds (plain, teacher, stack, …), so that the other load on
+  # a shared machine hits all three alike; ratios are per round.
+  say "| round | load (1 min) | plain axum req/s | p99 | same stack req/s | p99 | teacher route req/s | p50 | p99 | non-2xx | teacher/plain req/s | p99 | teacher/stack req/s |"
+  say "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+  R_RPS=() R_P99=() S_RPS=()
+  for round in $(seq 1 "$ROUNDS"); do
+    read -r p_rps _ p_p99 _ < <(wrk_run "$PLAIN_URL")
+    read -r t_rps t_p50 t_p99 t_err < <(wrk_run -s benches/load/teacher.lua "$BASE" -- "$W/ids.txt")
+    read -r s_rps _ s_p99 _ < <(wrk_run "$STACK_URL")
+    r_rps=$(awk "BEGIN{printf \"%.2f\", $t_rps/$p_rps}")
+    r_p99=$(awk "BEGIN{printf \"%.2f\", $(ms "$t_p99")/$(ms "$p_p99")}")
+    r_s=$(awk "BEGIN{printf \"%.2f\", $t_rps/$s_rps}")
+    R_RPS+=("$r_rps") R_P99+=("$r_p99") S_RPS+=("$r_s")
+    say "| $round | $(load1) | $p_rps | $p_p99 | $s_rps | $s_p99 | $t_rps | $t_p50 | $t_p99 | $t_err | $r_rps× | $r_p99× | $r_s× |"
+  done
   say ""
-  say "Teacher route / static: **$(awk "BEGIN{printf \"%.0f\", 100*$t_rps/$s_rps}")%** (target ≥ 60%), p99 $t_p99 (target ≤ 2 ms)."
+  say "Body $bytes B. Teacher route / plain axum, min / median / max over $ROUNDS rounds: requests/s **$(mmm "${R_RPS[@]}")** (target ≥ 0.8×), p99 **$(mmm "${R_P99[@]}")** (target ≤ 1.2×); teacher route / the same stack's static body: $(mmm "${S_RPS[@]}")."
   say ""
   id=$(head -1 "$W/ids.txt")
   ab -n 10000 -c 100 "$BASE/api/teachers/$id" >"$W/ab.log" 2>&1

@@ -20,6 +20,7 @@ use std::time::Duration;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio_util::sync::CancellationToken;
 
 use crate::state::NodeState;
@@ -52,7 +53,15 @@ struct ApiParts {
     long_polls: Arc<tokio::sync::Semaphore>,
     /// Fires when the node stops: held long-polls answer at once.
     stopping: CancellationToken,
+    /// The request-duration histograms by route template and status,
+    /// handles into `Metrics::http`: a request finds its own without
+    /// building a label set (two `String`s and a `Vec`) per request.
+    http_histograms: std::sync::RwLock<RequestHistograms>,
 }
+
+/// Route template → (status, histogram) pairs (a route answers few
+/// statuses).
+type RequestHistograms = std::collections::HashMap<Box<str>, Vec<(u16, Histogram)>>;
 
 impl ApiState {
     /// The HTTP state of a node whose held requests end when `stopping`
@@ -66,6 +75,7 @@ impl ApiState {
             registry,
             long_polls,
             stopping,
+            http_histograms: Default::default(),
         }))
     }
 
@@ -87,6 +97,30 @@ impl ApiState {
 
     fn tokens(&self) -> &[String] {
         &self.0.tokens
+    }
+
+    /// The duration histogram of requests to `route` answered `status`.
+    fn request_histogram(&self, route: &str, status: u16) -> Histogram {
+        let cached = self.0.http_histograms.read().ok().and_then(|h| {
+            h.get(route)
+                .and_then(|s| s.iter().find(|(c, _)| *c == status))
+                .map(|(_, h)| h.clone())
+        });
+        if let Some(h) = cached {
+            return h;
+        }
+        let labels = vec![
+            ("route".to_owned(), route.to_owned()),
+            ("status".to_owned(), status.to_string()),
+        ];
+        let h = self.metrics.http.get_or_create(&labels).clone();
+        if let Ok(mut cache) = self.0.http_histograms.write() {
+            let statuses = cache.entry(route.into()).or_default();
+            if !statuses.iter().any(|(c, _)| *c == status) {
+                statuses.push((status, h.clone()));
+            }
+        }
+        h
     }
 }
 
@@ -299,19 +333,15 @@ async fn record_request(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    // A cheap handle on the route's name (an `Arc<str>` inside).
     let route = request
         .extensions()
         .get::<axum::extract::MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+        .cloned();
     let started = std::time::Instant::now();
     let response = next.run(request).await;
-    let labels = vec![
-        ("route".to_owned(), route),
-        ("status".to_owned(), response.status().as_u16().to_string()),
-    ];
-    s.metrics
-        .http
-        .get_or_create(&labels)
+    let route = route.as_ref().map_or("unmatched", |p| p.as_str());
+    s.request_histogram(route, response.status().as_u16())
         .observe(started.elapsed().as_secs_f64());
     response
 }
