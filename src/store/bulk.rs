@@ -34,7 +34,7 @@ use super::schema::{
     ASSIGNMENT_BY_CLASS, ASSIGNMENT_BY_TEACHER, FEED_ENTRIES, FEED_LOG, INDEXES, META,
     META_FEED_SEQ, TEACHER_DOCS,
 };
-use super::write::{add_counters, raise_watermark, Drift, ReconcileReport};
+use super::write::{add_counters, raise_watermark, ReconcileReport};
 use super::{Result, Store, StoreError};
 use crate::domain::{
     assemble_teacher_detail, ClassLookup, Entity, EntityKind, Record, SchoolSnapshot, SyncSource,
@@ -132,17 +132,7 @@ impl BulkLoad<'_> {
         }
         let mut reports: Vec<ReconcileReport> = snapshots
             .iter()
-            .map(|s| ReconcileReport {
-                school_id: s.school_id,
-                records: s.records.len() as u64,
-                applied: 0,
-                deleted: 0,
-                drift: EntityKind::ALL
-                    .iter()
-                    .map(|k| (k.as_str(), Drift::default()))
-                    .collect(),
-                dry_run: false,
-            })
+            .map(|s| ReconcileReport::start(s, false))
             .collect();
         for (i, entity, key) in order {
             let (kind, id) = (entity.kind(), entity.id().as_u128());

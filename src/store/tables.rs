@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::feed::{write_seq, LogWriter};
 use super::schema::*;
-use super::write::{Drift, ReconcileReport};
+use super::write::ReconcileReport;
 use super::Result;
 use crate::domain::*;
 
@@ -121,17 +121,7 @@ impl<'t> WriteTables<'t> {
     ) -> Result<Vec<ReconcileReport>> {
         let mut reports: Vec<ReconcileReport> = snapshots
             .iter()
-            .map(|s| ReconcileReport {
-                school_id: s.school_id,
-                records: s.records.len() as u64,
-                applied: 0,
-                deleted: 0,
-                drift: EntityKind::ALL
-                    .iter()
-                    .map(|k| (k.as_str(), Drift::default()))
-                    .collect(),
-                dry_run,
-            })
+            .map(|s| ReconcileReport::start(s, dry_run))
             .collect();
         let mut seen = vec![HashSet::new(); snapshots.len()];
         let mut order: Vec<(usize, &(OrderKey, Entity))> = snapshots

@@ -97,6 +97,23 @@ pub struct ReconcileReport {
     pub dry_run: bool,
 }
 
+impl ReconcileReport {
+    /// The report of `snapshot` before anything of it is applied.
+    pub(super) fn start(snapshot: &SchoolSnapshot, dry_run: bool) -> Self {
+        ReconcileReport {
+            school_id: snapshot.school_id,
+            records: snapshot.records.len() as u64,
+            applied: 0,
+            deleted: 0,
+            drift: EntityKind::ALL
+                .iter()
+                .map(|k| (k.as_str(), Drift::default()))
+                .collect(),
+            dry_run,
+        }
+    }
+}
+
 impl Store {
     /// Applies a batch — changes by the convergence rule, dead letters,
     /// counters and consumed offsets — in ONE write transaction: after a

@@ -564,6 +564,25 @@ fn a_new_store_appears_whole_and_a_crashed_one_is_repaired_not_refused() {
 
 // ---- faults that are not the disk's ----------------------------------------
 
+/// A data directory whose store holds class 2 damaged (an unknown value
+/// format): what is stored for it does not decode.
+fn a_store_with_class_2_damaged() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(emis_edge::config::STORE_FILE);
+    drop(Store::open(&path, &StoreOptions::default()).unwrap());
+    let db = redb::Database::open(&path).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let classes: redb::TableDefinition<u128, &[u8]> = redb::TableDefinition::new("classes");
+        let mut table = txn.open_table(classes).unwrap();
+        table
+            .insert(id(2).as_u128(), b"\x7fdamaged".as_slice())
+            .unwrap();
+    }
+    txn.commit().unwrap();
+    dir
+}
+
 /// A change the store can never apply (what it holds for that entity does
 /// not decode, so every retry fails the same way) is quarantined as a dead
 /// letter with its reason, and the partition moves on: the events around it
@@ -571,22 +590,7 @@ fn a_new_store_appears_whole_and_a_crashed_one_is_repaired_not_refused() {
 /// Before, the whole batch was retried forever as "store cannot be written".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_the_store_cannot_apply_is_dead_lettered_and_the_partition_moves_on() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join(emis_edge::config::STORE_FILE);
-    drop(Store::open(&path, &StoreOptions::default()).unwrap());
-    // Class 2's stored value is damaged (an unknown value format).
-    {
-        let db = redb::Database::open(&path).unwrap();
-        let txn = db.begin_write().unwrap();
-        {
-            let classes: redb::TableDefinition<u128, &[u8]> = redb::TableDefinition::new("classes");
-            let mut table = txn.open_table(classes).unwrap();
-            table
-                .insert(id(2).as_u128(), b"\x7fdamaged".as_slice())
-                .unwrap();
-        }
-        txn.commit().unwrap();
-    }
+    let dir = a_store_with_class_2_damaged();
     let kafka = Kafka::start(1);
     let node = TestNode::start_in(dir, |c| kafka.configure(c)).await;
     let t = EventType::ClassCreated;
@@ -634,21 +638,7 @@ async fn a_record_the_store_cannot_apply_is_dead_lettered_and_the_partition_move
 /// quarantined too, and the partition moves on instead of stalling.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transfer_the_store_cannot_apply_is_dead_lettered_and_the_partition_moves_on() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join(emis_edge::config::STORE_FILE);
-    drop(Store::open(&path, &StoreOptions::default()).unwrap());
-    {
-        let db = redb::Database::open(&path).unwrap();
-        let txn = db.begin_write().unwrap();
-        {
-            let classes: redb::TableDefinition<u128, &[u8]> = redb::TableDefinition::new("classes");
-            let mut table = txn.open_table(classes).unwrap();
-            table
-                .insert(id(2).as_u128(), b"\x7fdamaged".as_slice())
-                .unwrap();
-        }
-        txn.commit().unwrap();
-    }
+    let dir = a_store_with_class_2_damaged();
     let kafka = Kafka::start(1);
     let node = TestNode::start_in(dir, |c| {
         kafka.configure(c);
