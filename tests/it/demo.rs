@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use emis_edge::gen::{Province, Spec};
 use serde_json::Value;
 
+use crate::follower::normalized;
 use crate::kafka::Kafka;
 use crate::support::TestNode;
 
@@ -287,25 +288,10 @@ async fn the_demo_starts_school_nodes_that_follow_the_provincial_node() {
     assert!(banner.contains("2 school node(s)"), "{banner}");
     let (province_url, school_url) = (province_url.unwrap(), school_url.unwrap());
     assert_ne!(province_url, school_url);
-    let strip = |mut v: Value| {
-        fn strip(v: &mut Value) {
-            match v {
-                Value::Object(m) => {
-                    m.remove("lastSyncedAt");
-                    m.remove("syncSource");
-                    m.values_mut().for_each(strip);
-                }
-                Value::Array(a) => a.iter_mut().for_each(strip),
-                _ => {}
-            }
-        }
-        strip(&mut v);
-        v
-    };
     let (status, at_school) = get_json(&school_url).await;
     assert_eq!(status, 200, "{at_school}");
     let (_, at_province) = get_json(&province_url).await;
-    assert_eq!(strip(at_school.clone()), strip(at_province));
+    assert_eq!(normalized(at_school.clone()), normalized(at_province));
     let status_url = school_url.split("/api/").next().unwrap().to_owned() + "/api/sync/status";
     let (_, status) = get_json(&status_url).await;
     assert_eq!(status["upstream"]["caughtUp"], true, "{status:#}");

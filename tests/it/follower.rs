@@ -28,7 +28,7 @@ pub fn follow(c: &mut Config, url: String, schools: &[u128], wait: u64) {
 
 /// Removes what differs between nodes by design: when and how each node
 /// got an entity.
-fn normalized(mut v: Value) -> Value {
+pub fn normalized(mut v: Value) -> Value {
     fn strip(v: &mut Value) {
         match v {
             Value::Object(m) => {
