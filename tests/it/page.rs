@@ -7,7 +7,7 @@
 use emis_edge::domain::EventType;
 use serde_json::json;
 
-use crate::kafka::{event, handled, Kafka};
+use crate::kafka::{event, handled, wait_status, Kafka};
 use crate::support::*;
 
 const NODE_ID: &str = "edge-thu-duc-01";
@@ -216,6 +216,16 @@ async fn wait_until(node: &TestNode, n: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_shows_the_node_its_schools_freshness_and_dead_letters() {
     let (_kafka, node) = node_with_data(|_| {}).await;
+    // The high watermarks come from the Kafka client's statistics, once a
+    // second, not with the events: wait for the one that counts the last.
+    wait_status(&node, "the high watermark of emis.class.created [0]", |v| {
+        v["partitions"].as_array().is_some_and(|ps| {
+            ps.iter().any(|p| {
+                p["topic"] == "emis.class.created" && p["partition"] == 0 && p["highWatermark"] == 4
+            })
+        })
+    })
+    .await;
     // What the node sends: self-contained HTML that may load nothing from
     // elsewhere.
     let r = node.http.get(node.url("/")).send().await.unwrap();
