@@ -528,12 +528,13 @@ pub enum ImportProgress {
 /// all or nothing per school; a bad school (a bad line, a wrong count, a
 /// record stamped more than `max_future_skew` after its `asOf`) is rejected
 /// before any of it is written. Into an empty store it is a bulk load
-/// (`Store::bulk_load`): every validated school is collected in memory and
-/// written at the end in key order, documents rendered, in one transaction
-/// — the same store as the normal path, faster and smaller; an entity that
-/// comes twice, or a bulk load of `StoreOptions::bulk_load_max_rows` rows
-/// (so memory stays bounded for a national file), ends the bulk load there
-/// and the rest goes the normal way.
+/// (`Store::bulk_load`): every validated school is collected and written at
+/// the end in key order, documents rendered, in one transaction — the same
+/// store as the normal path, faster and smaller. Past
+/// `StoreOptions::bulk_load_max_rows` rows in memory they are sorted into
+/// temporary files beside the store and merged at the end, so memory stays
+/// bounded for a national file. An entity that comes twice ends the bulk
+/// load there and the rest goes the normal way.
 /// Otherwise validated schools are reconciled together, up to
 /// [`IMPORT_BATCH_RECORDS`] records a transaction, which writes far fewer
 /// pages than one transaction per school. `progress` is told how far it
@@ -618,13 +619,13 @@ fn import_parsed(
      -> anyhow::Result<()> {
         let reports = match bulk.as_mut().map(|b| b.add(pending)) {
             Some(Ok(reports)) => {
-                if let Some(full) = bulk.take_if(|b| b.is_full()) {
+                let b = bulk.as_mut().expect("bulk load");
+                if b.spill_if_full()? {
                     tracing::info!(
-                        rows = full.rows(),
-                        "the bulk load is full: it is written now, and the rest of the file \
-                         is reconciled school by school (memory stays bounded)"
+                        rows = b.rows(),
+                        "the rows read so far were sorted into a temporary file beside the \
+                         store (memory stays bounded); they are merged into the store at the end"
                     );
-                    finish_bulk(full, progress)?;
                 }
                 reports
             }

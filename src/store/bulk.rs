@@ -5,12 +5,12 @@
 //! When the store holds no entity, reconciling has nothing to compare
 //! with: every record is new, nothing is deleted, and each lookup of what
 //! is stored finds nothing. [`BulkLoad`] therefore skips the lookups and
-//! collects each table's rows in memory, encoded; [`BulkLoad::finish`]
-//! sorts them, writes every table in key order, renders every teacher's
-//! document from the rows, and commits once. The result is the same store,
-//! row for row, as [`Store::reconcile_many`] would make from the same
-//! batches — the same change-log positions, counters and watermark — which
-//! a test checks (`tests/it/resync.rs`).
+//! collects each table's rows, encoded; [`BulkLoad::finish`] writes every
+//! table in key order, renders every teacher's document on the way, and
+//! commits once. The result is the same store, row for row, as
+//! [`Store::reconcile_many`] would make from the same batches — the same
+//! change-log positions, counters and watermark — which a test checks
+//! (`tests/it/resync.rs`).
 //!
 //! Why in key order. redb splits a full leaf in half when a key lands in
 //! the middle of it, so random keys leave leaves about two thirds full;
@@ -19,20 +19,34 @@
 //! table's leaves are full: the file is a third smaller than with random
 //! inserts, and sequential writes are what a B-tree writes fastest.
 //!
+//! Memory stays bounded by an external sort. Rows are held in memory up to
+//! [`StoreOptions::bulk_load_max_rows`](super::StoreOptions) (a province
+//! fits); past that every table's rows are sorted and spilled as a run to
+//! an unnamed temporary file beside the store, and `finish` merges the runs.
+//! Only the classes stay in memory throughout (a twelfth of the records),
+//! because every document needs its teacher's classes; a teacher's
+//! assignments come in the same key order as the teachers, from a copy of
+//! their records keyed by (teacher, assignment).
+//!
 //! An entity that comes twice (two schools' snapshots list it, the file
 //! holds a school twice) needs the convergence rule: [`BulkLoad::add`]
 //! refuses that batch, taking nothing of it, and the caller finishes the
 //! bulk load and reconciles the rest normally.
 
-use std::collections::{HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Seek, Write};
+use std::path::PathBuf;
 
 use redb::{Key, Table, TableDefinition, Value, WriteTransaction};
+use serde::{de::DeserializeOwned, Serialize};
 
 use super::feed::write_seq;
 use super::schema::{
     counter, decode_record, encode_doc, encode_entries, encode_record, kind_slot, meta_u64, Id,
-    ASSIGNMENT_BY_CLASS, ASSIGNMENT_BY_TEACHER, FEED_ENTRIES, FEED_LOG, INDEXES, META,
-    META_FEED_SEQ, TEACHER_DOCS,
+    ASSIGNMENTS, ASSIGNMENT_BY_CLASS, ASSIGNMENT_BY_TEACHER, CLASSES, FEED_ENTRIES, FEED_LOG,
+    INDEXES, META, META_FEED_SEQ, TEACHERS, TEACHER_DOCS,
 };
 use super::write::{add_counters, raise_watermark, ReconcileReport};
 use super::{Result, Store, StoreError};
@@ -41,8 +55,9 @@ use crate::domain::{
     Timestamp,
 };
 
-/// Rows of one table: key, value.
-type Rows<K, V> = Vec<(K, V)>;
+/// Teachers whose documents are rendered together, half on each of two
+/// threads, before they are written.
+const RENDER_CHUNK: usize = 4096;
 
 /// An empty store being filled; see the module documentation.
 pub struct BulkLoad<'s> {
@@ -54,12 +69,20 @@ pub struct BulkLoad<'s> {
     /// … when the bulk load began: the store's must still be this when it
     /// is written, or something else wrote meanwhile.
     began: u64,
-    entities: [Rows<Id, Vec<u8>>; 3],
-    by_school: [Rows<(Id, Id), ()>; 3],
-    by_teacher: Rows<(Id, Id), ()>,
-    by_class: Rows<(Id, Id), Id>,
-    log: Rows<(Id, u64), (u8, Id)>,
-    entries: Rows<(u8, Id), Vec<u8>>,
+    /// Where runs are spilled: the store's directory (the temporary
+    /// directory for a store in memory).
+    spill_dir: PathBuf,
+    classes: HashMap<Id, Vec<u8>>,
+    teachers: Sorter<Id, Vec<u8>>,
+    assignments: Sorter<Id, Vec<u8>>,
+    by_school: [Sorter<(Id, Id), ()>; 3],
+    /// (teacher, assignment) → the assignment's record: the by-teacher
+    /// index, and what documents are rendered from.
+    by_teacher: Sorter<(Id, Id), Vec<u8>>,
+    by_class: Sorter<(Id, Id), Id>,
+    log: Sorter<(Id, u64), (u8, Id)>,
+    entries: Sorter<(u8, Id), Vec<u8>>,
+    schools: HashSet<Id>,
     seen: HashSet<(u8, Id)>,
     applied: u64,
     watermark: Option<Timestamp>,
@@ -82,18 +105,29 @@ impl Store {
             return Ok(None);
         }
         let seq = meta_u64(&reader.txn.open_table(META)?, META_FEED_SEQ)?;
+        let spill_dir = match &self.file {
+            Some((path, _)) => match path.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+                _ => PathBuf::from("."),
+            },
+            None => std::env::temp_dir(),
+        };
         Ok(Some(BulkLoad {
             store: self,
             now,
             source,
             seq,
             began: seq,
-            entities: Default::default(),
+            spill_dir,
+            classes: HashMap::new(),
+            teachers: Sorter::default(),
+            assignments: Sorter::default(),
             by_school: Default::default(),
-            by_teacher: Vec::new(),
-            by_class: Vec::new(),
-            log: Vec::new(),
-            entries: Vec::new(),
+            by_teacher: Sorter::default(),
+            by_class: Sorter::default(),
+            log: Sorter::default(),
+            entries: Sorter::default(),
+            schools: HashSet::new(),
             seen: HashSet::new(),
             applied: 0,
             watermark: None,
@@ -144,26 +178,32 @@ impl BulkLoad<'_> {
                 .get_mut(kind.as_str())
                 .expect("every kind")
                 .missing += 1;
-            let record = Record {
+            let record = encode_record(&Record {
                 data: entity.clone(),
                 key: *key,
                 last_synced_at: self.now,
                 source: self.source,
-            };
-            let slot = kind_slot(kind);
-            self.entities[slot].push((id, encode_record(&record)));
+            });
             let school = entity.school_id().as_u128();
-            self.by_school[slot].push(((school, id), ()));
-            if let Entity::Assignment(a) = entity {
-                let teacher = a.teacher_id.as_u128();
-                self.by_teacher.push(((teacher, id), ()));
-                self.by_class.push(((a.class_id.as_u128(), id), teacher));
+            self.by_school[kind_slot(kind)].push((school, id), ());
+            match entity {
+                Entity::Class(_) => {
+                    self.classes.insert(id, record);
+                }
+                Entity::Teacher(_) => self.teachers.push(id, record),
+                Entity::Assignment(a) => {
+                    let teacher = a.teacher_id.as_u128();
+                    self.by_teacher.push((teacher, id), record.clone());
+                    self.by_class.push((a.class_id.as_u128(), id), teacher);
+                    self.assignments.push(id, record);
+                }
             }
             // As `LogWriter::record` enters a first change.
             self.seq += 1;
-            self.log.push(((school, self.seq), (kind.code(), id)));
+            self.log.push((school, self.seq), (kind.code(), id));
             self.entries
-                .push(((kind.code(), id), encode_entries(&[(school, self.seq)])));
+                .push((kind.code(), id), encode_entries(&[(school, self.seq)]));
+            self.schools.insert(school);
         }
         self.applied += reports.iter().map(|r| r.applied).sum::<u64>();
         self.watermark = self.watermark.max(snapshots.iter().map(|s| s.as_of).max());
@@ -180,6 +220,47 @@ impl BulkLoad<'_> {
         self.applied == 0
     }
 
+    /// Once the rows held in memory reach
+    /// [`StoreOptions::bulk_load_max_rows`](super::StoreOptions), sorts
+    /// every table's and writes them to a temporary file, freeing their
+    /// memory; true if it did.
+    pub fn spill_if_full(&mut self) -> Result<bool> {
+        if self.sorters().map(|s| s.in_memory()).sum::<u64>() < self.store.bulk_load_max_rows {
+            return Ok(false);
+        }
+        let dir = self.spill_dir.clone();
+        let spill = |e: std::io::Error| {
+            StoreError::TempFile(format!(
+                "cannot write the import's sorted rows to a temporary file in {}: {e}",
+                dir.display()
+            ))
+        };
+        self.teachers.spill(&dir).map_err(spill)?;
+        self.assignments.spill(&dir).map_err(spill)?;
+        for s in &mut self.by_school {
+            s.spill(&dir).map_err(spill)?;
+        }
+        self.by_teacher.spill(&dir).map_err(spill)?;
+        self.by_class.spill(&dir).map_err(spill)?;
+        self.log.spill(&dir).map_err(spill)?;
+        self.entries.spill(&dir).map_err(spill)?;
+        Ok(true)
+    }
+
+    /// The row counts of every table but the classes and the documents.
+    fn sorters(&self) -> impl Iterator<Item = &dyn Rows> {
+        [
+            &self.teachers as &dyn Rows,
+            &self.assignments,
+            &self.by_teacher,
+            &self.by_class,
+            &self.log,
+            &self.entries,
+        ]
+        .into_iter()
+        .chain(self.by_school.iter().map(|s| s as &dyn Rows))
+    }
+
     /// Writes everything added, every teacher's document rendered, in one
     /// write transaction; `progress` is told the rows written so far of
     /// `total` (what [`BulkLoad::rows`] said).
@@ -188,7 +269,7 @@ impl BulkLoad<'_> {
     /// changes since the bulk load began (a running node's ingest, say):
     /// written over them, the rows would undo newer data and reuse
     /// change-log positions. An import again then reconciles.
-    pub fn finish(self, mut progress: impl FnMut(u64)) -> Result<()> {
+    pub fn finish(mut self, mut progress: impl FnMut(u64)) -> Result<()> {
         let store = self.store;
         let now = self.now;
         let applied = self.applied;
@@ -210,24 +291,13 @@ impl BulkLoad<'_> {
 
     /// How many rows [`BulkLoad::finish`] writes (documents not counted).
     pub fn rows(&self) -> u64 {
-        let n = self.entities.iter().map(Vec::len).sum::<usize>()
-            + self.by_school.iter().map(Vec::len).sum::<usize>()
-            + self.by_teacher.len()
-            + self.by_class.len()
-            + self.log.len()
-            + self.entries.len();
-        n as u64
-    }
-
-    /// Whether it holds [`StoreOptions::bulk_load_max_rows`](super::StoreOptions)
-    /// rows or more: the caller should finish it and go on the normal way.
-    pub fn is_full(&self) -> bool {
-        self.rows() >= self.store.bulk_load_max_rows
+        self.classes.len() as u64 + self.sorters().map(|s| s.len()).sum::<u64>()
     }
 
     /// False when the store changed since the bulk load began (nothing
-    /// written).
-    fn write_all(&self, progress: &mut dyn FnMut(u64)) -> Result<bool> {
+    /// written). Can run again after a failure: the runs are read from
+    /// their start each time.
+    fn write_all(&mut self, progress: &mut dyn FnMut(u64)) -> Result<bool> {
         if self.applied == 0 {
             return Ok(false);
         }
@@ -235,168 +305,381 @@ impl BulkLoad<'_> {
         if meta_u64(&txn.open_table(META)?, META_FEED_SEQ)? != self.began {
             return Ok(false); // dropping `txn` aborts it
         }
-        let mut written = 0u64;
-        let docs = self.render_documents()?;
-        for (slot, kind) in EntityKind::ALL.into_iter().enumerate() {
-            let mut rows: Vec<(Id, &[u8])> = self.entities[slot]
-                .iter()
-                .map(|(k, v)| (*k, v.as_slice()))
-                .collect();
-            rows.sort_unstable_by_key(|r| r.0);
-            insert_sorted(
-                &txn,
-                super::schema::entity_table(kind),
-                &rows,
-                &mut written,
-                progress,
-            )?;
-            let mut rows = self.by_school[slot].clone();
-            rows.sort_unstable_by_key(|r| r.0);
-            insert_sorted(&txn, INDEXES[slot], &rows, &mut written, progress)?;
+        let dir = self.spill_dir.clone();
+        let read = |e| read_error(&dir, e);
+        let mut w = Written { rows: 0, progress };
+        let mut classes: Vec<(&Id, &Vec<u8>)> = self.classes.iter().collect();
+        classes.sort_unstable_by_key(|c| *c.0);
+        let classes = classes.into_iter().map(Ok::<_, std::io::Error>);
+        w.insert(&txn, CLASSES, classes, read, |t, (k, v)| {
+            t.insert(k, v.as_slice()).map(drop)
+        })?;
+        let rows = self.assignments.sorted().map_err(read)?;
+        w.insert(&txn, ASSIGNMENTS, rows, read, |t, (k, v)| {
+            t.insert(k, v.as_slice()).map(drop)
+        })?;
+        for (slot, rows) in self.by_school.iter_mut().enumerate() {
+            let rows = rows.sorted().map_err(read)?;
+            w.insert(&txn, INDEXES[slot], rows, read, |t, (k, ())| {
+                t.insert(k, ()).map(drop)
+            })?;
         }
-        let mut rows = self.by_teacher.clone();
-        rows.sort_unstable_by_key(|r| r.0);
-        insert_sorted(&txn, ASSIGNMENT_BY_TEACHER, &rows, &mut written, progress)?;
-        let mut rows = self.by_class.clone();
-        rows.sort_unstable_by_key(|r| r.0);
-        insert_sorted(&txn, ASSIGNMENT_BY_CLASS, &rows, &mut written, progress)?;
-        let mut rows = self.log.clone();
-        rows.sort_unstable_by_key(|r| r.0);
-        insert_sorted(&txn, FEED_LOG, &rows, &mut written, progress)?;
-        let mut rows: Vec<((u8, Id), &[u8])> = self
-            .entries
-            .iter()
-            .map(|(k, v)| (*k, v.as_slice()))
-            .collect();
-        rows.sort_unstable_by_key(|r| r.0);
-        insert_sorted(&txn, FEED_ENTRIES, &rows, &mut written, progress)?;
-        let rows: Vec<(Id, &[u8])> = docs.iter().map(|(k, v)| (*k, v.as_slice())).collect();
-        insert_sorted(&txn, TEACHER_DOCS, &rows, &mut written, progress)?;
+        let rows = self.by_class.sorted().map_err(read)?;
+        w.insert(&txn, ASSIGNMENT_BY_CLASS, rows, read, |t, (k, v)| {
+            t.insert(k, v).map(drop)
+        })?;
+        let rows = self.log.sorted().map_err(read)?;
+        w.insert(&txn, FEED_LOG, rows, read, |t, (k, v)| t.insert(k, v).map(drop))?;
+        let rows = self.entries.sorted().map_err(read)?;
+        w.insert(&txn, FEED_ENTRIES, rows, read, |t, (k, v)| {
+            t.insert(k, v.as_slice()).map(drop)
+        })?;
+        self.write_teachers(&txn, &mut w, read)?;
         write_seq(&txn, self.seq)?;
         add_counters(&txn, &[(counter::RESYNC_APPLIED, self.applied)])?;
         if let Some(w) = self.watermark {
             raise_watermark(&txn, w)?;
         }
-        let mut schools: Vec<Id> = self.log.iter().map(|((school, _), _)| *school).collect();
+        let mut schools: Vec<Id> = self.schools.iter().copied().collect();
         schools.sort_unstable();
-        schools.dedup();
         txn.commit()?;
         self.store.committed(self.seq, schools);
         Ok(true)
     }
 
-    /// Every teacher's document, in teacher order, rendered from the rows
-    /// as `assemble` renders it from the tables (there are no tombstones:
-    /// a class not loaded is unknown, not deleted).
-    fn render_documents(&self) -> Result<Vec<(Id, Vec<u8>)>> {
-        let slot = |k| kind_slot(k);
-        let classes: HashMap<Id, &[u8]> = self.entities[slot(EntityKind::Class)]
-            .iter()
-            .map(|(k, v)| (*k, v.as_slice()))
-            .collect();
-        let assignments: HashMap<Id, &[u8]> = self.entities[slot(EntityKind::Assignment)]
-            .iter()
-            .map(|(k, v)| (*k, v.as_slice()))
-            .collect();
-        let mut by_teacher: Vec<(Id, Id)> = self.by_teacher.iter().map(|(k, ())| *k).collect();
-        by_teacher.sort_unstable();
-        let mut teachers: Vec<(Id, &[u8])> = self.entities[slot(EntityKind::Teacher)]
-            .iter()
-            .map(|(k, v)| (*k, v.as_slice()))
-            .collect();
-        teachers.sort_unstable_by_key(|t| t.0);
-        let render = |part: &[(Id, &[u8])]| -> Result<Vec<(Id, Vec<u8>)>> {
-            let mut out = Vec::with_capacity(part.len());
-            for &(id, value) in part {
-                let teacher = match decode_record(id, value)? {
-                    Record {
-                        data: Entity::Teacher(t),
-                        key,
-                        last_synced_at,
-                        source,
-                    } => Record {
-                        data: t,
-                        key,
-                        last_synced_at,
-                        source,
-                    },
-                    _ => continue,
-                };
-                let from = by_teacher.partition_point(|&(t, _)| t < id);
-                let mut found = Vec::new();
-                for &(_, assignment_id) in by_teacher[from..].iter().take_while(|(t, _)| *t == id) {
-                    let record = decode_record(assignment_id, assignments[&assignment_id])?;
-                    let Entity::Assignment(a) = record.data else {
-                        continue;
-                    };
-                    let class_id = a.class_id.as_u128();
-                    let class = match classes.get(&class_id) {
-                        Some(v) => match decode_record(class_id, v)? {
-                            Record {
-                                data: Entity::Class(c),
-                                key,
-                                last_synced_at,
-                                source,
-                            } => ClassLookup::Live(Record {
-                                data: c,
-                                key,
-                                last_synced_at,
-                                source,
-                            }),
-                            _ => ClassLookup::Unknown,
-                        },
-                        None => ClassLookup::Unknown,
-                    };
-                    let assignment = Record {
-                        data: a,
-                        key: record.key,
-                        last_synced_at: record.last_synced_at,
-                        source: record.source,
-                    };
-                    found.push((assignment, class));
+    /// Writes the teachers, the by-teacher index and every teacher's
+    /// document, rendered from the rows as `assemble` renders it from the
+    /// tables (there are no tombstones: a class not loaded is unknown, not
+    /// deleted). One pass over both in teacher order.
+    fn write_teachers(
+        &mut self,
+        txn: &WriteTransaction,
+        w: &mut Written,
+        read: impl Fn(std::io::Error) -> StoreError,
+    ) -> Result<()> {
+        let mut teachers_table = txn.open_table(TEACHERS)?;
+        let mut index = txn.open_table(ASSIGNMENT_BY_TEACHER)?;
+        let mut docs = txn.open_table(TEACHER_DOCS)?;
+        let classes = &self.classes;
+        let mut teachers = self.teachers.sorted().map_err(&read)?;
+        let mut assignments = self.by_teacher.sorted().map_err(&read)?.peekable();
+        let mut chunk: Vec<Job> = Vec::with_capacity(RENDER_CHUNK);
+        loop {
+            let next = teachers.next().transpose().map_err(&read)?;
+            let Some((id, record)) = next else { break };
+            teachers_table.insert(id, record.as_slice())?;
+            w.count();
+            let mut own = Vec::new();
+            // An error is taken too, to fail at once.
+            while let Some(row) = assignments.next_if(|row| !row.as_ref().is_ok_and(|r| r.0 .0 > id))
+            {
+                let ((teacher, assignment), record) = row.map_err(&read)?;
+                index.insert((teacher, assignment), ())?;
+                w.count();
+                if teacher == id {
+                    own.push((assignment, record));
                 }
-                let detail = assemble_teacher_detail(teacher, found);
-                out.push((id, encode_doc(&crate::domain::detail::render(&detail))));
             }
-            Ok(out)
-        };
-        // Two cores' worth: rendering and compressing is most of the CPU
-        // time of a bulk load.
-        let (first, second) = teachers.split_at(teachers.len() / 2);
-        let (a, b) = std::thread::scope(|s| {
-            let other = s.spawn(|| render(second));
-            let mine = render(first);
-            (mine, other.join().expect("rendering documents panicked"))
-        });
-        let mut docs = a?;
-        docs.extend(b?);
-        Ok(docs)
+            chunk.push((id, record, own));
+            if chunk.len() == RENDER_CHUNK {
+                insert_docs(&mut docs, render_chunk(&chunk, classes)?)?;
+                chunk.clear();
+            }
+        }
+        insert_docs(&mut docs, render_chunk(&chunk, classes)?)?;
+        for row in assignments {
+            let ((teacher, assignment), _) = row.map_err(&read)?;
+            index.insert((teacher, assignment), ())?;
+            w.count();
+        }
+        (w.progress)(w.rows);
+        Ok(())
     }
 }
 
-/// Inserts rows sorted by key into an empty table, in that order (see the
-/// module documentation).
-fn insert_sorted<K, V>(
-    txn: &WriteTransaction,
-    def: TableDefinition<K, V>,
-    rows: &[(K::SelfType<'_>, V::SelfType<'_>)],
-    written: &mut u64,
-    progress: &mut dyn FnMut(u64),
-) -> Result<()>
-where
-    K: Key + 'static,
-    V: Value + 'static,
-    for<'a> K::SelfType<'a>: Copy,
-    for<'a> V::SelfType<'a>: Copy,
-{
-    let mut table: Table<K, V> = txn.open_table(def)?;
-    for (k, v) in rows {
-        table.insert(*k, *v)?;
-        *written += 1;
-        if written.is_multiple_of(100_000) {
-            progress(*written);
+/// A teacher to render: its id and record, and its assignments' ids and
+/// records in id order.
+type Job = (Id, Vec<u8>, Vec<(Id, Vec<u8>)>);
+
+/// The documents of `chunk`, in its order, rendered on two threads:
+/// rendering and compressing is most of the CPU time of a bulk load.
+fn render_chunk(chunk: &[Job], classes: &HashMap<Id, Vec<u8>>) -> Result<Vec<(Id, Vec<u8>)>> {
+    let render = |part: &[Job]| -> Result<Vec<(Id, Vec<u8>)>> {
+        let mut out = Vec::with_capacity(part.len());
+        for (id, teacher, assignments) in part {
+            if let Some(doc) = render_one(*id, teacher, assignments, classes)? {
+                out.push((*id, doc));
+            }
+        }
+        Ok(out)
+    };
+    let (first, second) = chunk.split_at(chunk.len() / 2);
+    let (a, b) = std::thread::scope(|s| {
+        let other = s.spawn(|| render(second));
+        let mine = render(first);
+        (mine, other.join().expect("rendering documents panicked"))
+    });
+    let mut docs = a?;
+    docs.extend(b?);
+    Ok(docs)
+}
+
+fn insert_docs(table: &mut Table<Id, &[u8]>, docs: Vec<(Id, Vec<u8>)>) -> Result<()> {
+    for (id, doc) in docs {
+        table.insert(id, doc.as_slice())?;
+    }
+    Ok(())
+}
+
+/// One teacher's document, encoded; `None` if `teacher` is not a teacher's
+/// record.
+fn render_one(
+    id: Id,
+    teacher: &[u8],
+    assignments: &[(Id, Vec<u8>)],
+    classes: &HashMap<Id, Vec<u8>>,
+) -> Result<Option<Vec<u8>>> {
+    let Record {
+        data: Entity::Teacher(data),
+        key,
+        last_synced_at,
+        source,
+    } = decode_record(id, teacher)?
+    else {
+        return Ok(None);
+    };
+    let teacher = Record {
+        data,
+        key,
+        last_synced_at,
+        source,
+    };
+    let mut found = Vec::with_capacity(assignments.len());
+    for (assignment_id, value) in assignments {
+        let record = decode_record(*assignment_id, value)?;
+        let Entity::Assignment(a) = record.data else {
+            continue;
+        };
+        let class_id = a.class_id.as_u128();
+        let class = match classes.get(&class_id) {
+            Some(v) => match decode_record(class_id, v)? {
+                Record {
+                    data: Entity::Class(c),
+                    key,
+                    last_synced_at,
+                    source,
+                } => ClassLookup::Live(Record {
+                    data: c,
+                    key,
+                    last_synced_at,
+                    source,
+                }),
+                _ => ClassLookup::Unknown,
+            },
+            None => ClassLookup::Unknown,
+        };
+        let assignment = Record {
+            data: a,
+            key: record.key,
+            last_synced_at: record.last_synced_at,
+            source: record.source,
+        };
+        found.push((assignment, class));
+    }
+    let detail = assemble_teacher_detail(teacher, found);
+    Ok(Some(encode_doc(&crate::domain::detail::render(&detail))))
+}
+
+/// Rows written so far, told to the import's progress every 100,000.
+struct Written<'a> {
+    rows: u64,
+    progress: &'a mut dyn FnMut(u64),
+}
+
+impl Written<'_> {
+    fn count(&mut self) {
+        self.rows += 1;
+        if self.rows.is_multiple_of(100_000) {
+            (self.progress)(self.rows);
         }
     }
-    progress(*written);
-    Ok(())
+
+    /// Inserts rows sorted by key into an empty table, in that order (see
+    /// the module documentation).
+    fn insert<K, V, T>(
+        &mut self,
+        txn: &WriteTransaction,
+        def: TableDefinition<K, V>,
+        rows: impl Iterator<Item = std::io::Result<T>>,
+        read: impl Fn(std::io::Error) -> StoreError,
+        mut put: impl FnMut(&mut Table<K, V>, T) -> std::result::Result<(), redb::StorageError>,
+    ) -> Result<()>
+    where
+        K: Key + 'static,
+        V: Value + 'static,
+    {
+        let mut table: Table<K, V> = txn.open_table(def)?;
+        for row in rows {
+            put(&mut table, row.map_err(&read)?)?;
+            self.count();
+        }
+        (self.progress)(self.rows);
+        Ok(())
+    }
+}
+
+fn read_error(dir: &std::path::Path, e: std::io::Error) -> StoreError {
+    StoreError::TempFile(format!(
+        "cannot read the import's sorted rows back from a temporary file in {}: {e}",
+        dir.display()
+    ))
+}
+
+/// What [`BulkLoad`] counts of a table's rows.
+trait Rows {
+    /// Rows added.
+    fn len(&self) -> u64;
+    /// … of which held in memory.
+    fn in_memory(&self) -> u64;
+}
+
+/// The rows of one table, sorted by key when they are read: held in
+/// memory until [`Sorter::spill`] writes them to a temporary file as a
+/// sorted run; [`Sorter::sorted`] merges the runs and what is in memory.
+struct Sorter<K, V> {
+    rows: Vec<(K, V)>,
+    /// Each sorted, with its number of rows.
+    runs: Vec<(File, u64)>,
+    spilled: u64,
+}
+
+impl<K, V> Default for Sorter<K, V> {
+    fn default() -> Self {
+        Sorter {
+            rows: Vec::new(),
+            runs: Vec::new(),
+            spilled: 0,
+        }
+    }
+}
+
+impl<K, V> Rows for Sorter<K, V> {
+    fn len(&self) -> u64 {
+        self.spilled + self.rows.len() as u64
+    }
+
+    fn in_memory(&self) -> u64 {
+        self.rows.len() as u64
+    }
+}
+
+const RUN_CONFIG: bincode::config::Configuration = bincode::config::standard();
+
+impl<K, V> Sorter<K, V>
+where
+    K: Ord + Copy + Serialize + DeserializeOwned,
+    V: Clone + Serialize + DeserializeOwned,
+{
+    fn push(&mut self, key: K, value: V) {
+        self.rows.push((key, value));
+    }
+
+    /// Writes the rows in memory, sorted, to an unnamed temporary file in
+    /// `dir` (gone when it is closed, also after a crash).
+    fn spill(&mut self, dir: &std::path::Path) -> std::io::Result<()> {
+        if self.rows.is_empty() {
+            return Ok(());
+        }
+        self.rows.sort_unstable_by_key(|r| r.0);
+        let file = tempfile::tempfile_in(dir)?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        for row in &self.rows {
+            bincode::serde::encode_into_std_write(row, &mut out, RUN_CONFIG)
+                .map_err(std::io::Error::other)?;
+        }
+        out.flush()?;
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        let n = self.rows.len() as u64;
+        self.runs.push((file, n));
+        self.spilled += n;
+        self.rows = Vec::new();
+        Ok(())
+    }
+
+    /// Every row, in key order.
+    fn sorted(&mut self) -> std::io::Result<Merge<'_, K, V>> {
+        self.rows.sort_unstable_by_key(|r| r.0);
+        let mut runs = Vec::with_capacity(self.runs.len());
+        for (file, n) in &self.runs {
+            let mut file = file.try_clone()?;
+            file.rewind()?;
+            runs.push((BufReader::with_capacity(1 << 16, file), *n));
+        }
+        let mut merge = Merge {
+            memory: self.rows.iter(),
+            runs,
+            heads: Vec::new(),
+            heap: BinaryHeap::new(),
+        };
+        for source in 0..=merge.runs.len() {
+            let head = merge.read(source)?;
+            if let Some((key, _)) = &head {
+                merge.heap.push(Reverse((*key, source)));
+            }
+            merge.heads.push(head);
+        }
+        Ok(merge)
+    }
+}
+
+/// A k-way merge of sorted rows: those in memory (source 0) and each
+/// spilled run (source 1 + its index).
+struct Merge<'a, K, V> {
+    memory: std::slice::Iter<'a, (K, V)>,
+    runs: Vec<(BufReader<File>, u64)>,
+    heads: Vec<Option<(K, V)>>,
+    heap: BinaryHeap<Reverse<(K, usize)>>,
+}
+
+impl<K, V> Merge<'_, K, V>
+where
+    K: Ord + Copy + DeserializeOwned,
+    V: Clone + DeserializeOwned,
+{
+    fn read(&mut self, source: usize) -> std::io::Result<Option<(K, V)>> {
+        if source == 0 {
+            return Ok(self.memory.next().cloned());
+        }
+        let (file, left) = &mut self.runs[source - 1];
+        if *left == 0 {
+            return Ok(None);
+        }
+        *left -= 1;
+        bincode::serde::decode_from_std_read(file, RUN_CONFIG)
+            .map(Some)
+            .map_err(std::io::Error::other)
+    }
+}
+
+impl<K, V> Iterator for Merge<'_, K, V>
+where
+    K: Ord + Copy + DeserializeOwned,
+    V: Clone + DeserializeOwned,
+{
+    type Item = std::io::Result<(K, V)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let Reverse((_, source)) = self.heap.pop()?;
+        let row = self.heads[source].take().expect("a head for every key in the heap");
+        match self.read(source) {
+            Ok(head) => {
+                if let Some((key, _)) = &head {
+                    self.heap.push(Reverse((*key, source)));
+                }
+                self.heads[source] = head;
+                Some(Ok(row))
+            }
+            Err(e) => Some(Err(e)),
+        }
+    }
 }

@@ -129,6 +129,10 @@ pub enum StoreError {
     Refused { index: usize, reason: String },
     #[error("store I/O failed: {0}")]
     Db(#[from] redb::Error),
+    /// A bulk load's temporary files (its sorted runs) could not be
+    /// written or read back; the store was not changed.
+    #[error("{0}")]
+    TempFile(String),
     /// The failure [`Store::fail_next_commit`] asks for.
     #[cfg(feature = "fault-injection")]
     #[error("injected fault before commit (test hook)")]
@@ -252,15 +256,15 @@ pub struct StoreOptions {
     /// beyond this, in the same transaction.
     pub dead_letter_max_count: u64,
     /// Rows an import collects in memory for a bulk load at most
-    /// ([`BULK_LOAD_MAX_ROWS`] by default): past that the bulk load is
-    /// written and the rest of the file is reconciled the normal way.
+    /// ([`BULK_LOAD_MAX_ROWS`] by default): past that they are sorted into
+    /// a temporary file beside the store and merged at the end.
     pub bulk_load_max_rows: u64,
 }
 
-/// About two and a half provinces of the generator's size (a province is
-/// ~6.5 million rows, ~1.1 GiB of peak memory while it is bulk loaded): a
-/// national file does not have to fit in memory.
-pub const BULK_LOAD_MAX_ROWS: u64 = 16_000_000;
+/// More than a province of the generator's size (a province is ~6.5
+/// million rows, ~1.1 GiB of peak memory while it is bulk loaded): a
+/// province is loaded in memory, a national file spills sorted runs.
+pub const BULK_LOAD_MAX_ROWS: u64 = 8_000_000;
 
 impl Default for StoreOptions {
     fn default() -> Self {

@@ -693,8 +693,8 @@ fn an_import_into_an_empty_store_gives_the_same_store_as_reconciling() {
     let mut twice = file.clone();
     twice.extend(first.join(&b'\n'));
     twice.push(b'\n');
-    // A bulk load that reaches `bulk_load_max_rows` is written there (the
-    // rest of a larger file would be reconciled): the same store again.
+    // A bulk load past `bulk_load_max_rows` rows in memory sorts them into
+    // a temporary file and merges it at the end: the same store again.
     let dir = tempfile::tempdir().unwrap();
     let full = emis_edge::store::StoreOptions {
         bulk_load_max_rows: 1,
@@ -744,6 +744,65 @@ fn an_import_into_an_empty_store_gives_the_same_store_as_reconciling() {
         assert!(a["feed"].as_array().unwrap().len() > 100);
         assert_eq!(a, b);
     }
+}
+
+/// A bulk load that spills sorted runs to temporary files (each school
+/// here: `bulk_load_max_rows` is 1), with the last school's rows still in
+/// memory, merges them into the same store as reconciling the same
+/// batches, every document rendered, and leaves no file behind.
+#[test]
+fn a_bulk_load_merges_its_spilled_runs_into_the_same_store() {
+    let p = emis_edge::gen::Province::new(emis_edge::gen::Spec::scale("tiny", 1).unwrap());
+    let mut file = Vec::new();
+    p.write_snapshot(&mut file, |_| {}).unwrap();
+    let mut reader = emis_edge::domain::SnapshotReader::new();
+    let schools: Vec<_> = file
+        .split(|b| *b == b'\n')
+        .filter_map(|l| reader.feed(l))
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(schools.len(), 3);
+    let dir = tempfile::tempdir().unwrap();
+    let options = emis_edge::store::StoreOptions {
+        bulk_load_max_rows: 1,
+        ..Default::default()
+    };
+    let bulk = emis_edge::store::Store::open(&dir.path().join("s.redb"), &options).unwrap();
+    let mut load = bulk
+        .bulk_load(T0, emis_edge::domain::SyncSource::Import)
+        .unwrap()
+        .unwrap();
+    for (i, school) in schools.iter().enumerate() {
+        load.add(std::slice::from_ref(school)).unwrap();
+        if i + 1 < schools.len() {
+            assert!(load.spill_if_full().unwrap(), "school {i} spilled");
+        }
+    }
+    let rows = load.rows();
+    let mut told = 0;
+    load.finish(|n| told = n).unwrap();
+    assert_eq!(told, rows, "progress ends at every row written");
+    assert_eq!(bulk.read().unwrap().pending_docs().unwrap(), 0);
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["s.redb"], "no temporary file left beside the store");
+    let normal = emis_edge::store::Store::open_in_memory().unwrap();
+    for school in &schools {
+        normal
+            .reconcile_many(
+                std::slice::from_ref(school),
+                T0,
+                emis_edge::domain::SyncSource::Import,
+                false,
+            )
+            .unwrap();
+    }
+    while normal.materialize(1000, T0).unwrap() > 0 {}
+    let (a, b) = (everything(&bulk, &p), everything(&normal, &p));
+    assert!(a["feed"].as_array().unwrap().len() > 100);
+    assert_eq!(a, b);
 }
 
 /// A bulk load is not written over changes the store took while it was
