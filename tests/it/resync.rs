@@ -805,6 +805,39 @@ fn a_bulk_load_merges_its_spilled_runs_into_the_same_store() {
     assert_eq!(a, b);
 }
 
+/// When the sorted runs cannot be written (here the store's directory is
+/// gone; a full disk is the same), the import fails naming the directory,
+/// and the store stays empty.
+#[test]
+fn a_bulk_load_that_cannot_spill_fails_naming_the_directory() {
+    let p = emis_edge::gen::Province::new(emis_edge::gen::Spec::scale("tiny", 1).unwrap());
+    let mut file = Vec::new();
+    p.write_snapshot(&mut file, |_| {}).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gone = dir.path().join("gone");
+    std::fs::create_dir(&gone).unwrap();
+    let options = emis_edge::store::StoreOptions {
+        bulk_load_max_rows: 1,
+        ..Default::default()
+    };
+    let store = emis_edge::store::Store::open(&gone.join("s.redb"), &options).unwrap();
+    std::fs::remove_dir_all(&gone).unwrap();
+    let error = resync::import(
+        &store,
+        &emis_edge::config::SchoolFilter::All,
+        emis_edge::domain::FutureSkew::DEFAULT,
+        file.as_slice(),
+        T0,
+        |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("temporary file"), "{error}");
+    assert!(error.contains(&gone.display().to_string()), "{error}");
+    let r = store.read().unwrap();
+    assert_eq!(r.stats().unwrap().teachers, 0, "nothing written");
+}
+
 /// A bulk load is not written over changes the store took while it was
 /// collected (a running node's ingest during an import into its empty
 /// store): it fails saying to import again, writing nothing, and the
