@@ -544,8 +544,7 @@ pub enum ImportProgress {
 /// naming it, after reading at most that much of it: a file that is not a
 /// snapshot (one 1 GiB line, say) fails fast, in bounded memory. Schools
 /// committed before stay; the ones read since the last commit do not (in a
-/// bulk load, that is all of them since the bulk load began: it commits
-/// when full or at the end).
+/// bulk load, that is all of them: it commits once, at the end).
 pub fn import(
     store: &Store,
     filter: &SchoolFilter,
