@@ -1033,3 +1033,58 @@ fn an_import_with_a_huge_line_fails_fast_naming_it_in_bounded_memory() {
     .unwrap();
     assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+
+    /// The bulk load's claim, for any data set, any batching of its
+    /// schools and any point at which rows spill to sorted runs: the store
+    /// it writes is the one reconciling the same batches makes.
+    #[test]
+    fn any_batching_and_any_spill_point_give_the_store_reconciling_gives(
+        seed in 1u64..1_000,
+        cuts in proptest::collection::vec(proptest::bool::ANY, 3),
+        max_rows in 1u64..600,
+    ) {
+        let p = emis_edge::gen::Province::new(emis_edge::gen::Spec::scale("tiny", seed).unwrap());
+        let mut file = Vec::new();
+        p.write_snapshot(&mut file, |_| {}).unwrap();
+        let mut reader = emis_edge::domain::SnapshotReader::new();
+        let schools: Vec<_> = file
+            .split(|b| *b == b'\n')
+            .filter_map(|l| reader.feed(l))
+            .map(Result::unwrap)
+            .collect();
+        // Cut the schools into batches where `cuts` says (cycling).
+        let mut batches: Vec<Vec<_>> = vec![Vec::new()];
+        for (i, school) in schools.into_iter().enumerate() {
+            if cuts[i % cuts.len()] && !batches.last().unwrap().is_empty() {
+                batches.push(Vec::new());
+            }
+            batches.last_mut().unwrap().push(school);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let options = emis_edge::store::StoreOptions {
+            bulk_load_max_rows: max_rows,
+            ..Default::default()
+        };
+        let bulk = emis_edge::store::Store::open(&dir.path().join("s.redb"), &options).unwrap();
+        let mut load = bulk
+            .bulk_load(T0, emis_edge::domain::SyncSource::Import)
+            .unwrap()
+            .unwrap();
+        let normal = emis_edge::store::Store::open_in_memory().unwrap();
+        for batch in &batches {
+            let a = load.add(batch).unwrap();
+            load.spill_if_full().unwrap();
+            let b = normal
+                .reconcile_many(batch, T0, emis_edge::domain::SyncSource::Import, false)
+                .unwrap();
+            proptest::prop_assert_eq!(format!("{a:?}"), format!("{b:?}"));
+        }
+        load.finish(|_| {}).unwrap();
+        while normal.materialize(1000, T0).unwrap() > 0 {}
+        proptest::prop_assert_eq!(bulk.read().unwrap().pending_docs().unwrap(), 0);
+        proptest::prop_assert_eq!(everything(&bulk, &p), everything(&normal, &p));
+    }
+}
