@@ -310,12 +310,28 @@ impl<'t> WriteTables<'t> {
         // The teachers (old and new) whose documents an assignment change
         // touches.
         let mut stale_docs: Vec<Id> = Vec::new();
-        if let Some(old) = &live {
-            self.by_school[kind_slot(kind)].remove((old.data.school_id().as_u128(), id))?;
-            if let Entity::Assignment(a) = &old.data {
-                self.by_teacher.remove((a.teacher_id.as_u128(), id))?;
-                self.by_class.remove((a.class_id.as_u128(), id))?;
-                stale_docs.push(a.teacher_id.as_u128());
+        // The index entries of the old and the new version: an update that
+        // keeps an entry (the same school, teacher or class: most updates)
+        // leaves it alone instead of removing and inserting it again.
+        let old_keys = live.as_ref().map(|old| IndexKeys::of(&old.data, id));
+        let new_keys = match change {
+            Change::Upsert(entity) => Some(IndexKeys::of(entity, id)),
+            Change::Delete { .. } => None,
+        };
+        if let Some(old) = &old_keys {
+            let new = new_keys.as_ref();
+            if new.map(|n| n.school) != Some(old.school) {
+                self.by_school[kind_slot(kind)].remove(old.school)?;
+            }
+            if let Some((teacher, class)) = old.assignment {
+                let new = new.and_then(|n| n.assignment);
+                if new.map(|n| n.0) != Some(teacher) {
+                    self.by_teacher.remove(teacher)?;
+                }
+                if new != Some((teacher, class)) {
+                    self.by_class.remove(class)?;
+                }
+                stale_docs.push(teacher.0);
             }
         }
         match change {
@@ -330,12 +346,20 @@ impl<'t> WriteTables<'t> {
                 if live.is_none() {
                     self.tombstones.remove((kind.code(), id))?;
                 }
-                self.by_school[kind_slot(kind)].insert((entity.school_id().as_u128(), id), ())?;
-                if let Entity::Assignment(a) = entity {
-                    self.by_teacher.insert((a.teacher_id.as_u128(), id), ())?;
-                    self.by_class
-                        .insert((a.class_id.as_u128(), id), a.teacher_id.as_u128())?;
-                    stale_docs.push(a.teacher_id.as_u128());
+                let new = new_keys.expect("an upsert's index entries");
+                let old = old_keys.as_ref();
+                if old.map(|o| o.school) != Some(new.school) {
+                    self.by_school[kind_slot(kind)].insert(new.school, ())?;
+                }
+                if let Some((teacher, class)) = new.assignment {
+                    let old = old.and_then(|o| o.assignment);
+                    if old.map(|o| o.0) != Some(teacher) {
+                        self.by_teacher.insert(teacher, ())?;
+                    }
+                    if old != Some((teacher, class)) {
+                        self.by_class.insert(class, teacher.0)?;
+                    }
+                    stale_docs.push(teacher.0);
                 }
             }
             Change::Delete { school_id, .. } => {
@@ -367,5 +391,28 @@ impl<'t> WriteTables<'t> {
             None => self.log.record(kind, id, &[school])?,
         }
         Ok(true)
+    }
+}
+
+/// The keys of an entity's entries in the by-school index and, for an
+/// assignment, the by-teacher and by-class indexes (the latter's value is
+/// the teacher: `(class, id)` with `teacher.0`).
+struct IndexKeys {
+    school: (Id, Id),
+    /// (teacher, id), (class, id).
+    assignment: Option<((Id, Id), (Id, Id))>,
+}
+
+impl IndexKeys {
+    fn of(entity: &Entity, id: Id) -> IndexKeys {
+        IndexKeys {
+            school: (entity.school_id().as_u128(), id),
+            assignment: match entity {
+                Entity::Assignment(a) => {
+                    Some(((a.teacher_id.as_u128(), id), (a.class_id.as_u128(), id)))
+                }
+                _ => None,
+            },
+        }
     }
 }
