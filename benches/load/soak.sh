@@ -17,6 +17,8 @@
 # `serve` from that binary (the import and the change generator still use
 # the release build); the node is stopped with SIGTERM at the end and
 # writes $OUT/dhat-heap.json (open it in dhat's viewer, dh_view.html).
+# NODE_BIN=<a binary built with --features cache-metrics> adds a column:
+# the bytes redb's page cache holds at the end of each window.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=benches/load/lib.sh
@@ -94,9 +96,11 @@ say "# Soak, scale \`$SCALE\`, $(date -u +%FT%TZ)"
 say ""
 say "$RATE changes/s through tansu (0.5 % malformed) and $READ_CONNS read connections each pausing ${READ_DELAY_MS} ms between requests, for $SOAK_SECS s; store.cache_mb = $CACHE_MB; $(nproc) cores."
 say ""
-say "| t (s) | RSS median (MiB) | RSS max | reads/s | read p50 | read p99 | events applied (total) | lag |"
-say "|---|---|---|---|---|---|---|---|"
+say "| t (s) | RSS median (MiB) | RSS max | redb cache (MiB) | reads/s | read p50 | read p99 | events applied (total) | lag |"
+say "|---|---|---|---|---|---|---|---|---|"
 metric() { curl -s "$BASE/metrics" | awk -v m="$1" '$1 ~ "^"m {s+=$2} END{printf "%d", s}'; }
+# Only a binary built with the cache-metrics feature reports it.
+cache_mib() { curl -s "$BASE/metrics" | awk '$1=="emis_edge_store_cache_bytes"{printf "%.0f", $2/1048576; f=1} END{if(!f) printf "—"}'; }
 # Resident memory swings by tens of MiB within seconds (a write
 # transaction's dirty pages are allocated and freed per batch), so one
 # sample per window says little: rss_window SECS samples it once a second
@@ -126,7 +130,7 @@ while :; do
   applied=$(metric 'emis_edge_events_total\{outcome="applied"')
   lag=$(metric 'emis_edge_partition_lag')
   t=$(($(date +%s) - start))
-  say "| $t | $rss | $rss_max | $rps | $p50 | $p99 | $applied | $lag |"
+  say "| $t | $rss | $rss_max | $(cache_mib) | $rps | $p50 | $p99 | $applied | $lag |"
   if [[ -z $warm_rss ]] && ((t >= WARMUP_SECS)); then warm_rss=$rss; fi
   if [[ -n $warm_rss ]] && ((rss_max > ${max_rss:-0})); then max_rss=$rss_max; fi
 done
@@ -139,11 +143,11 @@ while (($(metric 'emis_edge_partition_lag') > 0)) && (($(date +%s) - caught_up <
 say ""
 say "After the load (changes stopped, lag $(metric 'emis_edge_partition_lag') after $(($(date +%s) - caught_up)) s):"
 say ""
-say "| t after (s) | RSS median (MiB) | RSS max |"
-say "|---|---|---|"
+say "| t after (s) | RSS median (MiB) | RSS max | redb cache (MiB) |"
+say "|---|---|---|---|"
 for ((t = 10; t <= AFTER_SECS; t += 10)); do
   rss_window 10
-  say "| $t | $rss | $rss_max |"
+  say "| $t | $rss | $rss_max | $(cache_mib) |"
 done
 after_rss=$rss
 say ""

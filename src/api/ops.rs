@@ -500,6 +500,15 @@ impl Collector for NodeCollector {
                 bare(allocated as f64),
             )?;
         }
+        #[cfg(feature = "cache-metrics")]
+        if let Some(bytes) = s.store.cache_bytes() {
+            gauge(
+                &mut encoder,
+                "store_cache_bytes",
+                "Bytes redb's page cache and write buffer hold (bounded by store.cache_mb)",
+                bare(bytes as f64),
+            )?;
+        }
         // As last measured by the `space` worker: a walk of every page is
         // not for a scrape.
         if let Some(space) = s.store.space() {

@@ -147,6 +147,16 @@ impl Store {
         Ok(space)
     }
 
+    /// The bytes redb's page cache and write buffer hold now (bounded by
+    /// `store.cache_mb`), in a build with the `cache-metrics` feature;
+    /// `None` while the store is being reopened.
+    #[cfg(feature = "cache-metrics")]
+    pub fn cache_bytes(&self) -> Option<u64> {
+        use redb::ReadableDatabase;
+        let handle = self.reader_db(std::time::Duration::ZERO).ok()?;
+        Some(handle.db.cache_stats().used_bytes() as u64)
+    }
+
     /// The last [`Store::measure_space`], if any: free to read.
     pub fn space(&self) -> Option<Arc<StoreSpace>> {
         self.space
