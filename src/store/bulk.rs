@@ -329,7 +329,9 @@ impl BulkLoad<'_> {
             t.insert(k, v).map(drop)
         })?;
         let rows = self.log.sorted().map_err(read)?;
-        w.insert(&txn, FEED_LOG, rows, read, |t, (k, v)| t.insert(k, v).map(drop))?;
+        w.insert(&txn, FEED_LOG, rows, read, |t, (k, v)| {
+            t.insert(k, v).map(drop)
+        })?;
         let rows = self.entries.sorted().map_err(read)?;
         w.insert(&txn, FEED_ENTRIES, rows, read, |t, (k, v)| {
             t.insert(k, v.as_slice()).map(drop)
@@ -371,7 +373,8 @@ impl BulkLoad<'_> {
             w.count();
             let mut own = Vec::new();
             // An error is taken too, to fail at once.
-            while let Some(row) = assignments.next_if(|row| !row.as_ref().is_ok_and(|r| r.0 .0 > id))
+            while let Some(row) =
+                assignments.next_if(|row| !row.as_ref().is_ok_and(|r| r.0 .0 > id))
             {
                 let ((teacher, assignment), record) = row.map_err(&read)?;
                 index.insert((teacher, assignment), ())?;
@@ -670,7 +673,9 @@ where
 
     fn next(&mut self) -> Option<Self::Item> {
         let Reverse((_, source)) = self.heap.pop()?;
-        let row = self.heads[source].take().expect("a head for every key in the heap");
+        let row = self.heads[source]
+            .take()
+            .expect("a head for every key in the heap");
         match self.read(source) {
             Ok(head) => {
                 if let Some((key, _)) = &head {
