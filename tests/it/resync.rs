@@ -678,11 +678,46 @@ fn everything(store: &emis_edge::store::Store, p: &emis_edge::gen::Province) -> 
     })
 }
 
-#[test]
-fn an_import_into_an_empty_store_gives_the_same_store_as_reconciling() {
-    let p = emis_edge::gen::Province::new(emis_edge::gen::Spec::scale("tiny", 1).unwrap());
+/// The generator's tiny data set of `seed` (3 schools), as a snapshot file.
+fn tiny_file(seed: u64) -> (emis_edge::gen::Province, Vec<u8>) {
+    let p = emis_edge::gen::Province::new(emis_edge::gen::Spec::scale("tiny", seed).unwrap());
     let mut file = Vec::new();
     p.write_snapshot(&mut file, |_| {}).unwrap();
+    (p, file)
+}
+
+/// The schools of a snapshot file, parsed.
+fn schools_of(file: &[u8]) -> Vec<emis_edge::domain::SchoolSnapshot> {
+    let mut reader = emis_edge::domain::SnapshotReader::new();
+    file.split(|b| *b == b'\n')
+        .filter_map(|line| reader.feed(line))
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// A store file at `path` whose bulk loads spill past `max_rows` rows.
+fn store_bulk_loading(path: &std::path::Path, max_rows: u64) -> emis_edge::store::Store {
+    let options = emis_edge::store::StoreOptions {
+        bulk_load_max_rows: max_rows,
+        ..Default::default()
+    };
+    emis_edge::store::Store::open(path, &options).unwrap()
+}
+
+/// Both stores answer everything alike (and hold a real change log).
+fn assert_same_store(
+    bulk: &emis_edge::store::Store,
+    normal: &emis_edge::store::Store,
+    p: &emis_edge::gen::Province,
+) {
+    let (a, b) = (everything(bulk, p), everything(normal, p));
+    assert!(a["feed"].as_array().unwrap().len() > 100);
+    assert_eq!(a, b);
+}
+
+#[test]
+fn an_import_into_an_empty_store_gives_the_same_store_as_reconciling() {
+    let (p, file) = tiny_file(1);
     // The same file with its first school again at the end: an entity that
     // comes twice ends the bulk load.
     let first_end = file
@@ -740,9 +775,7 @@ fn an_import_into_an_empty_store_gives_the_same_store_as_reconciling() {
         );
         let normal = emis_edge::store::Store::open_in_memory().unwrap();
         import_reconciling(&normal, &file);
-        let (a, b) = (everything(&bulk, &p), everything(&normal, &p));
-        assert!(a["feed"].as_array().unwrap().len() > 100);
-        assert_eq!(a, b);
+        assert_same_store(&bulk, &normal, &p);
     }
 }
 
@@ -752,22 +785,11 @@ fn an_import_into_an_empty_store_gives_the_same_store_as_reconciling() {
 /// batches, every document rendered, and leaves no file behind.
 #[test]
 fn a_bulk_load_merges_its_spilled_runs_into_the_same_store() {
-    let p = emis_edge::gen::Province::new(emis_edge::gen::Spec::scale("tiny", 1).unwrap());
-    let mut file = Vec::new();
-    p.write_snapshot(&mut file, |_| {}).unwrap();
-    let mut reader = emis_edge::domain::SnapshotReader::new();
-    let schools: Vec<_> = file
-        .split(|b| *b == b'\n')
-        .filter_map(|l| reader.feed(l))
-        .map(Result::unwrap)
-        .collect();
+    let (p, file) = tiny_file(1);
+    let schools = schools_of(&file);
     assert_eq!(schools.len(), 3);
     let dir = tempfile::tempdir().unwrap();
-    let options = emis_edge::store::StoreOptions {
-        bulk_load_max_rows: 1,
-        ..Default::default()
-    };
-    let bulk = emis_edge::store::Store::open(&dir.path().join("s.redb"), &options).unwrap();
+    let bulk = store_bulk_loading(&dir.path().join("s.redb"), 1);
     let mut load = bulk
         .bulk_load(T0, emis_edge::domain::SyncSource::Import)
         .unwrap()
@@ -800,9 +822,7 @@ fn a_bulk_load_merges_its_spilled_runs_into_the_same_store() {
             .unwrap();
     }
     while normal.materialize(1000, T0).unwrap() > 0 {}
-    let (a, b) = (everything(&bulk, &p), everything(&normal, &p));
-    assert!(a["feed"].as_array().unwrap().len() > 100);
-    assert_eq!(a, b);
+    assert_same_store(&bulk, &normal, &p);
 }
 
 /// When the sorted runs cannot be written (here the store's directory is
@@ -810,17 +830,11 @@ fn a_bulk_load_merges_its_spilled_runs_into_the_same_store() {
 /// and the store stays empty.
 #[test]
 fn a_bulk_load_that_cannot_spill_fails_naming_the_directory() {
-    let p = emis_edge::gen::Province::new(emis_edge::gen::Spec::scale("tiny", 1).unwrap());
-    let mut file = Vec::new();
-    p.write_snapshot(&mut file, |_| {}).unwrap();
+    let (_, file) = tiny_file(1);
     let dir = tempfile::tempdir().unwrap();
     let gone = dir.path().join("gone");
     std::fs::create_dir(&gone).unwrap();
-    let options = emis_edge::store::StoreOptions {
-        bulk_load_max_rows: 1,
-        ..Default::default()
-    };
-    let store = emis_edge::store::Store::open(&gone.join("s.redb"), &options).unwrap();
+    let store = store_bulk_loading(&gone.join("s.redb"), 1);
     std::fs::remove_dir_all(&gone).unwrap();
     let error = resync::import(
         &store,
@@ -844,15 +858,8 @@ fn a_bulk_load_that_cannot_spill_fails_naming_the_directory() {
 /// change stays.
 #[test]
 fn a_bulk_load_is_not_written_over_changes_made_meanwhile() {
-    let p = emis_edge::gen::Province::new(emis_edge::gen::Spec::scale("tiny", 1).unwrap());
-    let mut file = Vec::new();
-    p.write_snapshot(&mut file, |_| {}).unwrap();
-    let mut reader = emis_edge::domain::SnapshotReader::new();
-    let schools: Vec<_> = file
-        .split(|b| *b == b'\n')
-        .filter_map(|line| reader.feed(line))
-        .map(Result::unwrap)
-        .collect();
+    let (_, file) = tiny_file(1);
+    let schools = schools_of(&file);
     let store = emis_edge::store::Store::open_in_memory().unwrap();
     let mut bulk = store
         .bulk_load(T0, emis_edge::domain::SyncSource::Import)
@@ -1046,15 +1053,8 @@ proptest::proptest! {
         cuts in proptest::collection::vec(proptest::bool::ANY, 3),
         max_rows in 1u64..600,
     ) {
-        let p = emis_edge::gen::Province::new(emis_edge::gen::Spec::scale("tiny", seed).unwrap());
-        let mut file = Vec::new();
-        p.write_snapshot(&mut file, |_| {}).unwrap();
-        let mut reader = emis_edge::domain::SnapshotReader::new();
-        let schools: Vec<_> = file
-            .split(|b| *b == b'\n')
-            .filter_map(|l| reader.feed(l))
-            .map(Result::unwrap)
-            .collect();
+        let (p, file) = tiny_file(seed);
+        let schools = schools_of(&file);
         // Cut the schools into batches where `cuts` says (cycling).
         let mut batches: Vec<Vec<_>> = vec![Vec::new()];
         for (i, school) in schools.into_iter().enumerate() {
@@ -1064,11 +1064,7 @@ proptest::proptest! {
             batches.last_mut().unwrap().push(school);
         }
         let dir = tempfile::tempdir().unwrap();
-        let options = emis_edge::store::StoreOptions {
-            bulk_load_max_rows: max_rows,
-            ..Default::default()
-        };
-        let bulk = emis_edge::store::Store::open(&dir.path().join("s.redb"), &options).unwrap();
+        let bulk = store_bulk_loading(&dir.path().join("s.redb"), max_rows);
         let mut load = bulk
             .bulk_load(T0, emis_edge::domain::SyncSource::Import)
             .unwrap()
