@@ -43,6 +43,7 @@ use redb::{Key, Table, TableDefinition, Value, WriteTransaction};
 use serde::{de::DeserializeOwned, Serialize};
 
 use super::feed::write_seq;
+use super::read::narrow;
 use super::schema::{
     counter, decode_record, encode_doc, encode_entries, encode_record, kind_slot, meta_u64, Id,
     ASSIGNMENTS, ASSIGNMENT_BY_CLASS, ASSIGNMENT_BY_TEACHER, CLASSES, FEED_ENTRIES, FEED_LOG,
@@ -442,50 +443,30 @@ fn render_one(
     assignments: &[(Id, Vec<u8>)],
     classes: &HashMap<Id, Vec<u8>>,
 ) -> Result<Option<Vec<u8>>> {
-    let Record {
-        data: Entity::Teacher(data),
-        key,
-        last_synced_at,
-        source,
-    } = decode_record(id, teacher)?
-    else {
+    let teacher = narrow(decode_record(id, teacher)?, |e| match e {
+        Entity::Teacher(t) => Some(t),
+        _ => None,
+    });
+    let Some(teacher) = teacher else {
         return Ok(None);
-    };
-    let teacher = Record {
-        data,
-        key,
-        last_synced_at,
-        source,
     };
     let mut found = Vec::with_capacity(assignments.len());
     for (assignment_id, value) in assignments {
-        let record = decode_record(*assignment_id, value)?;
-        let Entity::Assignment(a) = record.data else {
+        let assignment = narrow(decode_record(*assignment_id, value)?, |e| match e {
+            Entity::Assignment(a) => Some(a),
+            _ => None,
+        });
+        let Some(assignment) = assignment else {
             continue;
         };
-        let class_id = a.class_id.as_u128();
+        let class_id = assignment.data.class_id.as_u128();
         let class = match classes.get(&class_id) {
-            Some(v) => match decode_record(class_id, v)? {
-                Record {
-                    data: Entity::Class(c),
-                    key,
-                    last_synced_at,
-                    source,
-                } => ClassLookup::Live(Record {
-                    data: c,
-                    key,
-                    last_synced_at,
-                    source,
-                }),
-                _ => ClassLookup::Unknown,
-            },
+            Some(v) => narrow(decode_record(class_id, v)?, |e| match e {
+                Entity::Class(c) => Some(c),
+                _ => None,
+            })
+            .map_or(ClassLookup::Unknown, ClassLookup::Live),
             None => ClassLookup::Unknown,
-        };
-        let assignment = Record {
-            data: a,
-            key: record.key,
-            last_synced_at: record.last_synced_at,
-            source: record.source,
         };
         found.push((assignment, class));
     }

@@ -147,7 +147,11 @@ impl Store {
     }
 }
 
-fn narrow<T>(record: Record<Entity>, f: impl FnOnce(Entity) -> Option<T>) -> Option<Record<T>> {
+/// The record of one kind of entity, if `f` finds that kind in it.
+pub(super) fn narrow<T>(
+    record: Record<Entity>,
+    f: impl FnOnce(Entity) -> Option<T>,
+) -> Option<Record<T>> {
     Some(Record {
         data: f(record.data)?,
         key: record.key,
