@@ -66,6 +66,7 @@ fn main() {
     .unwrap();
     let rss_before = peak_rss_mib();
     let started = Instant::now();
+    let mut read = None;
     let input = BufReader::with_capacity(1 << 20, std::fs::File::open(&file).unwrap());
     let outcomes = emis_edge::resync::import(
         &store,
@@ -73,10 +74,20 @@ fn main() {
         emis_edge::domain::FutureSkew::DEFAULT,
         input,
         T_BASE,
-        |_| {},
+        |p| {
+            if matches!(p, emis_edge::resync::ImportProgress::Written { .. }) && read.is_none() {
+                read = Some(started.elapsed());
+            }
+        },
     )
     .unwrap();
     let took = started.elapsed();
+    if let Some(read) = read {
+        eprintln!(
+            "read and sorted the file in {read:.2?}, then wrote the store in {:.2?}",
+            took - read
+        );
+    }
     assert!(outcomes.iter().all(|o| o.error.is_none()));
     let records = lines - outcomes.len() as u64;
     eprintln!(

@@ -56,10 +56,6 @@ use crate::domain::{
     Timestamp,
 };
 
-/// Teachers whose documents are rendered together, half on each of two
-/// threads, before they are written.
-const RENDER_CHUNK: usize = 4096;
-
 /// An empty store being filled; see the module documentation.
 pub struct BulkLoad<'s> {
     store: &'s Store,
@@ -308,36 +304,71 @@ impl BulkLoad<'_> {
         }
         let dir = self.spill_dir.clone();
         let read = |e| read_error(&dir, e);
-        let mut w = Written { rows: 0, progress };
-        let mut classes: Vec<(&Id, &Vec<u8>)> = self.classes.iter().collect();
-        classes.sort_unstable_by_key(|c| *c.0);
-        let classes = classes.into_iter().map(Ok::<_, std::io::Error>);
-        w.insert(&txn, CLASSES, classes, read, |t, (k, v)| {
-            t.insert(k, v.as_slice()).map(drop)
+        let BulkLoad {
+            classes,
+            teachers,
+            assignments,
+            by_school,
+            by_teacher,
+            by_class,
+            log,
+            entries,
+            ..
+        } = self;
+        let classes = &*classes;
+        // Rendering the documents is a third of the work: a thread of its
+        // own does it, while this one writes the other tables and, between
+        // their rows, what that thread has rendered.
+        let (tx, rx) = std::sync::mpsc::sync_channel(RENDERED_QUEUE);
+        std::thread::scope(|scope| {
+            let renderer = scope.spawn(|| render_teachers(teachers, by_teacher, classes, tx, read));
+            let written = (|| {
+                let mut w = Written {
+                    rows: 0,
+                    progress,
+                    teachers: txn.open_table(TEACHERS)?,
+                    index: txn.open_table(ASSIGNMENT_BY_TEACHER)?,
+                    docs: txn.open_table(TEACHER_DOCS)?,
+                    rendered: rx,
+                };
+                let mut classes: Vec<(&Id, &Vec<u8>)> = classes.iter().collect();
+                classes.sort_unstable_by_key(|c| *c.0);
+                let classes = classes.into_iter().map(Ok::<_, std::io::Error>);
+                w.insert(&txn, CLASSES, classes, read, |t, (k, v)| {
+                    t.insert(k, v.as_slice()).map(drop)
+                })?;
+                let rows = assignments.sorted().map_err(read)?;
+                w.insert(&txn, ASSIGNMENTS, rows, read, |t, (k, v)| {
+                    t.insert(k, v.as_slice()).map(drop)
+                })?;
+                for (slot, rows) in by_school.iter_mut().enumerate() {
+                    let rows = rows.sorted().map_err(read)?;
+                    w.insert(&txn, INDEXES[slot], rows, read, |t, (k, ())| {
+                        t.insert(k, ()).map(drop)
+                    })?;
+                }
+                let rows = by_class.sorted().map_err(read)?;
+                w.insert(&txn, ASSIGNMENT_BY_CLASS, rows, read, |t, (k, v)| {
+                    t.insert(k, v).map(drop)
+                })?;
+                let rows = log.sorted().map_err(read)?;
+                w.insert(&txn, FEED_LOG, rows, read, |t, (k, v)| {
+                    t.insert(k, v).map(drop)
+                })?;
+                let rows = entries.sorted().map_err(read)?;
+                w.insert(&txn, FEED_ENTRIES, rows, read, |t, (k, v)| {
+                    t.insert(k, v.as_slice()).map(drop)
+                })?;
+                w.take_rendered(true)?;
+                (w.progress)(w.rows);
+                Ok(())
+                // Dropping the receiver here ends the renderer at its next
+                // send if this failed.
+            })();
+            let rendered = renderer.join().expect("rendering documents panicked");
+            // The renderer's error first: its end cuts the rows short.
+            rendered.and(written)
         })?;
-        let rows = self.assignments.sorted().map_err(read)?;
-        w.insert(&txn, ASSIGNMENTS, rows, read, |t, (k, v)| {
-            t.insert(k, v.as_slice()).map(drop)
-        })?;
-        for (slot, rows) in self.by_school.iter_mut().enumerate() {
-            let rows = rows.sorted().map_err(read)?;
-            w.insert(&txn, INDEXES[slot], rows, read, |t, (k, ())| {
-                t.insert(k, ()).map(drop)
-            })?;
-        }
-        let rows = self.by_class.sorted().map_err(read)?;
-        w.insert(&txn, ASSIGNMENT_BY_CLASS, rows, read, |t, (k, v)| {
-            t.insert(k, v).map(drop)
-        })?;
-        let rows = self.log.sorted().map_err(read)?;
-        w.insert(&txn, FEED_LOG, rows, read, |t, (k, v)| {
-            t.insert(k, v).map(drop)
-        })?;
-        let rows = self.entries.sorted().map_err(read)?;
-        w.insert(&txn, FEED_ENTRIES, rows, read, |t, (k, v)| {
-            t.insert(k, v.as_slice()).map(drop)
-        })?;
-        self.write_teachers(&txn, &mut w, read)?;
         write_seq(&txn, self.seq)?;
         add_counters(&txn, &[(counter::RESYNC_APPLIED, self.applied)])?;
         if let Some(w) = self.watermark {
@@ -349,89 +380,70 @@ impl BulkLoad<'_> {
         self.store.committed(self.seq, schools);
         Ok(true)
     }
-
-    /// Writes the teachers, the by-teacher index and every teacher's
-    /// document, rendered from the rows as `assemble` renders it from the
-    /// tables (there are no tombstones: a class not loaded is unknown, not
-    /// deleted). One pass over both in teacher order.
-    fn write_teachers(
-        &mut self,
-        txn: &WriteTransaction,
-        w: &mut Written,
-        read: impl Fn(std::io::Error) -> StoreError,
-    ) -> Result<()> {
-        let mut teachers_table = txn.open_table(TEACHERS)?;
-        let mut index = txn.open_table(ASSIGNMENT_BY_TEACHER)?;
-        let mut docs = txn.open_table(TEACHER_DOCS)?;
-        let classes = &self.classes;
-        let mut teachers = self.teachers.sorted().map_err(&read)?;
-        let mut assignments = self.by_teacher.sorted().map_err(&read)?.peekable();
-        let mut chunk: Vec<Job> = Vec::with_capacity(RENDER_CHUNK);
-        loop {
-            let next = teachers.next().transpose().map_err(&read)?;
-            let Some((id, record)) = next else { break };
-            teachers_table.insert(id, record.as_slice())?;
-            w.count();
-            let mut own = Vec::new();
-            // An error is taken too, to fail at once.
-            while let Some(row) =
-                assignments.next_if(|row| !row.as_ref().is_ok_and(|r| r.0 .0 > id))
-            {
-                let ((teacher, assignment), record) = row.map_err(&read)?;
-                index.insert((teacher, assignment), ())?;
-                w.count();
-                if teacher == id {
-                    own.push((assignment, record));
-                }
-            }
-            chunk.push((id, record, own));
-            if chunk.len() == RENDER_CHUNK {
-                insert_docs(&mut docs, render_chunk(&chunk, classes)?)?;
-                chunk.clear();
-            }
-        }
-        insert_docs(&mut docs, render_chunk(&chunk, classes)?)?;
-        for row in assignments {
-            let ((teacher, assignment), _) = row.map_err(&read)?;
-            index.insert((teacher, assignment), ())?;
-            w.count();
-        }
-        (w.progress)(w.rows);
-        Ok(())
-    }
 }
 
-/// A teacher to render: its id and record, and its assignments' ids and
-/// records in id order.
-type Job = (Id, Vec<u8>, Vec<(Id, Vec<u8>)>);
+/// Teachers' rows handed over together by [`render_teachers`].
+const RENDER_CHUNK: usize = 1024;
+/// Chunks rendered ahead of the writer at most.
+const RENDERED_QUEUE: usize = 16;
 
-/// The documents of `chunk`, in its order, rendered on two threads:
-/// rendering and compressing is most of the CPU time of a bulk load.
-fn render_chunk(chunk: &[Job], classes: &HashMap<Id, Vec<u8>>) -> Result<Vec<(Id, Vec<u8>)>> {
-    let render = |part: &[Job]| -> Result<Vec<(Id, Vec<u8>)>> {
-        let mut out = Vec::with_capacity(part.len());
-        for (id, teacher, assignments) in part {
-            if let Some(doc) = render_one(*id, teacher, assignments, classes)? {
-                out.push((*id, doc));
-            }
+/// A row for the teachers' tables, from [`render_teachers`].
+enum Rendered {
+    /// A by-teacher index key: (teacher, assignment).
+    Index(Id, Id),
+    /// A teacher's record and its document (`None`: not a teacher's
+    /// record).
+    Teacher(Id, Vec<u8>, Option<Vec<u8>>),
+}
+
+/// Renders every teacher's document from the rows as `assemble` renders
+/// it from the tables (there are no tombstones: a class not loaded is
+/// unknown, not deleted), in one pass over the teachers and the
+/// assignments keyed by (teacher, assignment), both in teacher order; sends
+/// the teachers' rows in key order. Stops when the receiver is gone.
+fn render_teachers(
+    teachers: &mut Sorter<Id, Vec<u8>>,
+    by_teacher: &mut Sorter<(Id, Id), Vec<u8>>,
+    classes: &HashMap<Id, Vec<u8>>,
+    out: std::sync::mpsc::SyncSender<Vec<Rendered>>,
+    read: impl Fn(std::io::Error) -> StoreError,
+) -> Result<()> {
+    let mut teachers = teachers.sorted().map_err(&read)?;
+    let mut assignments = by_teacher.sorted().map_err(&read)?.peekable();
+    let mut chunk = Vec::with_capacity(RENDER_CHUNK);
+    // False once the writer has gone.
+    let send = |chunk: &mut Vec<Rendered>, full: bool| {
+        if full && chunk.len() < RENDER_CHUNK {
+            return true;
         }
-        Ok(out)
+        let rows = std::mem::replace(chunk, Vec::with_capacity(RENDER_CHUNK));
+        out.send(rows).is_ok()
     };
-    let (first, second) = chunk.split_at(chunk.len() / 2);
-    let (a, b) = std::thread::scope(|s| {
-        let other = s.spawn(|| render(second));
-        let mine = render(first);
-        (mine, other.join().expect("rendering documents panicked"))
-    });
-    let mut docs = a?;
-    docs.extend(b?);
-    Ok(docs)
-}
-
-fn insert_docs(table: &mut Table<Id, &[u8]>, docs: Vec<(Id, Vec<u8>)>) -> Result<()> {
-    for (id, doc) in docs {
-        table.insert(id, doc.as_slice())?;
+    while let Some((id, record)) = teachers.next().transpose().map_err(&read)? {
+        let mut own = Vec::new();
+        // An error is taken too, to fail at once.
+        while let Some(row) = assignments.next_if(|row| !row.as_ref().is_ok_and(|r| r.0 .0 > id))
+        {
+            let ((teacher, assignment), record) = row.map_err(&read)?;
+            chunk.push(Rendered::Index(teacher, assignment));
+            if teacher == id {
+                own.push((assignment, record));
+            }
+        }
+        let doc = render_one(id, &record, &own, classes)?;
+        chunk.push(Rendered::Teacher(id, record, doc));
+        if !send(&mut chunk, true) {
+            return Ok(());
+        }
     }
+    for row in assignments {
+        let ((teacher, assignment), _) = row.map_err(&read)?;
+        chunk.push(Rendered::Index(teacher, assignment));
+        if !send(&mut chunk, true) {
+            return Ok(());
+        }
+    }
+    send(&mut chunk, false);
     Ok(())
 }
 
@@ -474,13 +486,22 @@ fn render_one(
     Ok(Some(encode_doc(&crate::domain::detail::render(&detail))))
 }
 
-/// Rows written so far, told to the import's progress every 100,000.
-struct Written<'a> {
+/// The write of a bulk load: rows written so far, told to the import's
+/// progress every 100,000, and the teachers' tables, which take the rows
+/// rendered meanwhile.
+struct Written<'a, 't> {
     rows: u64,
     progress: &'a mut dyn FnMut(u64),
+    teachers: Table<'t, Id, &'static [u8]>,
+    index: Table<'t, (Id, Id), ()>,
+    docs: Table<'t, Id, &'static [u8]>,
+    rendered: std::sync::mpsc::Receiver<Vec<Rendered>>,
 }
 
-impl Written<'_> {
+impl Written<'_, '_> {
+    /// Rows between two looks at what was rendered.
+    const TAKE_EVERY: u64 = 4096;
+
     fn count(&mut self) {
         self.rows += 1;
         if self.rows.is_multiple_of(100_000) {
@@ -506,9 +527,39 @@ impl Written<'_> {
         for row in rows {
             put(&mut table, row.map_err(&read)?)?;
             self.count();
+            if self.rows.is_multiple_of(Self::TAKE_EVERY) {
+                self.take_rendered(false)?;
+            }
         }
         (self.progress)(self.rows);
         Ok(())
+    }
+
+    /// Writes the teachers' rows rendered so far; with `wait`, all of them,
+    /// until the renderer ends.
+    fn take_rendered(&mut self, wait: bool) -> Result<()> {
+        loop {
+            let chunk = if wait {
+                self.rendered.recv().ok()
+            } else {
+                self.rendered.try_recv().ok()
+            };
+            let Some(chunk) = chunk else { return Ok(()) };
+            for row in chunk {
+                match row {
+                    Rendered::Index(teacher, assignment) => {
+                        self.index.insert((teacher, assignment), ())?;
+                    }
+                    Rendered::Teacher(id, record, doc) => {
+                        self.teachers.insert(id, record.as_slice())?;
+                        if let Some(doc) = doc {
+                            self.docs.insert(id, doc.as_slice())?;
+                        }
+                    }
+                }
+                self.count();
+            }
+        }
     }
 }
 
