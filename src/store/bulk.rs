@@ -81,6 +81,8 @@ pub struct BulkLoad<'s> {
     entries: Sorter<(u8, Id), Vec<u8>>,
     schools: HashSet<Id>,
     seen: HashSet<(u8, Id)>,
+    /// The thread writing the runs handed over last, if any.
+    spilling: Option<std::thread::JoinHandle<std::io::Result<()>>>,
     applied: u64,
     watermark: Option<Timestamp>,
 }
@@ -126,6 +128,7 @@ impl Store {
             entries: Sorter::default(),
             schools: HashSet::new(),
             seen: HashSet::new(),
+            spilling: None,
             applied: 0,
             watermark: None,
         }))
@@ -218,30 +221,46 @@ impl BulkLoad<'_> {
     }
 
     /// Once the rows held in memory reach
-    /// [`StoreOptions::bulk_load_max_rows`](super::StoreOptions), sorts
-    /// every table's and writes them to a temporary file, freeing their
-    /// memory; true if it did.
+    /// [`StoreOptions::bulk_load_max_rows`](super::StoreOptions), hands
+    /// every table's to a thread that sorts them and writes them to a
+    /// temporary file, while the import goes on reading; true if it did.
+    /// The runs handed over before are waited for first, so at most one
+    /// set is being written: memory holds the rows of the limit, and those
+    /// being written (which a thread writes faster than the file is read).
     pub fn spill_if_full(&mut self) -> Result<bool> {
         if self.sorters().map(|s| s.in_memory()).sum::<u64>() < self.store.bulk_load_max_rows {
             return Ok(false);
         }
+        self.spilled()?;
         let dir = self.spill_dir.clone();
-        let spill = |e: std::io::Error| {
-            StoreError::TempFile(format!(
-                "cannot write the import's sorted rows to a temporary file in {}: {e}",
-                dir.display()
-            ))
-        };
-        self.teachers.spill(&dir).map_err(spill)?;
-        self.assignments.spill(&dir).map_err(spill)?;
+        let spill = |e| spill_error(&dir, e);
+        let mut jobs = Vec::new();
+        jobs.extend(self.teachers.spill(&dir).map_err(spill)?);
+        jobs.extend(self.assignments.spill(&dir).map_err(spill)?);
         for s in &mut self.by_school {
-            s.spill(&dir).map_err(spill)?;
+            jobs.extend(s.spill(&dir).map_err(spill)?);
         }
-        self.by_teacher.spill(&dir).map_err(spill)?;
-        self.by_class.spill(&dir).map_err(spill)?;
-        self.log.spill(&dir).map_err(spill)?;
-        self.entries.spill(&dir).map_err(spill)?;
+        jobs.extend(self.by_teacher.spill(&dir).map_err(spill)?);
+        jobs.extend(self.by_class.spill(&dir).map_err(spill)?);
+        jobs.extend(self.log.spill(&dir).map_err(spill)?);
+        jobs.extend(self.entries.spill(&dir).map_err(spill)?);
+        let spilling = std::thread::Builder::new()
+            .name("import-sort".into())
+            .spawn(move || jobs.into_iter().try_for_each(|job| job()))
+            .map_err(spill)?;
+        self.spilling = Some(spilling);
         Ok(true)
+    }
+
+    /// Waits until the runs handed over last are written.
+    fn spilled(&mut self) -> Result<()> {
+        match self.spilling.take() {
+            Some(spilling) => spilling
+                .join()
+                .expect("sorting the import's rows panicked")
+                .map_err(|e| spill_error(&self.spill_dir, e)),
+            None => Ok(()),
+        }
     }
 
     /// The row counts of every table but the classes and the documents.
@@ -267,6 +286,7 @@ impl BulkLoad<'_> {
     /// written over them, the rows would undo newer data and reuse
     /// change-log positions. An import again then reconciles.
     pub fn finish(mut self, mut progress: impl FnMut(u64)) -> Result<()> {
+        self.spilled()?;
         let store = self.store;
         let now = self.now;
         let applied = self.applied;
@@ -563,6 +583,13 @@ impl Written<'_, '_> {
     }
 }
 
+fn spill_error(dir: &std::path::Path, e: std::io::Error) -> StoreError {
+    StoreError::TempFile(format!(
+        "cannot write the import's sorted rows to a temporary file in {}: {e}",
+        dir.display()
+    ))
+}
+
 fn read_error(dir: &std::path::Path, e: std::io::Error) -> StoreError {
     StoreError::TempFile(format!(
         "cannot read the import's sorted rows back from a temporary file in {}: {e}",
@@ -610,35 +637,41 @@ impl<K, V> Rows for Sorter<K, V> {
 
 const RUN_CONFIG: bincode::config::Configuration = bincode::config::standard();
 
+/// Sorts a run's rows and writes them to its file.
+type SpillJob = Box<dyn FnOnce() -> std::io::Result<()> + Send>;
+
 impl<K, V> Sorter<K, V>
 where
-    K: Ord + Copy + Serialize + DeserializeOwned,
-    V: Clone + Serialize + DeserializeOwned,
+    K: Ord + Copy + Serialize + DeserializeOwned + Send + 'static,
+    V: Clone + Serialize + DeserializeOwned + Send + 'static,
 {
     fn push(&mut self, key: K, value: V) {
         self.rows.push((key, value));
     }
 
-    /// Writes the rows in memory, sorted, to an unnamed temporary file in
-    /// `dir` (gone when it is closed, also after a crash).
-    fn spill(&mut self, dir: &std::path::Path) -> std::io::Result<()> {
+    /// Takes the rows in memory as a run: creates an unnamed temporary file
+    /// in `dir` (gone when it is closed, also after a crash) and returns
+    /// what sorts them and writes them to it.
+    fn spill(&mut self, dir: &std::path::Path) -> std::io::Result<Option<SpillJob>> {
         if self.rows.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
-        self.rows.sort_unstable_by_key(|r| r.0);
         let file = tempfile::tempfile_in(dir)?;
-        let mut out = BufWriter::with_capacity(1 << 20, file);
-        for row in &self.rows {
-            bincode::serde::encode_into_std_write(row, &mut out, RUN_CONFIG)
-                .map_err(std::io::Error::other)?;
-        }
-        out.flush()?;
-        let file = out.into_inner().map_err(|e| e.into_error())?;
-        let n = self.rows.len() as u64;
+        // The same open file: the merge reads it once the job is done.
+        let writer = file.try_clone()?;
+        let mut rows = std::mem::take(&mut self.rows);
+        let n = rows.len() as u64;
         self.runs.push((file, n));
         self.spilled += n;
-        self.rows = Vec::new();
-        Ok(())
+        Ok(Some(Box::new(move || {
+            rows.sort_unstable_by_key(|r| r.0);
+            let mut out = BufWriter::with_capacity(1 << 20, writer);
+            for row in &rows {
+                bincode::serde::encode_into_std_write(row, &mut out, RUN_CONFIG)
+                    .map_err(std::io::Error::other)?;
+            }
+            out.flush()
+        })))
     }
 
     /// Every row, in key order.
