@@ -9,13 +9,17 @@
 //! renders every teacher document itself), then compacted (`emis-edge
 //! import` skips that when under 2 % of the file is free, as after a bulk
 //! load; the bench compacts anyway to show what is left to give back).
-//! `EMIS_BENCH_SCALE=national` for ten times the data.
+//! `EMIS_BENCH_SCALE=national` for ten times the data. It allocates with
+//! mimalloc, as the `emis-edge` binary does.
 
 use std::io::{BufReader, BufWriter, Write};
 use std::time::Instant;
 
 use emis_edge::gen::{Province, Spec, T_BASE};
 use emis_edge::store::{Store, StoreOptions};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn peak_rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();

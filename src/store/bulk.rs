@@ -22,11 +22,13 @@
 //! Memory stays bounded by an external sort. Rows are held in memory up to
 //! [`StoreOptions::bulk_load_max_rows`](super::StoreOptions) (a province
 //! fits); past that every table's rows are sorted and spilled as a run to
-//! an unnamed temporary file beside the store, and `finish` merges the runs.
+//! an unnamed temporary file beside the store, by a thread of its own while
+//! the import reads on, and `finish` merges the runs.
 //! Only the classes stay in memory throughout (a twelfth of the records),
 //! because every document needs its teacher's classes; a teacher's
 //! assignments come in the same key order as the teachers, from a copy of
-//! their records keyed by (teacher, assignment).
+//! their records keyed by (teacher, assignment). Two threads write, each
+//! half of the tables; one of them renders the documents.
 //!
 //! An entity that comes twice (two schools' snapshots list it, the file
 //! holds a school twice) needs the convergence rule: [`BulkLoad::add`]
@@ -34,12 +36,14 @@
 //! bulk load and reconciles the rest normally.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::BinaryHeap;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Seek, Write};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use redb::{Key, Table, TableDefinition, Value, WriteTransaction};
+use redb::{Key, Table, Value};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use serde::{de::DeserializeOwned, Serialize};
 
 use super::feed::write_seq;
@@ -78,7 +82,8 @@ pub struct BulkLoad<'s> {
     by_teacher: Sorter<(Id, Id), Vec<u8>>,
     by_class: Sorter<(Id, Id), Id>,
     log: Sorter<(Id, u64), (u8, Id)>,
-    entries: Sorter<(u8, Id), Vec<u8>>,
+    /// (kind, id) → (school, change-log position), encoded when written.
+    entries: Sorter<(u8, Id), (Id, u64)>,
     schools: HashSet<Id>,
     seen: HashSet<(u8, Id)>,
     /// The thread writing the runs handed over last, if any.
@@ -118,7 +123,7 @@ impl Store {
             seq,
             began: seq,
             spill_dir,
-            classes: HashMap::new(),
+            classes: HashMap::default(),
             teachers: Sorter::default(),
             assignments: Sorter::default(),
             by_school: Default::default(),
@@ -126,8 +131,8 @@ impl Store {
             by_class: Sorter::default(),
             log: Sorter::default(),
             entries: Sorter::default(),
-            schools: HashSet::new(),
-            seen: HashSet::new(),
+            schools: HashSet::default(),
+            seen: HashSet::default(),
             spilling: None,
             applied: 0,
             watermark: None,
@@ -201,8 +206,7 @@ impl BulkLoad<'_> {
             // As `LogWriter::record` enters a first change.
             self.seq += 1;
             self.log.push((school, self.seq), (kind.code(), id));
-            self.entries
-                .push((kind.code(), id), encode_entries(&[(school, self.seq)]));
+            self.entries.push((kind.code(), id), (school, self.seq));
             self.schools.insert(school);
         }
         self.applied += reports.iter().map(|r| r.applied).sum::<u64>();
@@ -336,58 +340,68 @@ impl BulkLoad<'_> {
             ..
         } = self;
         let classes = &*classes;
-        // Rendering the documents is a third of the work: a thread of its
-        // own does it, while this one writes the other tables and, between
-        // their rows, what that thread has rendered.
-        let (tx, rx) = std::sync::mpsc::sync_channel(RENDERED_QUEUE);
+        let total = AtomicU64::new(0);
+        // Two threads write, each its own tables (redb takes the tables of
+        // one write transaction from several threads): rendering the
+        // documents is a third of the work, so the tables are split in two
+        // halves of about the same cost.
         std::thread::scope(|scope| {
-            let renderer = scope.spawn(|| render_teachers(teachers, by_teacher, classes, tx, read));
-            let written = (|| {
-                let mut w = Written {
-                    rows: 0,
-                    progress,
-                    teachers: txn.open_table(TEACHERS)?,
-                    index: txn.open_table(ASSIGNMENT_BY_TEACHER)?,
-                    docs: txn.open_table(TEACHER_DOCS)?,
-                    rendered: rx,
-                };
+            let other = {
+                let tables = (
+                    txn.open_table(ASSIGNMENT_BY_CLASS)?,
+                    txn.open_table(TEACHERS)?,
+                    txn.open_table(ASSIGNMENT_BY_TEACHER)?,
+                    txn.open_table(TEACHER_DOCS)?,
+                );
+                let total = &total;
+                scope.spawn(move || {
+                    let (by_class_table, teachers_table, index, docs) = tables;
+                    let mut w = Written::new(total, None);
+                    let rows = by_class.sorted().map_err(read)?;
+                    w.insert(by_class_table, rows, read, |t, (k, v)| {
+                        t.insert(k, v).map(drop)
+                    })?;
+                    let tables = (teachers_table, index, docs);
+                    write_teachers(tables, teachers, by_teacher, classes, &mut w, read)?;
+                    w.flush();
+                    Ok::<_, StoreError>(())
+                })
+            };
+            let mut w = Written::new(&total, Some(progress));
+            let mine = (|w: &mut Written| {
                 let mut classes: Vec<(&Id, &Vec<u8>)> = classes.iter().collect();
                 classes.sort_unstable_by_key(|c| *c.0);
                 let classes = classes.into_iter().map(Ok::<_, std::io::Error>);
-                w.insert(&txn, CLASSES, classes, read, |t, (k, v)| {
+                w.insert(txn.open_table(CLASSES)?, classes, read, |t, (k, v)| {
                     t.insert(k, v.as_slice()).map(drop)
                 })?;
                 let rows = assignments.sorted().map_err(read)?;
-                w.insert(&txn, ASSIGNMENTS, rows, read, |t, (k, v)| {
+                w.insert(txn.open_table(ASSIGNMENTS)?, rows, read, |t, (k, v)| {
                     t.insert(k, v.as_slice()).map(drop)
                 })?;
                 for (slot, rows) in by_school.iter_mut().enumerate() {
                     let rows = rows.sorted().map_err(read)?;
-                    w.insert(&txn, INDEXES[slot], rows, read, |t, (k, ())| {
+                    w.insert(txn.open_table(INDEXES[slot])?, rows, read, |t, (k, ())| {
                         t.insert(k, ()).map(drop)
                     })?;
                 }
-                let rows = by_class.sorted().map_err(read)?;
-                w.insert(&txn, ASSIGNMENT_BY_CLASS, rows, read, |t, (k, v)| {
-                    t.insert(k, v).map(drop)
-                })?;
                 let rows = log.sorted().map_err(read)?;
-                w.insert(&txn, FEED_LOG, rows, read, |t, (k, v)| {
+                w.insert(txn.open_table(FEED_LOG)?, rows, read, |t, (k, v)| {
                     t.insert(k, v).map(drop)
                 })?;
                 let rows = entries.sorted().map_err(read)?;
-                w.insert(&txn, FEED_ENTRIES, rows, read, |t, (k, v)| {
-                    t.insert(k, v.as_slice()).map(drop)
+                w.insert(txn.open_table(FEED_ENTRIES)?, rows, read, |t, (k, v)| {
+                    t.insert(k, encode_entries(&[v]).as_slice()).map(drop)
                 })?;
-                w.take_rendered(true)?;
-                (w.progress)(w.rows);
-                Ok(())
-                // Dropping the receiver here ends the renderer at its next
-                // send if this failed.
-            })();
-            let rendered = renderer.join().expect("rendering documents panicked");
-            // The renderer's error first: its end cuts the rows short.
-            rendered.and(written)
+                w.flush();
+                Ok::<_, StoreError>(())
+            })(&mut w);
+            let theirs = other.join().expect("writing the teachers' tables panicked");
+            mine?;
+            theirs?;
+            // Every row now, whichever thread wrote last.
+            w.report(total.load(Ordering::Relaxed));
+            Ok::<_, StoreError>(())
         })?;
         write_seq(&txn, self.seq)?;
         add_counters(&txn, &[(counter::RESYNC_APPLIED, self.applied)])?;
@@ -402,68 +416,51 @@ impl BulkLoad<'_> {
     }
 }
 
-/// Teachers' rows handed over together by [`render_teachers`].
-const RENDER_CHUNK: usize = 1024;
-/// Chunks rendered ahead of the writer at most.
-const RENDERED_QUEUE: usize = 16;
+/// The teachers' tables a bulk load writes together: the teachers, the
+/// by-teacher index and the documents.
+type TeacherTables<'t> = (
+    Table<'t, Id, &'static [u8]>,
+    Table<'t, (Id, Id), ()>,
+    Table<'t, Id, &'static [u8]>,
+);
 
-/// A row for the teachers' tables, from [`render_teachers`].
-enum Rendered {
-    /// A by-teacher index key: (teacher, assignment).
-    Index(Id, Id),
-    /// A teacher's record and its document (`None`: not a teacher's
-    /// record).
-    Teacher(Id, Vec<u8>, Option<Vec<u8>>),
-}
-
-/// Renders every teacher's document from the rows as `assemble` renders
-/// it from the tables (there are no tombstones: a class not loaded is
-/// unknown, not deleted), in one pass over the teachers and the
-/// assignments keyed by (teacher, assignment), both in teacher order; sends
-/// the teachers' rows in key order. Stops when the receiver is gone.
-fn render_teachers(
+/// Writes the teachers, the by-teacher index and every teacher's document,
+/// rendered from the rows as `assemble` renders it from the tables (there
+/// are no tombstones: a class not loaded is unknown, not deleted), in one
+/// pass over the teachers and the assignments keyed by (teacher,
+/// assignment), both in teacher order.
+fn write_teachers(
+    (mut teachers_table, mut index, mut docs): TeacherTables<'_>,
     teachers: &mut Sorter<Id, Vec<u8>>,
     by_teacher: &mut Sorter<(Id, Id), Vec<u8>>,
     classes: &HashMap<Id, Vec<u8>>,
-    out: std::sync::mpsc::SyncSender<Vec<Rendered>>,
+    w: &mut Written,
     read: impl Fn(std::io::Error) -> StoreError,
 ) -> Result<()> {
     let mut teachers = teachers.sorted().map_err(&read)?;
     let mut assignments = by_teacher.sorted().map_err(&read)?.peekable();
-    let mut chunk = Vec::with_capacity(RENDER_CHUNK);
-    // False once the writer has gone.
-    let send = |chunk: &mut Vec<Rendered>, full: bool| {
-        if full && chunk.len() < RENDER_CHUNK {
-            return true;
-        }
-        let rows = std::mem::replace(chunk, Vec::with_capacity(RENDER_CHUNK));
-        out.send(rows).is_ok()
-    };
     while let Some((id, record)) = teachers.next().transpose().map_err(&read)? {
+        teachers_table.insert(id, record.as_slice())?;
+        w.count();
         let mut own = Vec::new();
         // An error is taken too, to fail at once.
-        while let Some(row) = assignments.next_if(|row| !row.as_ref().is_ok_and(|r| r.0 .0 > id))
-        {
+        while let Some(row) = assignments.next_if(|row| !row.as_ref().is_ok_and(|r| r.0 .0 > id)) {
             let ((teacher, assignment), record) = row.map_err(&read)?;
-            chunk.push(Rendered::Index(teacher, assignment));
+            index.insert((teacher, assignment), ())?;
+            w.count();
             if teacher == id {
                 own.push((assignment, record));
             }
         }
-        let doc = render_one(id, &record, &own, classes)?;
-        chunk.push(Rendered::Teacher(id, record, doc));
-        if !send(&mut chunk, true) {
-            return Ok(());
+        if let Some(doc) = render_one(id, &record, &own, classes)? {
+            docs.insert(id, doc.as_slice())?;
         }
     }
     for row in assignments {
         let ((teacher, assignment), _) = row.map_err(&read)?;
-        chunk.push(Rendered::Index(teacher, assignment));
-        if !send(&mut chunk, true) {
-            return Ok(());
-        }
+        index.insert((teacher, assignment), ())?;
+        w.count();
     }
-    send(&mut chunk, false);
     Ok(())
 }
 
@@ -506,26 +503,48 @@ fn render_one(
     Ok(Some(encode_doc(&crate::domain::detail::render(&detail))))
 }
 
-/// The write of a bulk load: rows written so far, told to the import's
-/// progress every 100,000, and the teachers' tables, which take the rows
-/// rendered meanwhile.
-struct Written<'a, 't> {
+/// One writing thread's count of the rows written (documents not
+/// counted), added to the bulk load's `total` in steps; the thread that
+/// has the import's progress tells it every 100,000 rows.
+struct Written<'a> {
     rows: u64,
-    progress: &'a mut dyn FnMut(u64),
-    teachers: Table<'t, Id, &'static [u8]>,
-    index: Table<'t, (Id, Id), ()>,
-    docs: Table<'t, Id, &'static [u8]>,
-    rendered: std::sync::mpsc::Receiver<Vec<Rendered>>,
+    total: &'a AtomicU64,
+    progress: Option<&'a mut dyn FnMut(u64)>,
+    reported: u64,
 }
 
-impl Written<'_, '_> {
-    /// Rows between two looks at what was rendered.
-    const TAKE_EVERY: u64 = 4096;
+impl<'a> Written<'a> {
+    /// Rows counted before they are added to the total.
+    const STEP: u64 = 4096;
+
+    fn new(total: &'a AtomicU64, progress: Option<&'a mut dyn FnMut(u64)>) -> Written<'a> {
+        Written {
+            rows: 0,
+            total,
+            progress,
+            reported: 0,
+        }
+    }
 
     fn count(&mut self) {
         self.rows += 1;
-        if self.rows.is_multiple_of(100_000) {
-            (self.progress)(self.rows);
+        if self.rows == Self::STEP {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        let total = self.total.fetch_add(self.rows, Ordering::Relaxed) + self.rows;
+        self.rows = 0;
+        if total / 100_000 > self.reported / 100_000 {
+            self.report(total);
+        }
+    }
+
+    fn report(&mut self, total: u64) {
+        if let Some(progress) = &mut self.progress {
+            progress(total);
+            self.reported = total;
         }
     }
 
@@ -533,8 +552,7 @@ impl Written<'_, '_> {
     /// the module documentation).
     fn insert<K, V, T>(
         &mut self,
-        txn: &WriteTransaction,
-        def: TableDefinition<K, V>,
+        mut table: Table<K, V>,
         rows: impl Iterator<Item = std::io::Result<T>>,
         read: impl Fn(std::io::Error) -> StoreError,
         mut put: impl FnMut(&mut Table<K, V>, T) -> std::result::Result<(), redb::StorageError>,
@@ -543,43 +561,11 @@ impl Written<'_, '_> {
         K: Key + 'static,
         V: Value + 'static,
     {
-        let mut table: Table<K, V> = txn.open_table(def)?;
         for row in rows {
             put(&mut table, row.map_err(&read)?)?;
             self.count();
-            if self.rows.is_multiple_of(Self::TAKE_EVERY) {
-                self.take_rendered(false)?;
-            }
         }
-        (self.progress)(self.rows);
         Ok(())
-    }
-
-    /// Writes the teachers' rows rendered so far; with `wait`, all of them,
-    /// until the renderer ends.
-    fn take_rendered(&mut self, wait: bool) -> Result<()> {
-        loop {
-            let chunk = if wait {
-                self.rendered.recv().ok()
-            } else {
-                self.rendered.try_recv().ok()
-            };
-            let Some(chunk) = chunk else { return Ok(()) };
-            for row in chunk {
-                match row {
-                    Rendered::Index(teacher, assignment) => {
-                        self.index.insert((teacher, assignment), ())?;
-                    }
-                    Rendered::Teacher(id, record, doc) => {
-                        self.teachers.insert(id, record.as_slice())?;
-                        if let Some(doc) = doc {
-                            self.docs.insert(id, doc.as_slice())?;
-                        }
-                    }
-                }
-                self.count();
-            }
-        }
     }
 }
 
@@ -635,7 +621,12 @@ impl<K, V> Rows for Sorter<K, V> {
     }
 }
 
-const RUN_CONFIG: bincode::config::Configuration = bincode::config::standard();
+/// Fixed-width integers: faster to write and read than varints, and no
+/// longer for the random 128-bit ids that most of a run's keys are.
+const RUN_CONFIG: bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Fixint,
+> = bincode::config::standard().with_fixed_int_encoding();
 
 /// Sorts a run's rows and writes them to its file.
 type SpillJob = Box<dyn FnOnce() -> std::io::Result<()> + Send>;
