@@ -622,8 +622,9 @@ fn import_parsed(
                 if b.spill_if_full()? {
                     tracing::info!(
                         rows = b.rows(),
-                        "the rows read so far were sorted into a temporary file beside the \
-                         store (memory stays bounded); they are merged into the store at the end"
+                        "the rows read so far are being sorted into temporary files beside \
+                         the store (memory stays bounded); they are merged into the store at \
+                         the end"
                     );
                 }
                 reports

@@ -42,9 +42,9 @@ use std::io::{BufReader, BufWriter, Seek, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bincode::{Decode, Encode};
 use redb::{Key, Table, Value};
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
-use serde::{de::DeserializeOwned, Serialize};
 
 use super::feed::write_seq;
 use super::read::narrow;
@@ -633,8 +633,8 @@ type SpillJob = Box<dyn FnOnce() -> std::io::Result<()> + Send>;
 
 impl<K, V> Sorter<K, V>
 where
-    K: Ord + Copy + Serialize + DeserializeOwned + Send + 'static,
-    V: Clone + Serialize + DeserializeOwned + Send + 'static,
+    K: Ord + Copy + Encode + Decode<()> + Send + 'static,
+    V: Clone + Encode + Decode<()> + Send + 'static,
 {
     fn push(&mut self, key: K, value: V) {
         self.rows.push((key, value));
@@ -658,7 +658,7 @@ where
             rows.sort_unstable_by_key(|r| r.0);
             let mut out = BufWriter::with_capacity(1 << 20, writer);
             for row in &rows {
-                bincode::serde::encode_into_std_write(row, &mut out, RUN_CONFIG)
+                bincode::encode_into_std_write(row, &mut out, RUN_CONFIG)
                     .map_err(std::io::Error::other)?;
             }
             out.flush()
@@ -702,8 +702,8 @@ struct Merge<'a, K, V> {
 
 impl<K, V> Merge<'_, K, V>
 where
-    K: Ord + Copy + DeserializeOwned,
-    V: Clone + DeserializeOwned,
+    K: Ord + Copy + Decode<()>,
+    V: Clone + Decode<()>,
 {
     fn read(&mut self, source: usize) -> std::io::Result<Option<(K, V)>> {
         if source == 0 {
@@ -714,7 +714,7 @@ where
             return Ok(None);
         }
         *left -= 1;
-        bincode::serde::decode_from_std_read(file, RUN_CONFIG)
+        bincode::decode_from_std_read(file, RUN_CONFIG)
             .map(Some)
             .map_err(std::io::Error::other)
     }
@@ -722,8 +722,8 @@ where
 
 impl<K, V> Iterator for Merge<'_, K, V>
 where
-    K: Ord + Copy + DeserializeOwned,
-    V: Clone + DeserializeOwned,
+    K: Ord + Copy + Decode<()>,
+    V: Clone + Decode<()>,
 {
     type Item = std::io::Result<(K, V)>;
 
