@@ -347,21 +347,19 @@ impl BulkLoad<'_> {
         // halves of about the same cost.
         std::thread::scope(|scope| {
             let other = {
-                let tables = (
-                    txn.open_table(ASSIGNMENT_BY_CLASS)?,
+                let by_class_table = txn.open_table(ASSIGNMENT_BY_CLASS)?;
+                let tables: TeacherTables = (
                     txn.open_table(TEACHERS)?,
                     txn.open_table(ASSIGNMENT_BY_TEACHER)?,
                     txn.open_table(TEACHER_DOCS)?,
                 );
                 let total = &total;
                 scope.spawn(move || {
-                    let (by_class_table, teachers_table, index, docs) = tables;
                     let mut w = Written::new(total, None);
                     let rows = by_class.sorted().map_err(read)?;
                     w.insert(by_class_table, rows, read, |t, (k, v)| {
                         t.insert(k, v).map(drop)
                     })?;
-                    let tables = (teachers_table, index, docs);
                     write_teachers(tables, teachers, by_teacher, classes, &mut w, read)?;
                     w.flush();
                     Ok::<_, StoreError>(())
