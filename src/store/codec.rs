@@ -349,6 +349,30 @@ impl<'a> Bytes<'a> {
     }
 }
 
+/// The school and `lastSyncedAt` of a stored record, read from its head
+/// without decoding the rest (no allocation): what the freshness walk
+/// needs of every record.
+pub(super) fn record_school_synced(id: u128, bytes: &[u8]) -> Result<(Uuid, Timestamp)> {
+    if bytes.first() != Some(&RECORD_FORMAT) {
+        let r = decode_record(id, bytes)?;
+        return Ok((r.data.school_id(), r.last_synced_at));
+    }
+    let mut r = Bytes(&bytes[1..]);
+    let kind = r.byte()?;
+    r.key()?;
+    let last_synced_at: Timestamp = r.i64()?;
+    r.byte()?;
+    match kind {
+        KIND_CLASS | KIND_TEACHER => {}
+        // The teacher and the class come first.
+        KIND_ASSIGNMENT => {
+            r.take(32)?;
+        }
+        other => return Err(corrupt(format!("unknown record kind {other}"))),
+    }
+    Ok((r.uuid()?, last_synced_at))
+}
+
 /// A stored record of entity `id`, in this encoding or format 3's.
 pub(super) fn decode_record(id: u128, bytes: &[u8]) -> Result<Record<Entity>> {
     match bytes.first() {

@@ -12,6 +12,7 @@ use serde::{de::DeserializeOwned, Serialize};
 
 pub(super) use super::codec::{
     decode_doc, decode_entries, decode_record, encode_doc, encode_entries, encode_record,
+    record_school_synced,
 };
 use super::{Result, StoreError};
 use crate::domain::{EntityKind, Timestamp};

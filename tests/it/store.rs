@@ -972,3 +972,65 @@ fn a_format_3_store_with_damaged_values_still_upgrades() {
         "{refused:?}"
     );
 }
+
+/// The freshness walk (`oldest_synced`, behind the per-school gauge of
+/// `/metrics`) reads each table once in key order; it must give what
+/// looking at every school's records one by one gives: the oldest
+/// `lastSyncedAt` per listed school, none for a school without records,
+/// and nothing of a school not asked for.
+#[test]
+fn the_freshness_walk_finds_each_schools_oldest_record() {
+    let p = emis_edge::gen::Province::new(emis_edge::gen::Spec::scale("tiny", 1).unwrap());
+    let store = Store::open_in_memory().unwrap();
+    // School s synced at T0 + s hours; then one teacher and one assignment
+    // of school 1 again, later: its oldest record is still of T0 + 1 h.
+    for s in 0..p.spec.schools {
+        let changes = p
+            .school(s)
+            .into_iter()
+            .map(|e| (p.initial_key(&e), emis_edge::domain::Change::Upsert(e)))
+            .collect();
+        let now = T0 + i64::from(s) * 3600 * SEC;
+        store
+            .apply_batch(&batch(changes), now, SyncSource::Kafka)
+            .unwrap();
+    }
+    let again: Vec<_> = p
+        .school(1)
+        .into_iter()
+        .filter(|e| matches!(e.kind(), EntityKind::Teacher | EntityKind::Assignment))
+        .take(2)
+        .map(|e| {
+            let mut key = p.initial_key(&e);
+            key.version = key.version.map(|v| v + 1);
+            key.timestamp += SEC;
+            (key, emis_edge::domain::Change::Upsert(e))
+        })
+        .collect();
+    store
+        .apply_batch(&batch(again), T0 + 9 * 3600 * SEC, SyncSource::Kafka)
+        .unwrap();
+
+    let absent = uuid::Uuid::from_u128(424242);
+    let asked = vec![p.school_id(2), absent, p.school_id(1)];
+    let r = store.read().unwrap();
+    let walked = r.oldest_synced(&asked).unwrap();
+    let mut one_by_one = Vec::new();
+    for &s in &asked {
+        let mut oldest: Option<i64> = None;
+        r.for_each_in_school(s, |_, record| {
+            oldest = Some(oldest.map_or(record.last_synced_at, |o| o.min(record.last_synced_at)));
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+        one_by_one.extend(oldest.map(|t| (s, t)));
+    }
+    assert_eq!(walked, one_by_one);
+    assert_eq!(
+        walked,
+        vec![
+            (p.school_id(2), T0 + 2 * 3600 * SEC),
+            (p.school_id(1), T0 + 3600 * SEC)
+        ]
+    );
+}
