@@ -15,6 +15,14 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 static ALLOCATOR: dhat::Alloc = dhat::Alloc;
 
 fn main() -> std::process::ExitCode {
+    // No transparent huge pages for this process. mimalloc asks for them
+    // on its arenas (madvise), and the kernel's khugepaged then fills a
+    // partly used 2 MiB range with zeroed pages to make a huge one: a node
+    // that has just gone quiet grew by 60-90 MiB of resident memory in two
+    // minutes, without allocating (docs/PERFORMANCE.md, "Soak").
+    if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
+        eprintln!("emis-edge: transparent huge pages stay enabled ({e})");
+    }
     // Written when the command returns (after `serve`: on SIGTERM).
     #[cfg(feature = "dhat-heap")]
     let _profiler = dhat::Profiler::builder()

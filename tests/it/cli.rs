@@ -263,6 +263,14 @@ fn status_asks_the_running_node_else_reads_the_store() {
     assert_eq!(code, 0);
     let doc: serde_json::Value = serde_json::from_str(&json_out).unwrap();
     assert_eq!(doc["nodeId"], "edge-test-07");
+    // Resident memory stays what the node allocates: no transparent huge
+    // pages, which the kernel would fill with zeroes in the background.
+    let proc_status =
+        std::fs::read_to_string(format!("/proc/{}/status", served.child.id())).unwrap();
+    assert!(
+        proc_status.lines().any(|l| l == "THP_enabled:\t0"),
+        "the node runs with transparent huge pages: {proc_status}"
+    );
 
     // SIGTERM: a clean stop with exit code 0.
     assert!(Command::new("kill")
