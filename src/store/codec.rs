@@ -347,6 +347,22 @@ impl<'a> Bytes<'a> {
             event_id,
         })
     }
+
+    /// What every record starts with (after the format byte): its kind,
+    /// order key, `lastSyncedAt` and source.
+    fn head(&mut self) -> Result<(u8, OrderKey, Timestamp, SyncSource)> {
+        let kind = self.byte()?;
+        let key = self.key()?;
+        let last_synced_at: Timestamp = self.i64()?;
+        let source = match self.byte()? {
+            1 => SyncSource::Kafka,
+            2 => SyncSource::Resync,
+            3 => SyncSource::Import,
+            4 => SyncSource::Upstream,
+            other => return Err(corrupt(format!("unknown sync source {other}"))),
+        };
+        Ok((kind, key, last_synced_at, source))
+    }
 }
 
 /// The school and `lastSyncedAt` of a stored record, read from its head
@@ -358,10 +374,7 @@ pub(super) fn record_school_synced(id: u128, bytes: &[u8]) -> Result<(Uuid, Time
         return Ok((r.data.school_id(), r.last_synced_at));
     }
     let mut r = Bytes(&bytes[1..]);
-    let kind = r.byte()?;
-    r.key()?;
-    let last_synced_at: Timestamp = r.i64()?;
-    r.byte()?;
+    let (kind, _, last_synced_at, _) = r.head()?;
     match kind {
         KIND_CLASS | KIND_TEACHER => {}
         // The teacher and the class come first.
@@ -383,16 +396,7 @@ pub(super) fn decode_record(id: u128, bytes: &[u8]) -> Result<Record<Entity>> {
 
 fn decode_compact(id: Uuid, bytes: &[u8]) -> Result<Record<Entity>> {
     let mut r = Bytes(bytes);
-    let kind = r.byte()?;
-    let key = r.key()?;
-    let last_synced_at: Timestamp = r.i64()?;
-    let source = match r.byte()? {
-        1 => SyncSource::Kafka,
-        2 => SyncSource::Resync,
-        3 => SyncSource::Import,
-        4 => SyncSource::Upstream,
-        other => return Err(corrupt(format!("unknown sync source {other}"))),
-    };
+    let (kind, key, last_synced_at, source) = r.head()?;
     let data = match kind {
         KIND_CLASS => Entity::Class(Class {
             class_id: id,
