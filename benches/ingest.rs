@@ -9,11 +9,14 @@
 //!
 //! 1. produces `EMIS_BENCH_EVENTS` (default 300,000) events — teachers,
 //!    classes and assignments of realistic size, over 3 partitions per topic —
-//!    *before* the node starts, then starts a node on an empty durable store
-//!    and times until every event is applied (sustained ingest rate);
+//!    *before* the node starts; times a bare consumer reading them all (the
+//!    same-run ceiling), then starts a node on an empty durable store and
+//!    times until every event is applied (sustained ingest rate);
 //! 2. produces class updates at 1,000 events/s for 10 s and measures, for
 //!    each, the time from handing it to the producer until
 //!    `GET /api/classes/{id}` shows it over HTTP.
+//!
+//! It allocates with mimalloc, as the `emis-edge` binary does.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +29,9 @@ use rdkafka::ClientConfig;
 use serde_json::json;
 use test_support::{Options, Tansu};
 use uuid::Uuid;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn uid(kind: u64, n: u64) -> Uuid {
     let mixed = (n as u128).wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835)
@@ -104,6 +110,41 @@ fn send(p: &BaseProducer, t: EventType, partition: i32, raw: &[u8]) {
     }
 }
 
+/// The ceiling of step 1: a bare consumer (the node's fetch wait, no
+/// group, every partition from its start) that only counts the backlog.
+fn bare_consume(brokers: &str, events: u64) -> Duration {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "bench-bare")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "25")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for t in EventType::ALL {
+        for p in 0..3 {
+            tpl.add_partition_offset(t.name(), p, Offset::Beginning)
+                .unwrap();
+        }
+    }
+    c.assign(&tpl).unwrap();
+    let started = Instant::now();
+    let mut n = 0;
+    while n < events {
+        if let Some(m) = c.poll(Duration::from_millis(100)) {
+            m.unwrap();
+            n += 1;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "bare consumer stalled at {n}"
+        );
+    }
+    started.elapsed()
+}
+
 fn applied(node: &emis_edge::node::RunningNode) -> u64 {
     let stats = node.state.store.read().unwrap().stats().unwrap();
     ["events_applied", "events_stale"]
@@ -143,6 +184,12 @@ fn main() {
         events as f64 / produce.as_secs_f64()
     );
 
+    let bare = bare_consume(&brokers, events);
+    eprintln!(
+        "a bare consumer read them in {bare:.2?} ({:.0}/s)",
+        events as f64 / bare.as_secs_f64()
+    );
+
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::default();
     config.node.data_dir = dir.path().to_owned();
@@ -180,6 +227,10 @@ fn main() {
          (node start and partition assignment included), {:.0} events/s after the first commit",
         events as f64 / took.as_secs_f64(),
         (events - first_n) as f64 / first_at.elapsed().as_secs_f64()
+    );
+    eprintln!(
+        "ingest / bare consumer: {:.2}",
+        bare.as_secs_f64() / took.as_secs_f64()
     );
 
     // 2. Event-to-visible latency at 1,000 events/s.

@@ -94,7 +94,8 @@ pub struct KafkaConfig {
     pub properties: BTreeMap<String, String>,
     /// A batch closes after this many messages …
     pub batch_max_messages: usize,
-    /// … or after this long, whichever comes first.
+    /// … or this long after its first message, once no more messages are
+    /// waiting (a backlog is read in whole batches).
     pub batch_max_wait_ms: u64,
     /// `stale` in the sync status once the broker has been unreachable for
     /// this long.
@@ -235,7 +236,7 @@ impl Default for KafkaConfig {
             group_id: None,
             topics: TopicsConfig::default(),
             properties: BTreeMap::new(),
-            batch_max_messages: 5000,
+            batch_max_messages: 20_000,
             batch_max_wait_ms: 20,
             stale_after_secs: 300,
         }

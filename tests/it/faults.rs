@@ -105,20 +105,6 @@ fn offset_of(v: &Value, topic: &str) -> i64 {
         .sum()
 }
 
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.split(' ').next() == Some(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in\n{text}"))
-}
-
-async fn metrics(node: &TestNode) -> String {
-    let (status, _, body) = node.get("/metrics").await;
-    assert_eq!(status, 200);
-    String::from_utf8(body).unwrap()
-}
-
 /// Runs the CLI against the node (or the store) named by `env`.
 async fn cli(args: &[&str], env: Vec<(String, String)>) -> (i32, String, String) {
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();

@@ -1073,3 +1073,64 @@ async fn dead_letters_beyond_the_configured_count_drop_the_oldest_and_are_counte
     }
     node.node.stop().await.unwrap();
 }
+
+/// A node that comes back to a backlog reads it in whole batches, however
+/// short `batch_max_wait_ms` is: each transaction then rewrites a B-tree
+/// page once for many changes, and catch-up runs at full speed. Cutting
+/// batches at the wait would commit 1,500 events in dozens of tiny
+/// transactions here (parsing 500 events takes longer than 1 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_applied_in_full_batches_whatever_the_wait() {
+    let kafka = Kafka::start(1);
+    let t = EventType::ClassCreated;
+    let backlog: Vec<Vec<u8>> = (0..1_500u128)
+        .map(|n| {
+            event(t, n, 1, Some(1), 1, class_fields(id(n), "Lớp 1A1"))
+                .to_string()
+                .into_bytes()
+        })
+        .collect();
+    kafka.send_raw(t.name(), 0, &backlog);
+    let node = TestNode::start(|c| {
+        kafka.configure(c);
+        c.kafka.batch_max_messages = 500;
+        c.kafka.batch_max_wait_ms = 1;
+    })
+    .await;
+    wait_status(&node, "the backlog", |v| {
+        counter(v, "events_applied") == 1_500
+    })
+    .await;
+    // Three batches of 500; one or two more when the client's queue ran
+    // dry between two fetches of the broker.
+    let text = metrics(&node).await;
+    let batches = metric(&text, "emis_edge_batch_size_messages_count");
+    assert!(
+        (3.0..=5.0).contains(&batches),
+        "the backlog took {batches} batches, not three of 500:\n{text}"
+    );
+    assert_eq!(metric(&text, "emis_edge_batch_size_messages_sum"), 1_500.0);
+    // A live stream still closes its batch after the wait: one more event
+    // is applied on its own.
+    kafka.send(
+        t,
+        &[event(
+            t,
+            9_000,
+            1,
+            Some(1),
+            1,
+            class_fields(id(9_000), "Lớp 2A1"),
+        )],
+    );
+    wait_status(&node, "the live event", |v| {
+        counter(v, "events_applied") == 1_501
+    })
+    .await;
+    let text = metrics(&node).await;
+    assert_eq!(
+        metric(&text, "emis_edge_batch_size_messages_count"),
+        batches + 1.0
+    );
+    node.node.stop().await.unwrap();
+}

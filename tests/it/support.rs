@@ -391,3 +391,19 @@ pub fn gunzip(bytes: &[u8]) -> Vec<u8> {
         .unwrap();
     out
 }
+
+/// The value of an unlabelled metric in a `/metrics` text.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.split(' ').next() == Some(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in\n{text}"))
+}
+
+/// The node's `/metrics` text.
+pub async fn metrics(node: &TestNode) -> String {
+    let (status, _, body) = node.get("/metrics").await;
+    assert_eq!(status, 200);
+    String::from_utf8(body).unwrap()
+}
