@@ -196,6 +196,12 @@ fn main() {
     config.http.listen = "127.0.0.1:0".parse().unwrap();
     config.kafka.brokers = brokers.clone();
     config.schools.all = true;
+    if let Some(mb) = std::env::var("EMIS_BENCH_CACHE_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        config.store.cache_mb = mb;
+    }
     for (key, var) in [("fetch.wait.max.ms", "EMIS_BENCH_FETCH_WAIT_MS")] {
         if let Ok(v) = std::env::var(var) {
             config.kafka.properties.insert(key.into(), v);

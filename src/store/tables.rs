@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::feed::{write_seq, LogWriter};
 use super::schema::*;
 use super::write::ReconcileReport;
-use super::Result;
+use super::{Result, StoreError};
 use crate::domain::*;
 
 /// What a change of a school the node does not serve did.
@@ -48,6 +48,18 @@ pub(super) struct WriteTables<'t> {
     pub(super) log: LogWriter<'t>,
     /// Teachers whose document this transaction already invalidated.
     invalidated: HashSet<Id>,
+    /// While [`WriteTables::apply_in_key_order`] runs: the change-log
+    /// entries held back until the batch is through.
+    deferred: Option<Deferred>,
+}
+
+/// Change-log entries held back while a batch is applied in key order.
+#[derive(Default)]
+struct Deferred {
+    /// The batch index of the change in hand.
+    current: usize,
+    /// (batch index, kind, id, school, school it left)
+    entries: Vec<(usize, EntityKind, Id, Id, Option<Id>)>,
 }
 
 impl<'t> WriteTables<'t> {
@@ -69,6 +81,7 @@ impl<'t> WriteTables<'t> {
             pending: txn.open_table(PENDING_DOCS)?,
             log: LogWriter::open(txn)?,
             invalidated: Default::default(),
+            deferred: None,
         })
     }
 
@@ -106,6 +119,52 @@ impl<'t> WriteTables<'t> {
             self.invalidate(t)?;
         }
         Ok(())
+    }
+
+    /// Applies a batch's changes in key order (kind, then id; stable, so an
+    /// entity's own changes keep their order): neighbouring changes share
+    /// B-tree pages. The change log still takes them in the batch's order,
+    /// so the feed lists them as they arrived. Returns, per change in the
+    /// batch's order, whether it was applied; an error names its change.
+    pub(super) fn apply_in_key_order(
+        &mut self,
+        changes: &[(OrderKey, Change)],
+        now: Timestamp,
+        source: SyncSource,
+    ) -> std::result::Result<Vec<bool>, (usize, StoreError)> {
+        let mut order: Vec<usize> = (0..changes.len()).collect();
+        order.sort_by_key(|&i| (changes[i].1.kind(), changes[i].1.id()));
+        let mut applied = vec![false; changes.len()];
+        self.deferred = Some(Deferred::default());
+        for i in order {
+            if let Some(deferred) = &mut self.deferred {
+                deferred.current = i;
+            }
+            let (key, change) = &changes[i];
+            applied[i] = self.apply(key, change, now, source).map_err(|e| (i, e))?;
+        }
+        let mut held = self.deferred.take().unwrap_or_default().entries;
+        held.sort_unstable_by_key(|entry| entry.0); // one entry per change
+        for (i, kind, id, school, previous) in held {
+            self.enter(kind, id, school, previous).map_err(|e| (i, e))?;
+        }
+        Ok(applied)
+    }
+
+    /// Enters a change in the change log (also under the school it left,
+    /// so that that school's followers learn of it), or holds it back
+    /// while a batch is applied in key order.
+    fn enter(&mut self, kind: EntityKind, id: Id, school: Id, previous: Option<Id>) -> Result<()> {
+        if let Some(deferred) = &mut self.deferred {
+            deferred
+                .entries
+                .push((deferred.current, kind, id, school, previous));
+            return Ok(());
+        }
+        match previous {
+            Some(previous) => self.log.record(kind, id, &[school, previous]),
+            None => self.log.record(kind, id, &[school]),
+        }
     }
 
     /// Reconciles schools inside an open write transaction: first every
@@ -384,12 +443,8 @@ impl<'t> WriteTables<'t> {
                 }
             }
         }
-        // Followers of the school it left learn of it too.
         let school = change.school_id().as_u128();
-        match prior_school.filter(|&p| p != school) {
-            Some(previous) => self.log.record(kind, id, &[school, previous])?,
-            None => self.log.record(kind, id, &[school])?,
-        }
+        self.enter(kind, id, school, prior_school.filter(|&p| p != school))?;
         Ok(true)
     }
 }

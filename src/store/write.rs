@@ -150,32 +150,26 @@ impl Store {
     ) -> Result<Result<ApplyReport>> {
         let txn = self.begin_write()?;
         let mut report = ApplyReport::default();
-        let mut watermark = None;
         let mut tables = WriteTables::open(&txn)?;
-        for (index, (key, change)) in batch.changes.iter().enumerate() {
-            let applied = match tables.apply(key, change, now, source) {
-                Ok(applied) => applied,
-                // Dropping `txn` aborts it: nothing of the batch stays.
-                Err(StoreError::Corrupt(reason)) => {
-                    return Ok(Err(StoreError::Refused {
-                        index,
-                        reason: format!(
-                            "what is stored for {} {} is corrupt ({reason})",
-                            change.kind().as_str(),
-                            change.id()
-                        ),
-                    }))
-                }
-                Err(e) => return Err(e),
-            };
-            report.outcomes.push(applied);
-            if applied {
-                report.applied += 1;
-            } else {
-                report.stale += 1;
+        report.outcomes = match tables.apply_in_key_order(&batch.changes, now, source) {
+            Ok(outcomes) => outcomes,
+            // Dropping `txn` aborts it: nothing of the batch stays.
+            Err((index, StoreError::Corrupt(reason))) => {
+                let change = &batch.changes[index].1;
+                return Ok(Err(StoreError::Refused {
+                    index,
+                    reason: format!(
+                        "what is stored for {} {} is corrupt ({reason})",
+                        change.kind().as_str(),
+                        change.id()
+                    ),
+                }));
             }
-            watermark = watermark.max(Some(key.timestamp));
-        }
+            Err((_, e)) => return Err(e),
+        };
+        report.applied = report.outcomes.iter().filter(|a| **a).count() as u64;
+        report.stale = batch.changes.len() as u64 - report.applied;
+        let mut watermark = batch.changes.iter().map(|(key, _)| key.timestamp).max();
         for (i, (key, change)) in batch.foreign.iter().enumerate() {
             let outcome = match tables.apply_foreign(key, change, now, source) {
                 Ok(outcome) => outcome,

@@ -352,6 +352,46 @@ proptest! {
     }
 }
 
+/// The feed of every school, in feed order: each line as served.
+fn feed_in_order(store: &Store) -> Vec<String> {
+    let schools: Vec<_> = (1..=3).map(school).collect();
+    let page = store
+        .read()
+        .unwrap()
+        .changes(&schools, None, 10_000)
+        .unwrap();
+    assert!(!page.more);
+    page.items
+        .iter()
+        .map(|i| String::from_utf8(i.line()).unwrap())
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// A batch is applied in key order, for speed, but the feed still
+    /// lists its changes as they arrived: one batch gives the same state
+    /// and the same feed, line for line, as one batch per change.
+    #[test]
+    fn a_batch_enters_the_feed_in_arrival_order(
+        specs in prop::collection::vec(spec(), 1..24),
+        repeats in prop::collection::vec(1..=3usize, 24),
+        seed in any::<u64>(),
+    ) {
+        let mut events = multiset(&specs, &repeats);
+        events.shuffle(&mut StdRng::seed_from_u64(seed));
+        let one_batch = Store::open_in_memory().unwrap();
+        one_batch.apply_batch(&Node::All.batch(events.clone()), T0, SyncSource::Kafka).unwrap();
+        let one_by_one = Store::open_in_memory().unwrap();
+        for e in &events {
+            one_by_one.apply_batch(&Node::All.batch(vec![e.clone()]), T0, SyncSource::Kafka).unwrap();
+        }
+        prop_assert_eq!(feed_in_order(&one_batch), feed_in_order(&one_by_one));
+        prop_assert_eq!(observe(&one_batch), observe(&one_by_one));
+    }
+}
+
 /// The property above must be able to fail, and it does for the rule's
 /// alternative: with last-arrival-wins in place of the convergence rule,
 /// the same generators and the same property (deterministically seeded)
