@@ -11,7 +11,11 @@
 //!    classes and assignments of realistic size, over 3 partitions per topic —
 //!    *before* the node starts; times a bare consumer reading them all (the
 //!    same-run ceiling), then starts a node on an empty durable store and
-//!    times until every event is applied (sustained ingest rate);
+//!    times until every event is applied (sustained ingest rate), with the
+//!    node's batches (count, mean size), the peak resident memory of the
+//!    process while it caught up and the bytes it wrote to disk;
+//!    `EMIS_BENCH_CACHE_MB` sets `store.cache_mb`, `EMIS_BENCH_BATCH`
+//!    `kafka.batch_max_messages`;
 //! 2. produces class updates at 1,000 events/s for 10 s and measures, for
 //!    each, the time from handing it to the producer until
 //!    `GET /api/classes/{id}` shows it over HTTP.
@@ -110,6 +114,26 @@ fn send(p: &BaseProducer, t: EventType, partition: i32, raw: &[u8]) {
     }
 }
 
+/// The bytes this process has caused to be written to storage
+/// (`write_bytes` of `/proc/self/io`).
+fn written_bytes() -> u64 {
+    let io = std::fs::read_to_string("/proc/self/io").unwrap();
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes: "))
+        .and_then(|v| v.parse().ok())
+        .expect("write_bytes in /proc/self/io")
+}
+
+/// This process's resident memory (`VmRSS`), in KiB.
+fn resident_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/self/status")
+}
+
 /// The ceiling of step 1: a bare consumer (the node's fetch wait, no
 /// group, every partition from its start) that only counts the backlog.
 fn bare_consume(brokers: &str, events: u64) -> Duration {
@@ -202,6 +226,13 @@ fn main() {
     {
         config.store.cache_mb = mb;
     }
+    if let Some(n) = std::env::var("EMIS_BENCH_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        config.kafka.batch_max_messages = n;
+    }
+    let written = written_bytes();
     for (key, var) in [("fetch.wait.max.ms", "EMIS_BENCH_FETCH_WAIT_MS")] {
         if let Ok(v) = std::env::var(var) {
             config.kafka.properties.insert(key.into(), v);
@@ -212,7 +243,10 @@ fn main() {
         .unwrap();
     let started = Instant::now();
     let mut first = None;
+    let resident_before = resident_kib();
+    let mut resident_peak = resident_before;
     loop {
+        resident_peak = resident_peak.max(resident_kib());
         let n = applied(&node);
         if n > 0 && first.is_none() {
             first = Some((Instant::now(), n));
@@ -237,6 +271,37 @@ fn main() {
     eprintln!(
         "ingest / bare consumer: {:.2}",
         bare.as_secs_f64() / took.as_secs_f64()
+    );
+    eprintln!(
+        "resident memory: {} MiB before the node started, at most {} MiB while it caught up",
+        resident_before / 1024,
+        resident_peak / 1024
+    );
+    let written = written_bytes() - written;
+    let metrics = rt
+        .block_on(async {
+            reqwest::get(format!("http://{}/metrics", node.addr))
+                .await?
+                .text()
+                .await
+        })
+        .unwrap();
+    let metric = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in /metrics"))
+    };
+    let batches = metric("emis_edge_batch_size_messages_count");
+    eprintln!(
+        "{batches} batches of {:.0} messages on average",
+        metric("emis_edge_batch_size_messages_sum") / batches
+    );
+    eprintln!(
+        "written to disk while ingesting: {:.0} MiB ({:.0} bytes/event)",
+        written as f64 / (1 << 20) as f64,
+        written as f64 / events as f64
     );
 
     // 2. Event-to-visible latency at 1,000 events/s.

@@ -236,7 +236,7 @@ impl Default for KafkaConfig {
             group_id: None,
             topics: TopicsConfig::default(),
             properties: BTreeMap::new(),
-            batch_max_messages: 20_000,
+            batch_max_messages: 100_000,
             batch_max_wait_ms: 20,
             stale_after_secs: 300,
         }

@@ -53,6 +53,17 @@ const IDLE_POLL: Duration = Duration::from_millis(100);
 /// payload, so a flood of large bad records (each kept up to
 /// `DEAD_LETTER_MAX_RAW`) cannot make one batch, and its transaction, huge.
 pub const BATCH_MAX_DEAD_LETTER_BYTES: usize = 16 * 1024 * 1024;
+/// A batch takes as many messages as the last one's cost per message says
+/// can be applied in this time (up to `kafka.batch_max_messages`): a stop
+/// waits for the batch in hand, and the document worker, a resync or an
+/// import wait for its write, so a catching-up node on a slow disk or a
+/// large store keeps its batches short, and one on a fast disk makes them
+/// big.
+const BATCH_APPLY_BUDGET: Duration = Duration::from_secs(2);
+/// The first batch after start, before any apply was timed.
+const FIRST_BATCH: usize = 10_000;
+/// No budget makes a batch smaller than this.
+const MIN_BATCH: usize = 1_000;
 
 /// Receives librdkafka's statistics and errors and turns them into the
 /// node's sync status.
@@ -184,8 +195,38 @@ struct Reader {
     /// The test hook `Faults::pause_ingest` has paused fetching.
     #[cfg(feature = "fault-injection")]
     paused: bool,
-    max_messages: usize,
+    limit: BatchLimit,
     max_wait: Duration,
+}
+
+/// How many messages the next batch may take (see [`BATCH_APPLY_BUDGET`]).
+#[derive(Debug)]
+struct BatchLimit {
+    /// `kafka.batch_max_messages`.
+    max: usize,
+    next: usize,
+}
+
+impl BatchLimit {
+    fn new(max: usize) -> BatchLimit {
+        BatchLimit {
+            max,
+            next: max.min(FIRST_BATCH),
+        }
+    }
+
+    /// A batch of `messages` took `took` to apply. A small batch's fixed
+    /// cost (the commit's wait for the disk) makes its cost per message an
+    /// overestimate, so the limit grows over a few batches, never past
+    /// what the last one's cost allows.
+    fn observe(&mut self, messages: usize, took: Duration) {
+        if messages == 0 {
+            return;
+        }
+        let fits = BATCH_APPLY_BUDGET.as_nanos() * messages as u128 / took.as_nanos().max(1);
+        let fits = usize::try_from(fits).unwrap_or(usize::MAX);
+        self.next = fits.clamp(MIN_BATCH.min(self.max), self.max);
+    }
 }
 
 impl Reader {
@@ -236,7 +277,7 @@ impl Reader {
         Ok(Reader {
             filter: config.school_filter(),
             max_future_skew: config.max_future_skew(),
-            max_messages: config.kafka.batch_max_messages,
+            limit: BatchLimit::new(config.kafka.batch_max_messages),
             max_wait: Duration::from_millis(config.kafka.batch_max_wait_ms),
             state,
             consumer,
@@ -481,8 +522,9 @@ impl Reader {
             .record_offset_out_of_range(format!("{topic}/{partition}: {offsets}"));
     }
 
-    /// Polls until the batch is full, a stop, or `max_wait` after its first
-    /// message, once no more messages are waiting in the client's queue.
+    /// Polls until the batch is full (its [`BatchLimit`]), a stop, or
+    /// `max_wait` after its first message, once no more messages are
+    /// waiting in the client's queue.
     /// While the node is behind, messages are always waiting, so a backlog
     /// is read in full batches: a bigger transaction rewrites each B-tree
     /// page it touches once for more changes (catch-up ingest 1.5–1.8× faster
@@ -497,7 +539,7 @@ impl Reader {
         let mut deadline: Option<Instant> = None;
         let mut dead_bytes = 0;
         let now = self.state.clock.now();
-        while count < self.max_messages && !stop.is_cancelled() {
+        while count < self.limit.next && !stop.is_cancelled() {
             let timeout =
                 deadline.map_or(IDLE_POLL, |d| d.saturating_duration_since(Instant::now()));
             match self.consumer.poll(timeout) {
@@ -739,12 +781,14 @@ impl Reader {
         ));
     }
 
-    /// Per-topic outcomes, batch size and commit time, for /metrics.
-    fn record(&self, batch: &Batch, report: &crate::store::ApplyReport, took: Duration) {
+    /// Per-topic outcomes, batch size and commit time, for /metrics; the
+    /// commit time also sizes the next batch.
+    fn record(&mut self, batch: &Batch, report: &crate::store::ApplyReport, took: Duration) {
         let m = &self.state.metrics;
         m.commit_duration.observe(took.as_secs_f64());
         let messages = batch.changes.len() + batch.dead_letters.len() + batch.foreign.len();
         m.batch_size.observe(messages as f64);
+        self.limit.observe(messages, took);
         let count = |topic: &str, outcome: &str| {
             m.topic_events
                 .get_or_create(&crate::metrics::labels(&[
@@ -780,5 +824,41 @@ impl Reader {
             tracing::info!("caught up with the high watermarks seen at start");
             self.state.sync.update(|s| s.first_sync_done = true);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_takes_what_the_last_one_says_fits_in_the_budget() {
+        let mut limit = BatchLimit::new(100_000);
+        assert_eq!(limit.next, FIRST_BATCH, "the first batch is untimed");
+        // A live batch: 20 messages, 10 ms (mostly the disk's wait).
+        limit.observe(20, Duration::from_millis(10));
+        assert_eq!(limit.next, 4_000);
+        // A backlog on a fast disk: the cost per message falls as batches grow.
+        limit.observe(4_000, Duration::from_millis(60));
+        assert_eq!(limit.next, 100_000, "never past kafka.batch_max_messages");
+        // The store outgrew its cache: 100,000 took 8 s.
+        limit.observe(100_000, Duration::from_secs(8));
+        assert_eq!(limit.next, 25_000);
+        // A very slow disk.
+        limit.observe(25_000, Duration::from_secs(120));
+        assert_eq!(limit.next, MIN_BATCH);
+        // Nothing collected says nothing.
+        limit.observe(0, Duration::from_secs(1));
+        assert_eq!(limit.next, MIN_BATCH);
+    }
+
+    #[test]
+    fn a_small_configured_batch_is_kept() {
+        let mut limit = BatchLimit::new(500);
+        assert_eq!(limit.next, 500);
+        limit.observe(500, Duration::from_secs(30));
+        assert_eq!(limit.next, 500, "the floor is never above the maximum");
+        limit.observe(500, Duration::ZERO);
+        assert_eq!(limit.next, 500);
     }
 }
