@@ -85,7 +85,8 @@ impl Default for Metrics {
             http: Family::new_with_constructor(latency_histogram),
             sync_latency: latency_histogram(),
             topic_events: Family::default(),
-            batch_size: Histogram::new(exponential_buckets(1.0, 4.0, 9)),
+            // 1 … 262,144: the largest batch (100,000) falls in a bucket
+            batch_size: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
             commit_duration: latency_histogram(),
             resync_schools: Family::default(),
             resync_duration: latency_histogram(),
