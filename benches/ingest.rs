@@ -278,25 +278,32 @@ fn main() {
         resident_peak / 1024
     );
     let written = written_bytes() - written;
-    let metrics = rt
-        .block_on(async {
-            reqwest::get(format!("http://{}/metrics", node.addr))
-                .await?
-                .text()
-                .await
-        })
-        .unwrap();
-    let metric = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} in /metrics"))
+    // The last batch is counted in /metrics just after its commit.
+    let (batches, messages) = loop {
+        let metrics = rt
+            .block_on(async {
+                reqwest::get(format!("http://{}/metrics", node.addr))
+                    .await?
+                    .text()
+                    .await
+            })
+            .unwrap();
+        let metric = |name: &str| -> f64 {
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{name} in /metrics"))
+        };
+        let messages = metric("emis_edge_batch_size_messages_sum");
+        if messages >= events as f64 {
+            break (metric("emis_edge_batch_size_messages_count"), messages);
+        }
+        std::thread::sleep(Duration::from_millis(5));
     };
-    let batches = metric("emis_edge_batch_size_messages_count");
     eprintln!(
         "{batches} batches of {:.0} messages on average",
-        metric("emis_edge_batch_size_messages_sum") / batches
+        messages / batches
     );
     eprintln!(
         "written to disk while ingesting: {:.0} MiB ({:.0} bytes/event)",
