@@ -233,6 +233,7 @@ fn main() {
         config.kafka.batch_max_messages = n;
     }
     let written = written_bytes();
+    let resident_before = resident_kib();
     for (key, var) in [("fetch.wait.max.ms", "EMIS_BENCH_FETCH_WAIT_MS")] {
         if let Ok(v) = std::env::var(var) {
             config.kafka.properties.insert(key.into(), v);
@@ -243,7 +244,6 @@ fn main() {
         .unwrap();
     let started = Instant::now();
     let mut first = None;
-    let resident_before = resident_kib();
     let mut resident_peak = resident_before;
     loop {
         resident_peak = resident_peak.max(resident_kib());
