@@ -1074,6 +1074,23 @@ async fn dead_letters_beyond_the_configured_count_drop_the_oldest_and_are_counte
     node.node.stop().await.unwrap();
 }
 
+/// The node's metrics once its batches add up to `messages`: a batch is
+/// counted just after its commit, so status may show its events first.
+async fn batch_metrics(node: &TestNode, messages: u64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = metrics(node).await;
+        if metric(&text, "emis_edge_batch_size_messages_sum") == messages as f64 {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for batches of {messages} messages:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A node that comes back to a backlog reads it in whole batches, however
 /// short `batch_max_wait_ms` is: each transaction then rewrites a B-tree
 /// page once for many changes, and catch-up runs at full speed. Cutting
@@ -1103,7 +1120,7 @@ async fn a_backlog_is_applied_in_full_batches_whatever_the_wait() {
     .await;
     // Three batches of 500; one or two more when the client's queue ran
     // dry between two fetches of the broker.
-    let text = metrics(&node).await;
+    let text = batch_metrics(&node, 1_500).await;
     let batches = metric(&text, "emis_edge_batch_size_messages_count");
     assert!(
         (3.0..=5.0).contains(&batches),
@@ -1127,7 +1144,7 @@ async fn a_backlog_is_applied_in_full_batches_whatever_the_wait() {
         counter(v, "events_applied") == 1_501
     })
     .await;
-    let text = metrics(&node).await;
+    let text = batch_metrics(&node, 1_501).await;
     assert_eq!(
         metric(&text, "emis_edge_batch_size_messages_count"),
         batches + 1.0
