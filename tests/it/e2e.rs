@@ -224,7 +224,11 @@ async fn sigkill_at_random_moments_loses_nothing_and_doubles_nothing() {
                     .env("EMIS_EDGE__KAFKA__BROKERS", &brokers)
                     .env("RUST_LOG", "warn")
                     .env("EMIS_EDGE__NODE__ID", "crash-test")
-                    .env("EMIS_EDGE__SCHOOLS__ALL", "true");
+                    .env("EMIS_EDGE__SCHOOLS__ALL", "true")
+                    // A restarted node catches up in batches sized by their
+                    // time, up to 100,000: one could take it from a round's
+                    // target to the end of the stream before the kill.
+                    .env("EMIS_EDGE__KAFKA__BATCH_MAX_MESSAGES", "10000");
                 cmd
             },
             "crash-test",
