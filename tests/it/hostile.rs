@@ -897,18 +897,13 @@ async fn a_flood_of_large_bad_values_keeps_batches_and_memory_bounded() {
         .text()
         .await
         .unwrap();
-    let value = |prefix: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(prefix))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{prefix} not in\n{metrics}"))
-    };
-    let batches = value("emis_edge_batch_size_messages_count");
+    let batches = metric(&metrics, "emis_edge_batch_size_messages_count");
     assert!(batches >= 3.0, "{batches} batches for {total} messages");
     assert_eq!(
-        value("emis_edge_batch_size_messages_bucket{le=\"256.0\"}"),
+        metric(
+            &metrics,
+            "emis_edge_batch_size_messages_bucket{le=\"256.0\"}"
+        ),
         batches,
         "a batch held more than 256 messages"
     );
