@@ -109,17 +109,20 @@ wait_fresh() {
 }
 rss_mb() { awk '/VmRSS/{printf "%.0f", $2/1024}' "/proc/$1/status"; }
 
-# wrk's summary → "req/s p50 p99 errors"
+# Clock ticks of CPU (user + system) a process has used so far.
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# wrk's summary → "req/s p50 p99 requests errors"
 wrk_run() {
   local out
   out=$(wrk -t1 -c64 -d"$DURATION" --latency "$@")
   echo "$out" >>"$W/wrk.log"
-  local rps p50 p99 errs
+  local rps p50 p99 n errs
   rps=$(awk '/Requests\/sec/{print $2}' <<<"$out")
+  n=$(awk '/requests in/{print $1}' <<<"$out")
   p50=$(awk '$1=="50%"{print $2}' <<<"$out")
   p99=$(awk '$1=="99%"{print $2}' <<<"$out")
   errs=$(awk '/Non-2xx/{print $5} /Socket errors/{print "socket:" $0}' <<<"$out" | tr '\n' ' ')
-  echo "$rps $p50 $p99 ${errs:-0}"
+  echo "$rps $p50 $p99 $n ${errs:-0}"
 }
 
 if has import || [[ ! -f $W/data/emis-edge.redb ]]; then
@@ -155,9 +158,11 @@ if has read; then
   # layers: the issue's ceiling) and the node's own HTTP stack (its layers
   # and connection loop, no store).
   "$STATIC_BIN" --plain --bytes "$bytes" --listen "127.0.0.1:$PLAIN_PORT" 2>>"$W/static.log" &
-  PIDS+=($!)
+  PLAIN_PID=$!
+  PIDS+=("$PLAIN_PID")
   "$STATIC_BIN" --bytes "$bytes" --listen "127.0.0.1:$STATIC_PORT" 2>>"$W/static.log" &
-  PIDS+=($!)
+  STACK_PID=$!
+  PIDS+=("$STACK_PID")
   until curl -sf -o /dev/null "http://127.0.0.1:$STATIC_PORT/api/static" &&
     curl -sf -o /dev/null "http://127.0.0.1:$PLAIN_PORT/api/static"; do sleep 0.01; done
   PLAIN_URL=http://127.0.0.1:$PLAIN_PORT/api/static
@@ -167,18 +172,26 @@ if has read; then
   wrk_run -s benches/load/teacher.lua "$BASE" -- "$W/ids.txt" >/dev/null
   # Interleaved rounds (plain, teacher, stack, …), so that the other load on
   # a shared machine hits all three alike; ratios are per round.
-  say "| round | load (1 min) | plain axum req/s | p99 | same stack req/s | p99 | teacher route req/s | p50 | p99 | non-2xx | teacher/plain req/s | p99 | teacher/stack req/s |"
-  say "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+  say "| round | load (1 min) | plain axum req/s | p99 | CPU/req | same stack req/s | p99 | CPU/req | teacher route req/s | p50 | p99 | CPU/req | non-2xx | teacher/plain req/s | p99 | teacher/stack req/s |"
+  say "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
   R_RPS=() R_P99=() S_RPS=()
   for round in $(seq 1 "$ROUNDS"); do
-    read -r p_rps _ p_p99 _ < <(wrk_run "$PLAIN_URL")
-    read -r t_rps t_p50 t_p99 t_err < <(wrk_run -s benches/load/teacher.lua "$BASE" -- "$W/ids.txt")
-    read -r s_rps _ s_p99 _ < <(wrk_run "$STACK_URL")
+    # CPU time per request of the server measured, a figure less bent by
+    # other load on the machine than requests/s.
+    c0=$(ticks "$PLAIN_PID")
+    read -r p_rps _ p_p99 p_n _ < <(wrk_run "$PLAIN_URL")
+    p_cpu=$(awk "BEGIN{printf \"%.1f\", ($(ticks "$PLAIN_PID") - $c0) * 1e6 / $(getconf CLK_TCK) / $p_n}")
+    c0=$(ticks "$NODE")
+    read -r t_rps t_p50 t_p99 t_n t_err < <(wrk_run -s benches/load/teacher.lua "$BASE" -- "$W/ids.txt")
+    t_cpu=$(awk "BEGIN{printf \"%.1f\", ($(ticks "$NODE") - $c0) * 1e6 / $(getconf CLK_TCK) / $t_n}")
+    c0=$(ticks "$STACK_PID")
+    read -r s_rps _ s_p99 s_n _ < <(wrk_run "$STACK_URL")
+    s_cpu=$(awk "BEGIN{printf \"%.1f\", ($(ticks "$STACK_PID") - $c0) * 1e6 / $(getconf CLK_TCK) / $s_n}")
     r_rps=$(awk "BEGIN{printf \"%.2f\", $t_rps/$p_rps}")
     r_p99=$(awk "BEGIN{printf \"%.2f\", $(ms "$t_p99")/$(ms "$p_p99")}")
     r_s=$(awk "BEGIN{printf \"%.2f\", $t_rps/$s_rps}")
     R_RPS+=("$r_rps") R_P99+=("$r_p99") S_RPS+=("$r_s")
-    say "| $round | $(load1) | $p_rps | $p_p99 | $s_rps | $s_p99 | $t_rps | $t_p50 | $t_p99 | $t_err | $r_rps× | $r_p99× | $r_s× |"
+    say "| $round | $(load1) | $p_rps | $p_p99 | $p_cpu µs | $s_rps | $s_p99 | $s_cpu µs | $t_rps | $t_p50 | $t_p99 | $t_cpu µs | $t_err | $r_rps× | $r_p99× | $r_s× |"
   done
   say ""
   say "Body $bytes B. Teacher route / plain axum, min / median / max over $ROUNDS rounds: requests/s **$(mmm "${R_RPS[@]}")** (target ≥ 0.8×), p99 **$(mmm "${R_P99[@]}")** (target ≤ 1.2×); teacher route / the same stack's static body: $(mmm "${S_RPS[@]}")."
@@ -237,7 +250,7 @@ if has mixed; then
     PIDS+=("$GEN")
     sleep 5
     before=$(curl -s "$BASE/metrics" | awk '/^emis_edge_events_total/{s+=$2} END{print s+0}')
-    read -r m_rps m_p50 m_p99 m_err < <(wrk_run -s benches/load/teacher.lua "$BASE" -- "$W/ids.txt")
+    read -r m_rps m_p50 m_p99 _ m_err < <(wrk_run -s benches/load/teacher.lua "$BASE" -- "$W/ids.txt")
     after=$(curl -s "$BASE/metrics" | awk '/^emis_edge_events_total/{s+=$2} END{print s+0}')
     wait "$GEN" || true
     say "## Mixed: reads while 1,000 changes/s arrive through tansu"

@@ -1,5 +1,6 @@
 //! The HTTP API (contract §4): which routes exist, behind which layers
-//! (bearer token, time and concurrency limits, request metrics), and the
+//! ([`guard`]: bearer token, time and concurrency limits, request
+//! metrics), and the
 //! HTTP-only state they need on top of [`NodeState`] (the accepted
 //! tokens, the metrics registry, the long-poll slots, the stop signal).
 //! The routes themselves are in [`read`] (lookups, lists, snapshot, status,
@@ -28,6 +29,7 @@ use crate::store::Reader;
 
 pub mod admin;
 pub mod feed;
+mod guard;
 pub mod openapi;
 pub mod ops;
 pub mod page;
@@ -212,36 +214,17 @@ pub fn router(state: ApiState) -> Router {
 /// scripts' static-body baseline (`benches/static_http.rs`) uses it to be
 /// served exactly as the teacher route is.
 pub fn router_with(state: ApiState, extra: Router<ApiState>) -> Router {
-    let timeout = Duration::from_secs(state.config.http.request_timeout_secs);
-    let limits = tower::ServiceBuilder::new()
-        .layer(axum::error_handling::HandleErrorLayer::new(
-            |e: tower::BoxError| async move {
-                if e.is::<tower::timeout::error::Elapsed>() {
-                    Problem::new(
-                        StatusCode::REQUEST_TIMEOUT,
-                        "timeout",
-                        "Request timeout",
-                        "the request took longer than http.request_timeout_secs".into(),
-                    )
-                } else {
-                    Problem::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "unavailable",
-                        "Unavailable",
-                        e.to_string(),
-                    )
-                }
-            },
-        ))
-        .layer(tower::timeout::TimeoutLayer::new(timeout))
-        // Only reads queue behind the limit: health checks (the systemd
-        // watchdog's probe) and metrics never wait behind API traffic.
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-            state.config.http.max_concurrent_requests,
-        ));
-    // Reads: bearer token when http.token_file is set (without tokens
-    // configured, no per-request token check at all), and the limits.
-    let guard = |routes: Router<ApiState>| {
+    // Reads: the bearer token when http.token_file is set, the time and
+    // concurrency limits. Only reads queue behind the limit: health checks
+    // (the systemd watchdog's probe) and metrics never wait behind API
+    // traffic.
+    let api = read::routes()
+        .split_for_parts()
+        .0
+        .merge(extra)
+        .layer(guard::ReadLimits::new(state.clone()));
+    // The feed's token check; without tokens configured, none at all.
+    let with_token = |routes: Router<ApiState>| {
         if state.tokens().is_empty() {
             routes
         } else {
@@ -251,11 +234,10 @@ pub fn router_with(state: ApiState, extra: Router<ApiState>) -> Router {
             ))
         }
     };
-    let api = guard(read::routes().split_for_parts().0.merge(extra)).layer(limits);
     // The change feed: the same tokens, but neither the time limit nor the
     // concurrency limit of the reads (a held long-poll is neither slow nor
     // busy); it has its own bound (`api::feed`).
-    let feed = guard(feed::routes().split_for_parts().0);
+    let feed = with_token(feed::routes().split_for_parts().0);
     let (admin, _) = admin::routes()
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -283,7 +265,8 @@ pub fn ops_router(state: ApiState) -> Router {
     finish(routes, state)
 }
 
-/// Fallbacks and request metrics, for every router.
+/// Fallbacks, the request-target limit and request metrics, for every
+/// router.
 fn finish(router: Router<ApiState>, state: ApiState) -> Router {
     router
         .fallback(|| async { Problem::not_found("no such route") })
@@ -295,55 +278,8 @@ fn finish(router: Router<ApiState>, state: ApiState) -> Router {
                 "this route does not answer that method".into(),
             )
         })
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            record_request,
-        ))
-        .layer(axum::middleware::from_fn(limit_uri))
+        .layer(guard::Edge(state.clone()))
         .with_state(state)
-}
-
-/// Refuses request targets over [`MAX_URI_BYTES`] (the change feed:
-/// [`MAX_FEED_URI_BYTES`]) before routing.
-async fn limit_uri(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let len = request
-        .uri()
-        .path_and_query()
-        .map_or(0, |p| p.as_str().len());
-    let max = if request.uri().path() == "/api/changes" {
-        MAX_FEED_URI_BYTES
-    } else {
-        MAX_URI_BYTES
-    };
-    if len > max {
-        return Problem::new(
-            StatusCode::URI_TOO_LONG,
-            "uri-too-long",
-            "URI too long",
-            format!("the request target is {len} bytes; at most {max} are accepted"),
-        )
-        .into_response();
-    }
-    next.run(request).await
-}
-
-/// Records each request's duration by route template and status.
-async fn record_request(
-    axum::extract::State(s): axum::extract::State<ApiState>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    // A cheap handle on the route's name (an `Arc<str>` inside).
-    let route = request
-        .extensions()
-        .get::<axum::extract::MatchedPath>()
-        .cloned();
-    let started = std::time::Instant::now();
-    let response = next.run(request).await;
-    let route = route.as_ref().map_or("unmatched", |p| p.as_str());
-    s.request_histogram(route, response.status().as_u16())
-        .observe(started.elapsed().as_secs_f64());
-    response
 }
 
 /// Whether the request carries one of the configured bearer tokens
