@@ -1,5 +1,5 @@
 //! The HTTP API (contract §4): which routes exist, behind which layers
-//! ([`guard`]: bearer token, time and concurrency limits, request
+//! (`guard`: bearer token, time and concurrency limits, request
 //! metrics), and the
 //! HTTP-only state they need on top of [`NodeState`] (the accepted
 //! tokens, the metrics registry, the long-poll slots, the stop signal).
