@@ -717,12 +717,20 @@ fn read_line<R: BufRead>(input: &mut R, line: &mut Vec<u8>, number: u64) -> anyh
     if line.last() == Some(&b'\n') {
         line.pop();
     } else if line.len() > MAX_LINE_BYTES {
-        anyhow::bail!(
-            "line {number} is longer than {MAX_LINE_BYTES} bytes (the most a snapshot line may \
-             hold): not a snapshot file? The import stopped there; nothing after it was read"
-        );
+        return Err(LineTooLong { number }.into());
     }
     Ok(true)
+}
+
+/// An import met a line longer than [`MAX_LINE_BYTES`]: the input, not the
+/// node, is at fault (an import through the node answers `400`).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "line {number} is longer than {MAX_LINE_BYTES} bytes (the most a snapshot line may \
+     hold): not a snapshot file? The import stopped there; nothing after it was read"
+)]
+pub struct LineTooLong {
+    pub number: u64,
 }
 
 /// Writes the snapshots of `schools` to `out`, concatenated; returns the

@@ -210,6 +210,7 @@ const IMPORT_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_sec
     request_body(content = String, content_type = "application/x-ndjson", description = "Snapshot lines of one or more schools (contract §3), at most `http.max_import_bytes`"),
     responses(
         (status = 200, description = "The outcome per school", body = Object),
+        (status = 400, description = "A line longer than a snapshot line may be (not a snapshot file); schools committed before it stay", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 401, description = "`http.token_file` is set and the request has no valid bearer token", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 403, description = "No `http.token_file`, and the client is not on this host", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 413, description = "The body exceeds `http.max_import_bytes`", body = ProblemDocument, content_type = "application/problem+json"),
@@ -284,6 +285,9 @@ async fn admin_import(
             .is_some_and(|inner| inner.is::<BodyTooLarge>());
         if over {
             return too_large(limit);
+        }
+        if e.downcast_ref::<crate::resync::LineTooLong>().is_some() {
+            return Problem::bad_request(format!("{e:#}"));
         }
         Problem::new(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -541,6 +541,49 @@ async fn a_school_node_resyncs_from_a_provincial_node_that_requires_a_token() {
     assert_eq!(with.get(&format!("/api/classes/{}", id(1))).await.0, 200);
 }
 
+/// A file that is not a snapshot (a line longer than any snapshot line)
+/// sent to a running node is the client's error: `400` naming the line,
+/// not a `500`, and the node imports the next file as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_of_an_over_long_line_through_the_node_is_a_400() {
+    let a = central().await;
+    let schools = a.node.state.store.read().unwrap().schools().unwrap();
+    let mut file = Vec::new();
+    resync::export(&a.node.state.store, &schools, &mut file, |_| {}).unwrap();
+    let b = TestNode::start(|_| {}).await;
+    let mut not_a_snapshot = vec![b'x'; emis_edge::domain::snapshot::MAX_LINE_BYTES + 1];
+    not_a_snapshot.push(b'\n');
+    let r = b
+        .http
+        .post(b.url("/api/admin/import"))
+        .body(not_a_snapshot)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("line 1 is longer than 1048576 bytes"),
+        "{v}"
+    );
+    let r = b
+        .http
+        .post(b.url("/api/admin/import"))
+        .body(file)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        b.node.state.store.read().unwrap().schools().unwrap().len(),
+        schools.len()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_import_beyond_the_body_size_limit_gets_a_clean_413_and_changes_nothing() {
     let a = central().await;
