@@ -1,10 +1,11 @@
-//! The layers requests pass on their way to a handler, written out as two
+//! The layers requests pass on their way to a handler, written out as
 //! plain tower services: [`Edge`] on every route (the request-target limit
 //! and the request metrics) and [`ReadLimits`] on the `/api` reads (bearer
-//! token, concurrency and time limits). axum's `from_fn` middlewares and
-//! tower's stacked limit layers did the same in about 2 µs per request
-//! (in-process, `docs/PERFORMANCE.md`): each of them boxes and clones the
-//! rest of the chain; these box one future per layer.
+//! token, concurrency and time limits), each a [`Guard`] around the route.
+//! axum's `from_fn` middlewares and tower's stacked limit layers did the
+//! same in about 2 µs per request (in-process, `docs/PERFORMANCE.md`):
+//! each of them boxes and clones the rest of the chain; these box one
+//! future per layer.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -23,41 +24,26 @@ use super::{ApiState, Problem, MAX_FEED_URI_BYTES, MAX_URI_BYTES};
 
 type Answer = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
 
-/// The service that was polled ready is the one to call (tower's
-/// contract): take it, and leave a fresh clone in its place.
-fn take<S: Clone>(inner: &mut S) -> S {
-    let fresh = inner.clone();
-    std::mem::replace(inner, fresh)
+/// What a layer does with a request, given the service behind it.
+pub(super) trait Guard: Clone + Send + Sync + 'static {
+    fn handle<S>(&self, inner: S, request: Request) -> Answer
+    where
+        S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
+        S::Future: Send + 'static;
 }
 
-/// On every route and fallback: refuses request targets over
-/// [`MAX_URI_BYTES`] (the change feed: [`MAX_FEED_URI_BYTES`]) with `414`,
-/// and records each routed request's duration by route template and
-/// status.
+/// A route's service behind the guard `G`.
 #[derive(Clone)]
-pub(super) struct Edge(pub(super) ApiState);
-
-impl<S> Layer<S> for Edge {
-    type Service = EdgeService<S>;
-
-    fn layer(&self, inner: S) -> EdgeService<S> {
-        EdgeService {
-            inner,
-            state: self.0.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub(super) struct EdgeService<S> {
+pub(super) struct Guarded<S, G> {
     inner: S,
-    state: ApiState,
+    guard: G,
 }
 
-impl<S> Service<Request> for EdgeService<S>
+impl<S, G> Service<Request> for Guarded<S, G>
 where
     S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
+    G: Guard,
 {
     type Response = Response;
     type Error = Infallible;
@@ -68,6 +54,38 @@ where
     }
 
     fn call(&mut self, request: Request) -> Answer {
+        // The service that was polled ready is the one to call (tower's
+        // contract): take it, and leave a fresh clone in its place.
+        let fresh = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, fresh);
+        self.guard.handle(inner, request)
+    }
+}
+
+/// On every route and fallback: refuses request targets over
+/// [`MAX_URI_BYTES`] (the change feed: [`MAX_FEED_URI_BYTES`]) with `414`,
+/// and records each routed request's duration by route template and
+/// status.
+#[derive(Clone)]
+pub(super) struct Edge(pub(super) ApiState);
+
+impl<S> Layer<S> for Edge {
+    type Service = Guarded<S, Edge>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Guarded {
+            inner,
+            guard: self.clone(),
+        }
+    }
+}
+
+impl Guard for Edge {
+    fn handle<S>(&self, mut inner: S, request: Request) -> Answer
+    where
+        S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
+        S::Future: Send + 'static,
+    {
         let len = request
             .uri()
             .path_and_query()
@@ -89,11 +107,11 @@ where
         // Fallbacks (no route matched) are not timed: their paths are the
         // clients' to choose, and a label per path would grow unbounded.
         let Some(route) = request.extensions().get::<MatchedPath>().cloned() else {
-            return Box::pin(take(&mut self.inner).call(request));
+            return Box::pin(inner.call(request));
         };
-        let state = self.state.clone();
+        let state = self.0.clone();
         let started = Instant::now();
-        let answer = take(&mut self.inner).call(request);
+        let answer = inner.call(request);
         Box::pin(async move {
             let Ok(response) = answer.await;
             state
@@ -128,44 +146,27 @@ impl ReadLimits {
 }
 
 impl<S> Layer<S> for ReadLimits {
-    type Service = Limited<S>;
+    type Service = Guarded<S, ReadLimits>;
 
-    fn layer(&self, inner: S) -> Limited<S> {
-        Limited {
+    fn layer(&self, inner: S) -> Self::Service {
+        Guarded {
             inner,
-            limits: self.clone(),
+            guard: self.clone(),
         }
     }
 }
 
-#[derive(Clone)]
-pub(super) struct Limited<S> {
-    inner: S,
-    limits: ReadLimits,
-}
-
-impl<S> Service<Request> for Limited<S>
-where
-    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = Response;
-    type Error = Infallible;
-    type Future = Answer;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request) -> Answer {
-        let limits = &self.limits;
-        if !limits.state.tokens().is_empty() && !super::has_token(&limits.state, request.headers())
-        {
+impl Guard for ReadLimits {
+    fn handle<S>(&self, mut inner: S, request: Request) -> Answer
+    where
+        S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        if !self.state.tokens().is_empty() && !super::has_token(&self.state, request.headers()) {
             return Box::pin(std::future::ready(Ok(super::unauthorized())));
         }
-        let permits = limits.permits.clone();
-        let timeout = limits.timeout;
-        let mut inner = take(&mut self.inner);
+        let permits = self.permits.clone();
+        let timeout = self.timeout;
         Box::pin(async move {
             // Waiting for a slot does not count towards the time limit.
             let _permit = match permits.try_acquire() {

@@ -553,13 +553,7 @@ async fn an_import_of_an_over_long_line_through_the_node_is_a_400() {
     let b = TestNode::start(|_| {}).await;
     let mut not_a_snapshot = vec![b'x'; emis_edge::domain::snapshot::MAX_LINE_BYTES + 1];
     not_a_snapshot.push(b'\n');
-    let r = b
-        .http
-        .post(b.url("/api/admin/import"))
-        .body(not_a_snapshot)
-        .send()
-        .await
-        .unwrap();
+    let r = import_through(&b, not_a_snapshot).await;
     assert_eq!(r.status().as_u16(), 400);
     assert_eq!(r.headers()["content-type"], "application/problem+json");
     let v: Value = r.json().await.unwrap();
@@ -570,18 +564,21 @@ async fn an_import_of_an_over_long_line_through_the_node_is_a_400() {
             .starts_with("line 1 is longer than 1048576 bytes"),
         "{v}"
     );
-    let r = b
-        .http
-        .post(b.url("/api/admin/import"))
-        .body(file)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(import_through(&b, file).await.status().as_u16(), 200);
     assert_eq!(
         b.node.state.store.read().unwrap().schools().unwrap().len(),
         schools.len()
     );
+}
+
+/// `POST /api/admin/import` of `file` to `node`.
+async fn import_through(node: &TestNode, file: Vec<u8>) -> reqwest::Response {
+    node.http
+        .post(node.url("/api/admin/import"))
+        .body(file)
+        .send()
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -627,14 +624,7 @@ async fn an_import_beyond_the_body_size_limit_gets_a_clean_413_and_changes_nothi
         .is_empty());
     // Within the limit the same file imports.
     let c = TestNode::start(|_| {}).await;
-    let r = c
-        .http
-        .post(c.url("/api/admin/import"))
-        .body(file)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(import_through(&c, file).await.status().as_u16(), 200);
     assert_eq!(
         c.node.state.store.read().unwrap().schools().unwrap().len(),
         2
