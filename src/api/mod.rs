@@ -1,7 +1,6 @@
 //! The HTTP API (contract §4): which routes exist, behind which layers
-//! (`guard`: bearer token, time and concurrency limits, request
-//! metrics), and the
-//! HTTP-only state they need on top of [`NodeState`] (the accepted
+//! (`guard`: bearer token, time and concurrency limits, request metrics),
+//! and the HTTP-only state they need on top of [`NodeState`] (the accepted
 //! tokens, the metrics registry, the long-poll slots, the stop signal).
 //! The routes themselves are in [`read`] (lookups, lists, snapshot, status,
 //! dead letters), [`feed`] (the change feed, contract §6), [`admin`] (what
