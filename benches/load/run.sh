@@ -111,18 +111,25 @@ rss_mb() { awk '/VmRSS/{printf "%.0f", $2/1024}' "/proc/$1/status"; }
 
 # Clock ticks of CPU (user + system) a process has used so far.
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-# wrk's summary → "req/s p50 p99 requests errors"
+# wrk against the server with PID $1 (the rest: wrk's arguments) →
+# "req/s p50 p99 CPU-µs-per-request errors". CPU time per request is a
+# figure less bent by other load on the machine than requests/s.
 wrk_run() {
-  local out
+  local pid=$1
+  shift
+  local out before after
+  before=$(ticks "$pid")
   out=$(wrk -t1 -c64 -d"$DURATION" --latency "$@")
+  after=$(ticks "$pid")
   echo "$out" >>"$W/wrk.log"
-  local rps p50 p99 n errs
+  local rps p50 p99 n cpu errs
   rps=$(awk '/Requests\/sec/{print $2}' <<<"$out")
   n=$(awk '/requests in/{print $1}' <<<"$out")
+  cpu=$(awk "BEGIN{printf \"%.1f\", ($after - $before) * 1e6 / $(getconf CLK_TCK) / $n}")
   p50=$(awk '$1=="50%"{print $2}' <<<"$out")
   p99=$(awk '$1=="99%"{print $2}' <<<"$out")
   errs=$(awk '/Non-2xx/{print $5} /Socket errors/{print "socket:" $0}' <<<"$out" | tr '\n' ' ')
-  echo "$rps $p50 $p99 $n ${errs:-0}"
+  echo "$rps $p50 $p99 $cpu ${errs:-0}"
 }
 
 if has import || [[ ! -f $W/data/emis-edge.redb ]]; then
@@ -167,26 +174,18 @@ if has read; then
     curl -sf -o /dev/null "http://127.0.0.1:$PLAIN_PORT/api/static"; do sleep 0.01; done
   PLAIN_URL=http://127.0.0.1:$PLAIN_PORT/api/static
   STACK_URL=http://127.0.0.1:$STATIC_PORT/api/static
-  wrk_run "$PLAIN_URL" >/dev/null # warm-ups
-  wrk_run "$STACK_URL" >/dev/null
-  wrk_run -s benches/load/teacher.lua "$BASE" -- "$W/ids.txt" >/dev/null
+  wrk_run "$PLAIN_PID" "$PLAIN_URL" >/dev/null # warm-ups
+  wrk_run "$STACK_PID" "$STACK_URL" >/dev/null
+  wrk_run "$NODE" -s benches/load/teacher.lua "$BASE" -- "$W/ids.txt" >/dev/null
   # Interleaved rounds (plain, teacher, stack, …), so that the other load on
   # a shared machine hits all three alike; ratios are per round.
   say "| round | load (1 min) | plain axum req/s | p99 | CPU/req | same stack req/s | p99 | CPU/req | teacher route req/s | p50 | p99 | CPU/req | non-2xx | teacher/plain req/s | p99 | teacher/stack req/s |"
   say "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
   R_RPS=() R_P99=() S_RPS=()
   for round in $(seq 1 "$ROUNDS"); do
-    # CPU time per request of the server measured, a figure less bent by
-    # other load on the machine than requests/s.
-    c0=$(ticks "$PLAIN_PID")
-    read -r p_rps _ p_p99 p_n _ < <(wrk_run "$PLAIN_URL")
-    p_cpu=$(awk "BEGIN{printf \"%.1f\", ($(ticks "$PLAIN_PID") - $c0) * 1e6 / $(getconf CLK_TCK) / $p_n}")
-    c0=$(ticks "$NODE")
-    read -r t_rps t_p50 t_p99 t_n t_err < <(wrk_run -s benches/load/teacher.lua "$BASE" -- "$W/ids.txt")
-    t_cpu=$(awk "BEGIN{printf \"%.1f\", ($(ticks "$NODE") - $c0) * 1e6 / $(getconf CLK_TCK) / $t_n}")
-    c0=$(ticks "$STACK_PID")
-    read -r s_rps _ s_p99 s_n _ < <(wrk_run "$STACK_URL")
-    s_cpu=$(awk "BEGIN{printf \"%.1f\", ($(ticks "$STACK_PID") - $c0) * 1e6 / $(getconf CLK_TCK) / $s_n}")
+    read -r p_rps _ p_p99 p_cpu _ < <(wrk_run "$PLAIN_PID" "$PLAIN_URL")
+    read -r t_rps t_p50 t_p99 t_cpu t_err < <(wrk_run "$NODE" -s benches/load/teacher.lua "$BASE" -- "$W/ids.txt")
+    read -r s_rps _ s_p99 s_cpu _ < <(wrk_run "$STACK_PID" "$STACK_URL")
     r_rps=$(awk "BEGIN{printf \"%.2f\", $t_rps/$p_rps}")
     r_p99=$(awk "BEGIN{printf \"%.2f\", $(ms "$t_p99")/$(ms "$p_p99")}")
     r_s=$(awk "BEGIN{printf \"%.2f\", $t_rps/$s_rps}")
@@ -250,7 +249,7 @@ if has mixed; then
     PIDS+=("$GEN")
     sleep 5
     before=$(curl -s "$BASE/metrics" | awk '/^emis_edge_events_total/{s+=$2} END{print s+0}')
-    read -r m_rps m_p50 m_p99 _ m_err < <(wrk_run -s benches/load/teacher.lua "$BASE" -- "$W/ids.txt")
+    read -r m_rps m_p50 m_p99 _ m_err < <(wrk_run "$NODE" -s benches/load/teacher.lua "$BASE" -- "$W/ids.txt")
     after=$(curl -s "$BASE/metrics" | awk '/^emis_edge_events_total/{s+=$2} END{print s+0}')
     wait "$GEN" || true
     say "## Mixed: reads while 1,000 changes/s arrive through tansu"

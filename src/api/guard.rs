@@ -32,6 +32,21 @@ pub(super) trait Guard: Clone + Send + Sync + 'static {
         S::Future: Send + 'static;
 }
 
+/// The layer that puts each route behind the guard `G`.
+#[derive(Clone)]
+pub(super) struct GuardLayer<G>(pub(super) G);
+
+impl<S, G: Guard> Layer<S> for GuardLayer<G> {
+    type Service = Guarded<S, G>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Guarded {
+            inner,
+            guard: self.0.clone(),
+        }
+    }
+}
+
 /// A route's service behind the guard `G`.
 #[derive(Clone)]
 pub(super) struct Guarded<S, G> {
@@ -68,17 +83,6 @@ where
 /// status.
 #[derive(Clone)]
 pub(super) struct Edge(pub(super) ApiState);
-
-impl<S> Layer<S> for Edge {
-    type Service = Guarded<S, Edge>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Guarded {
-            inner,
-            guard: self.clone(),
-        }
-    }
-}
 
 impl Guard for Edge {
     fn handle<S>(&self, mut inner: S, request: Request) -> Answer
@@ -141,17 +145,6 @@ impl ReadLimits {
             permits: Arc::new(Semaphore::new(http.max_concurrent_requests)),
             timeout: Duration::from_secs(http.request_timeout_secs),
             state,
-        }
-    }
-}
-
-impl<S> Layer<S> for ReadLimits {
-    type Service = Guarded<S, ReadLimits>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Guarded {
-            inner,
-            guard: self.clone(),
         }
     }
 }

@@ -221,7 +221,7 @@ pub fn router_with(state: ApiState, extra: Router<ApiState>) -> Router {
         .split_for_parts()
         .0
         .merge(extra)
-        .layer(guard::ReadLimits::new(state.clone()));
+        .layer(guard::GuardLayer(guard::ReadLimits::new(state.clone())));
     // The feed's token check; without tokens configured, none at all.
     let with_token = |routes: Router<ApiState>| {
         if state.tokens().is_empty() {
@@ -277,7 +277,7 @@ fn finish(router: Router<ApiState>, state: ApiState) -> Router {
                 "this route does not answer that method".into(),
             )
         })
-        .layer(guard::Edge(state.clone()))
+        .layer(guard::GuardLayer(guard::Edge(state.clone())))
         .with_state(state)
 }
 
