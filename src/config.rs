@@ -839,6 +839,18 @@ mod tests {
         assert_eq!(config.schools.ids.len(), 2);
     }
 
+    /// Found by the `config` fuzz target: printing a configuration with a
+    /// string of more than 255 `'` in a row (here a node id) overflowed a
+    /// counter in the TOML writer of toml 0.8 and panicked `check-config`.
+    #[test]
+    fn a_long_run_of_quotes_prints_and_reads_back() {
+        let mut config = Config::default();
+        config.node.id = format!("e{}", "'".repeat(300));
+        let printed = config.to_redacted_toml();
+        let back: toml::Table = toml::from_str(&printed).unwrap();
+        assert_eq!(back["node"]["id"].as_str(), Some(config.node.id.as_str()));
+    }
+
     /// Found by the `config` fuzz target: `['']` was reported as
     /// "config key ``", naming no key.
     #[test]
