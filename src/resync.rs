@@ -32,6 +32,13 @@ use crate::worker::{Backoff, Next, Worker};
 pub const CONCURRENT_SCHOOLS: usize = 4;
 /// An import commits validated schools together up to this many records.
 pub const IMPORT_BATCH_RECORDS: usize = 500_000;
+/// … and into an empty store hands them to the bulk load this many at a
+/// time, which commits nothing until the end: small batches keep the
+/// parser, at most [`PARSED_AHEAD`] schools ahead, parsing while they are
+/// added. At 500,000 the two took turns, each waiting for the other.
+pub const BULK_BATCH_RECORDS: usize = 50_000;
+/// Schools the parsing thread of an import may be ahead of the writer.
+const PARSED_AHEAD: usize = 64;
 /// Retry after a failed run: from this, doubling, up to the interval.
 const RETRY_MIN: Duration = Duration::from_secs(60);
 
@@ -522,6 +529,9 @@ pub enum ImportProgress {
     /// Into an empty store, once the file is read: rows written so far of
     /// all (a bulk load writes everything at the end).
     Written { rows: u64, of: u64 },
+    /// A batch of schools is reconciled with what the store holds: the
+    /// store was not empty, or an entity came twice and ended the bulk load.
+    Reconciling,
 }
 
 /// Imports a snapshot file (several schools concatenated) into the store:
@@ -555,7 +565,7 @@ pub fn import(
 ) -> anyhow::Result<Vec<SchoolOutcome>> {
     // The file is read and parsed on a thread of its own while this one
     // writes: parsing JSON is a third of an import's work.
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Parsed>(64);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Parsed>(PARSED_AHEAD);
     std::thread::scope(|scope| {
         let reader = scope.spawn(move || parse_schools(input, max_future_skew, tx));
         let result = import_parsed(store, filter, &rx, now, &mut progress);
@@ -610,12 +620,17 @@ fn import_parsed(
     let mut pending: Vec<SchoolSnapshot> = Vec::new();
     let mut pending_records = 0;
     let mut bulk = store.bulk_load(now, SyncSource::Import)?;
+    let batch_for = |bulk: &Option<_>| match bulk {
+        Some(_) => BULK_BATCH_RECORDS,
+        None => IMPORT_BATCH_RECORDS,
+    };
+    let mut batch = batch_for(&bulk);
     // Every batch: the bulk load takes it, or (not empty, or an entity
-    // came twice) it is reconciled.
+    // came twice) it is reconciled; returns the size of the next batch.
     let mut flush = |pending: &mut Vec<SchoolSnapshot>,
                      outcomes: &mut Vec<SchoolOutcome>,
                      progress: &mut dyn FnMut(ImportProgress)|
-     -> anyhow::Result<()> {
+     -> anyhow::Result<usize> {
         let reports = match bulk.as_mut().map(|b| b.add(pending)) {
             Some(Ok(reports)) => {
                 let b = bulk.as_mut().expect("bulk load");
@@ -635,16 +650,22 @@ fn import_parsed(
                     "an entity comes twice in the file: the rest is reconciled school by school"
                 );
                 finish_bulk(bulk.take().expect("bulk load"), progress)?;
+                progress(ImportProgress::Reconciling);
                 store.reconcile_many(pending, now, SyncSource::Import, false)?
             }
-            None => store.reconcile_many(pending, now, SyncSource::Import, false)?,
+            None => {
+                if !pending.is_empty() {
+                    progress(ImportProgress::Reconciling);
+                }
+                store.reconcile_many(pending, now, SyncSource::Import, false)?
+            }
         };
         outcomes.extend(pending.drain(..).zip(reports).map(|(s, r)| SchoolOutcome {
             school_id: s.school_id,
             report: Some(r),
             error: None,
         }));
-        Ok(())
+        Ok(batch_for(&bulk))
     };
     let mut unfinished = None;
     // Ends without `End` only if the parser failed (it says why).
@@ -660,8 +681,8 @@ fn import_parsed(
             Parsed::School(Ok(snapshot)) => {
                 pending_records += snapshot.records.len();
                 pending.push(snapshot);
-                if pending_records >= IMPORT_BATCH_RECORDS {
-                    flush(&mut pending, &mut outcomes, progress)?;
+                if pending_records >= batch {
+                    batch = flush(&mut pending, &mut outcomes, progress)?;
                     pending_records = 0;
                 }
             }

@@ -264,6 +264,7 @@ async fn admin_import(
                         crate::resync::ImportProgress::Written { rows, of } => {
                             tracing::info!(rows, of, "import: rows written")
                         }
+                        crate::resync::ImportProgress::Reconciling => {}
                     }
                 }
             },

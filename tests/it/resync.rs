@@ -782,16 +782,19 @@ fn an_import_into_an_empty_store_gives_the_same_store_as_reconciling() {
             .bulk_load(T0, emis_edge::domain::SyncSource::Import)
             .unwrap()
             .is_some());
+        let mut reconciled = false;
         let outcomes = resync::import(
             &bulk,
             &emis_edge::config::SchoolFilter::All,
             emis_edge::domain::FutureSkew::DEFAULT,
             file.as_slice(),
             T0,
-            |_| {},
+            |p| reconciled |= p == resync::ImportProgress::Reconciling,
         )
         .unwrap();
         assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
+        // `emis-edge import` measures the tables for a compaction only then.
+        assert_eq!(reconciled, repeats, "told whether anything was reconciled");
         if !repeats {
             assert_eq!(
                 bulk.read().unwrap().pending_docs().unwrap(),
