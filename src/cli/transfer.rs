@@ -147,7 +147,8 @@ pub(super) fn import(config: &Config, file: &Path) -> anyhow::Result<bool> {
                 eprintln!(
                     "emis-edge: store {:.0} MiB on disk, every table written in key order: \
                      nothing to compact",
-                    allocated(&config.store_path()) as f64 / f64::from(1 << 20)
+                    crate::store::allocated_bytes(&config.store_path()).unwrap_or(0) as f64
+                        / f64::from(1 << 20)
                 );
             } else {
                 compact(&store)?;
@@ -214,12 +215,6 @@ fn compact(store: &Store) -> anyhow::Result<()> {
         mib(Some(report.after.live_bytes))
     );
     Ok(())
-}
-
-/// The disk blocks a file takes (0 if it cannot be read).
-fn allocated(path: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
 }
 
 /// Disk taken beyond the tables' pages, as a share of the file's, below
