@@ -41,6 +41,7 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter, Seek, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bincode::{Decode, Encode};
 use redb::{Key, Table, Value};
@@ -195,7 +196,7 @@ impl BulkLoad<'_> {
                 .expect("every kind")
                 .missing += 1;
             let record = encode_record(&Record {
-                data: entity.clone(),
+                data: entity,
                 key: *key,
                 last_synced_at: self.now,
                 source: self.source,
@@ -240,8 +241,9 @@ impl BulkLoad<'_> {
     /// every table's to a thread that sorts them and writes them to a
     /// temporary file, while the import goes on reading; true if it did.
     /// The runs handed over before are waited for first, so at most one
-    /// set is being written: memory holds the rows of the limit, and those
-    /// being written (which a thread writes faster than the file is read).
+    /// set is being written: memory holds the rows of the limit twice, those
+    /// being collected and those being written (which a thread writes
+    /// faster than the file is read; their memory is kept for the next set).
     pub fn spill_if_full(&mut self) -> Result<bool> {
         if self.sorters().map(|s| s.in_memory()).sum::<u64>() < self.store.bulk_load_max_rows {
             return Ok(false);
@@ -605,6 +607,10 @@ trait Rows {
 /// sorted run; [`Sorter::sorted`] merges the runs and what is in memory.
 struct Sorter<K, V> {
     rows: Vec<(K, V)>,
+    /// The memory of the run written last, emptied, for the next one: a
+    /// fresh vector would grow by doubling, copying its rows each time and
+    /// touching new pages (in which the kernel zeroes every one).
+    spare: Arc<Mutex<Vec<(K, V)>>>,
     /// Each sorted, with its number of rows.
     runs: Vec<(File, u64)>,
     spilled: u64,
@@ -614,6 +620,7 @@ impl<K, V> Default for Sorter<K, V> {
     fn default() -> Self {
         Sorter {
             rows: Vec::new(),
+            spare: Arc::default(),
             runs: Vec::new(),
             spilled: 0,
         }
@@ -659,10 +666,14 @@ where
         let file = tempfile::tempfile_in(dir)?;
         // The same open file: the merge reads it once the job is done.
         let writer = file.try_clone()?;
-        let mut rows = std::mem::take(&mut self.rows);
-        let n = rows.len() as u64;
-        self.runs.push((file, n));
-        self.spilled += n;
+        // The run written before is done (see `BulkLoad::spill_if_full`).
+        let spare = std::mem::take(&mut *self.spare.lock().expect("no run panics"));
+        let mut rows = std::mem::replace(&mut self.rows, spare);
+        let n = rows.len();
+        self.rows.reserve(n);
+        self.runs.push((file, n as u64));
+        self.spilled += n as u64;
+        let spare = Arc::clone(&self.spare);
         Ok(Some(Box::new(move || {
             rows.sort_unstable_by_key(|r| r.0);
             let mut out = BufWriter::with_capacity(1 << 20, writer);
@@ -670,12 +681,18 @@ where
                 bincode::encode_into_std_write(row, &mut out, RUN_CONFIG)
                     .map_err(std::io::Error::other)?;
             }
-            out.flush()
+            out.flush()?;
+            rows.clear();
+            *spare.lock().expect("no run panics") = rows;
+            Ok(())
         })))
     }
 
     /// Every row, in key order.
     fn sorted(&mut self) -> std::io::Result<Merge<'_, K, V>> {
+        drop(std::mem::take(
+            &mut *self.spare.lock().expect("no run panics"),
+        ));
         self.rows.sort_unstable_by_key(|r| r.0);
         let mut runs = Vec::with_capacity(self.runs.len());
         for (file, n) in &self.runs {

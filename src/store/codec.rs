@@ -212,11 +212,14 @@ fn source_code(source: SyncSource) -> u8 {
     }
 }
 
-/// A live record as stored in its entity table (the id is the key).
-pub(super) fn encode_record(record: &Record<Entity>) -> Vec<u8> {
+/// A live record as stored in its entity table (the id is the key). The
+/// entity may be borrowed: writers encode what they were handed, with no
+/// copy of its strings.
+pub(super) fn encode_record<E: std::borrow::Borrow<Entity>>(record: &Record<E>) -> Vec<u8> {
+    let data: &Entity = record.data.borrow();
     let mut out = Vec::with_capacity(128);
     out.push(RECORD_FORMAT);
-    out.push(match &record.data {
+    out.push(match data {
         Entity::Class(_) => KIND_CLASS,
         Entity::Teacher(_) => KIND_TEACHER,
         Entity::Assignment(_) => KIND_ASSIGNMENT,
@@ -224,7 +227,7 @@ pub(super) fn encode_record(record: &Record<Entity>) -> Vec<u8> {
     put_key(&mut out, &record.key);
     out.extend_from_slice(&record.last_synced_at.to_le_bytes());
     out.push(source_code(record.source));
-    match &record.data {
+    match data {
         Entity::Class(c) => {
             put_uuid(&mut out, c.school_id);
             put_str(&mut out, &c.class_name);

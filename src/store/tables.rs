@@ -396,7 +396,7 @@ impl<'t> WriteTables<'t> {
         match change {
             Change::Upsert(entity) => {
                 let record = Record {
-                    data: entity.clone(),
+                    data: entity,
                     key: *key,
                     last_synced_at: now,
                     source,
